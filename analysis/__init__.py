@@ -1,0 +1,1 @@
+"""Analysis of finished searches: lead-identification statistics, evaluation, export and labelling."""

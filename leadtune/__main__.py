@@ -1,0 +1,1 @@
+from leadtune.cli import main; import sys; sys.exit(main())

@@ -1,0 +1,64 @@
+"""The `leadtune` command: one sub-command per job, each defined next to the code it drives.
+
+Every sub-command module exposes ``add_parser(subparsers)``; this file only collects them,
+so ``leadtune --help`` stays fast (heavy imports happen inside the commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from leadtune import __version__
+
+# Order is the order shown in --help: the path the data takes.
+COMMAND_MODULES = (
+    "trainables.data.commands",  # leadtune data prepare|summary
+    "trainables.models.commands",  # leadtune models
+    "trainables.commands",  # leadtune train, leadtune bench
+    "search.commands",  # leadtune search, leadtune promote
+    "analysis.commands",  # leadtune report, evaluate, export, label
+    "leadtune.demo",  # leadtune demo
+)
+
+
+class CommandError(Exception):
+    """An error the user can fix; printed as one line without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leadtune",
+        description="Hyperparameter search for ECG deep learning (Ray Tune + Optuna + MLflow).",
+    )
+    parser.add_argument("--version", action="version", version=f"leadtune {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("leadtune: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        # Our own errors (DatasetError, RecordError, config errors) are ValueErrors with a
+        # message that says what was wrong and how to fix it: no traceback for those.
+        if getattr(args, "debug", False):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        print(f"leadtune: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Lead-identification spaces: ``lead_id`` (the real search) and ``smoke`` (the same shape, tiny).
+
+Both are conditional: attention heads exist only where attention is used (``sab``/``isab``) and
+only values that divide D are offered; depth only where the context has layers; inducing points
+only for ``isab``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spaces.registry import SearchSpace, register_space
+
+ENCODERS = ("cnn", "inception", "gru", "cnn_gru", "inception_gru")
+CONTEXTS = ("none", "deepsets", "sab", "isab")
+HEADS = (1, 2, 4, 8)
+
+# The reference model of LEAD_ID_NOTES.md, evaluated first so every study has it as a baseline.
+REFERENCE_POINT: dict[str, Any] = {
+    "encoder": "inception_gru",
+    "context": "sab",
+    "d_model": 128,
+    "depth": 5,
+    "heads": 8,
+    "lr": 7e-4,
+    "weight_decay": 1e-4,
+    "dropout": 0.0,
+    "batch_size": 38,
+    "jitter_sigma_max": 0.015,
+}
+
+
+def suggest_architecture(
+    trial: Any,
+    d_choices: tuple[int, ...],
+    max_depth: int,
+    encoders: tuple[str, ...] = ENCODERS,
+) -> dict[str, Any]:
+    """Encoder, context and their conditional sizes; shared by every lead-ID space."""
+    encoder = trial.suggest_categorical("encoder", list(encoders))
+    context = trial.suggest_categorical("context", list(CONTEXTS))
+    d_model = trial.suggest_categorical("d_model", list(d_choices))
+    chosen = {"encoder": encoder, "context": context, "d_model": d_model}
+    if context in ("sab", "isab"):
+        chosen["depth"] = trial.suggest_int("depth", 1, max_depth)
+        # Optuna needs the same choices every time a parameter is suggested, so the set is
+        # fixed and a head count that does not divide D is mapped to the largest that does.
+        heads = trial.suggest_categorical("heads", list(HEADS))
+        chosen["heads"] = max(h for h in HEADS if h <= heads and d_model % h == 0)
+    if context == "isab":
+        chosen["inducing_points"] = trial.suggest_categorical("inducing_points", [4, 8, 16])
+    return chosen
+
+
+def suggest_optimisation(trial: Any, batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+        "batch_size": trial.suggest_categorical("batch_size", list(batch_sizes)),
+        "jitter_sigma_max": trial.suggest_float("jitter_sigma_max", 0.002, 0.05, log=True),
+    }
+
+
+def lead_id_space(trial: Any) -> dict[str, Any] | None:
+    suggest_architecture(trial, d_choices=(32, 64, 128, 256), max_depth=8)
+    suggest_optimisation(trial, batch_sizes=(16, 32, 38, 64, 128))
+    return None
+
+
+def smoke_space(trial: Any) -> dict[str, Any] | None:
+    # Tiny models: a trial of 2 epochs on ~64 records takes seconds on one CPU core.
+    suggest_architecture(trial, d_choices=(16, 32), max_depth=2, encoders=("cnn", "gru", "inception"))
+    suggest_optimisation(trial, batch_sizes=(16, 32))
+    return None
+
+
+register_space(
+    SearchSpace(
+        name="lead_id",
+        define=lead_id_space,
+        description="the paper's model family: encoder, context, depth, heads, D, optimiser, jitter",
+        initial_points=(REFERENCE_POINT,),
+    )
+)
+
+register_space(
+    SearchSpace(
+        name="smoke",
+        define=smoke_space,
+        description="same shape, tiny models and few records: for tests and demos",
+        fixed={"max_train_records": 96, "max_val_records": 48, "epochs": 2},
+        initial_points=(
+            {
+                "encoder": "cnn",
+                "context": "sab",
+                "d_model": 32,
+                "depth": 2,
+                "heads": 4,
+                "lr": 3e-3,
+                "weight_decay": 1e-4,
+                "dropout": 0.0,
+                "batch_size": 16,
+                "jitter_sigma_max": 0.015,
+            },
+        ),
+    )
+)

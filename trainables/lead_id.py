@@ -1,0 +1,462 @@
+"""Lead identification: the training function that Ray Tune runs as a trial, and that runs
+unchanged as a plain Python function (tests, ``leadtune train``).
+
+The only contact with Ray is through a :class:`Reporter`: in a Tune trial the default one calls
+``tune.report(metrics, checkpoint=...)`` and ``tune.get_checkpoint()``; outside Tune a
+:class:`LocalReporter` writes the same checkpoints to a folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from analysis import metrics
+from trainables.data.leads import LEADS
+from trainables.models import ModelConfig, create_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+PRECORDIAL = ("V1", "V2", "V3", "V4", "V5", "V6")
+LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
+LEAD_SETS = {"all": LEADS, "precordial": PRECORDIAL, "limb": LIMB}
+
+
+@dataclass
+class LeadIdConfig:
+    """One lead-identification run. Defaults reproduce the reference model and its training."""
+
+    # model
+    encoder: str = "inception_gru"
+    context: str = "sab"
+    d_model: int = 128
+    depth: int = 5
+    heads: int = 8
+    ffn_mult: int = 4
+    inducing_points: int = 16
+    dropout: float = 0.0
+    # optimisation
+    lr: float = 7e-4
+    lr_min: float = 1e-7
+    weight_decay: float = 1e-4
+    batch_size: int = 38
+    epochs: int = 30
+    # augmentation and leads
+    jitter_prob: float = 0.5
+    jitter_sigma_min: float = 0.001
+    jitter_sigma_max: float = 0.015
+    shuffle_leads: bool = True
+    leads: tuple[str, ...] = LEADS  # waveforms the model sees
+    loss_leads: tuple[str, ...] | None = None  # restrict the loss to these (None = all seen leads)
+    # data size (None = the whole split); small values make smoke runs fast
+    max_train_records: int | None = None
+    max_val_records: int | None = None
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    num_threads: int | None = None
+    early_stopping_patience: int | None = None  # epochs without val-loss improvement
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LeadIdConfig:
+        """Build from a flat dict (Tune config, YAML); unknown keys are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values = dict(values)
+        for key in ("leads", "loss_leads"):
+            if isinstance(values.get(key), str):
+                values[key] = LEAD_SETS.get(values[key]) or tuple(values[key].split(","))
+            elif values.get(key) is not None:
+                values[key] = tuple(values[key])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            encoder=self.encoder,
+            context=self.context,
+            d_model=self.d_model,
+            depth=self.depth,
+            heads=self.heads,
+            ffn_mult=self.ffn_mult,
+            inducing_points=self.inducing_points,
+            n_classes=len(self.leads),
+            dropout=self.dropout,
+        )
+
+    def validate(self) -> None:
+        unknown = [lead for lead in self.leads if lead not in LEADS]
+        if unknown or len(set(self.leads)) != len(self.leads) or not self.leads:
+            raise ValueError(
+                f"leads must be distinct names from {', '.join(LEADS)} (or 'all', 'precordial', "
+                f"'limb'); got {', '.join(self.leads) or 'none'}"
+            )
+        if self.loss_leads is not None and not set(self.loss_leads) <= set(self.leads):
+            raise ValueError("loss_leads must be a subset of leads")
+        for name in ("lr", "batch_size", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.jitter_sigma_min <= self.jitter_sigma_max:
+            raise ValueError("need 0 <= jitter_sigma_min <= jitter_sigma_max")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for but torch sees no CUDA GPU; use --device auto")
+        self.model_config().validate()
+
+
+@dataclass
+class LeadIdData:
+    """The arrays a lead-ID trial needs: training and validation signals, (N, 12, T) float32 mV.
+
+    The test fold is deliberately absent: it is used once, on the chosen model, by promotion.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    fs: int
+    fingerprint: str
+    leads: tuple[str, ...] = LEADS
+    source: str = ""
+
+    @classmethod
+    def from_prepared(cls, dataset: Any) -> LeadIdData:
+        """Load the train and val splits of a :class:`PreparedDataset` into memory once."""
+        return cls(
+            train=np.ascontiguousarray(dataset.signals[dataset.indices("train")]),
+            val=np.ascontiguousarray(dataset.signals[dataset.indices("val")]),
+            fs=int(dataset.fs),
+            fingerprint=str(dataset.fingerprint),
+            leads=tuple(dataset.leads),
+            source=str(dataset.manifest.get("source", "")),
+        )
+
+
+class Reporter(Protocol):
+    """Where a trial sends its per-epoch metrics and checkpoints."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None: ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+
+class TuneReporter:
+    """Reports to Ray Tune (the default inside a Tune trial)."""
+
+    def __init__(self) -> None:
+        from ray import tune
+
+        self._tune = tune
+        self._held: Any = None  # keeps a restored checkpoint's local copy alive
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        checkpoint = self._tune.Checkpoint.from_directory(str(checkpoint_dir))
+        self._tune.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = self._tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._held = checkpoint.as_directory()
+        return Path(self._held.__enter__())
+
+
+@dataclass
+class LocalReporter:
+    """Keeps each epoch's checkpoint in ``out_dir/epoch_NNN`` and the metrics in memory.
+
+    ``resume_from`` continues a run from a checkpoint folder written earlier.
+    """
+
+    out_dir: Path
+    resume_from: Path | None = None
+    on_report: Callable[[dict[str, Any]], None] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        target = Path(self.out_dir) / f"epoch_{metrics['epoch']:03d}"
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(checkpoint_dir / CHECKPOINT_FILE, target / CHECKPOINT_FILE)
+        (target / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics = {**metrics, "checkpoint_dir": str(target)}
+        self.history.append(metrics)
+        if self.on_report:
+            self.on_report(metrics)
+
+    def latest_checkpoint(self) -> Path | None:
+        return Path(self.resume_from) if self.resume_from else None
+
+
+def resolve_device(config: LeadIdConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def lead_columns(config: LeadIdConfig, data_leads: tuple[str, ...]) -> np.ndarray:
+    """Indices of the configured leads in the dataset's channel order."""
+    return np.array([data_leads.index(lead) for lead in config.leads])
+
+
+def augment_batch(
+    x: torch.Tensor, config: LeadIdConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle lead order per ECG and add the reference's Gaussian jitter.
+
+    Returns the augmented (B, K, T) signals and the (B, K) label of each position.
+    """
+    batch, n_leads, _ = x.shape
+    device = x.device
+    labels = torch.arange(n_leads, device=device).expand(batch, n_leads)
+    if config.shuffle_leads:
+        order = torch.rand(batch, n_leads, generator=generator, device=device).argsort(dim=1)
+        x = torch.gather(x, 1, order[:, :, None].expand_as(x))
+        labels = order
+    if config.jitter_prob > 0 and config.jitter_sigma_max > 0:
+        noisy = torch.rand(batch, generator=generator, device=device) < config.jitter_prob
+        sigma = torch.empty(batch, device=device).uniform_(
+            config.jitter_sigma_min, config.jitter_sigma_max, generator=generator
+        )
+        sigma = torch.where(noisy, sigma, torch.zeros_like(sigma))
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        x = x + noise * sigma[:, None, None]
+    return x, labels
+
+
+def lead_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over (weighted) leads of the per-lead cross-entropy."""
+    per_lead = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    weights = weight[labels.flatten()]
+    return (per_lead * weights).sum() / weights.sum()
+
+
+def iterate_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield np.sort(order[start : start + batch_size])
+
+
+@torch.no_grad()
+def predict_log_probs(
+    model: torch.nn.Module,
+    signals: np.ndarray,
+    device: torch.device,
+    batch_size: int = 64,
+    amp: bool = False,
+) -> np.ndarray:
+    """Log-probabilities (N, K, M) for signals (N, K, T) in the given lead order."""
+    model.eval()
+    chunks = []
+    for idx in iterate_batches(len(signals), batch_size, None):
+        x = torch.from_numpy(np.ascontiguousarray(signals[idx])).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        chunks.append(torch.log_softmax(logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, signals.shape[1], 0), np.float32)
+
+
+def validation_metrics(log_probs: np.ndarray, loss_weight: np.ndarray) -> dict[str, float]:
+    """Validation loss and lead/set accuracy with argmax and with Hungarian matching."""
+    n, k, _ = log_probs.shape
+    true = np.broadcast_to(np.arange(k), (n, k))
+    nll = -np.take_along_axis(log_probs, true[..., None], axis=-1)[..., 0]
+    w = loss_weight[true]
+    argmax = metrics.argmax_assign(log_probs)
+    hungarian = metrics.hungarian_assign(log_probs)
+    return {
+        "val_loss": float((nll * w).sum() / w.sum()),
+        "val_lead_accuracy": metrics.lead_accuracy(argmax, true),
+        "val_set_accuracy": metrics.set_accuracy(argmax, true),
+        "val_lead_accuracy_hungarian": metrics.lead_accuracy(hungarian, true),
+        "val_set_accuracy_hungarian": metrics.set_accuracy(hungarian, true),
+    }
+
+
+def _rng_state(np_rng: np.random.Generator, generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "numpy": np_rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "augment": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], np_rng: np.random.Generator, generator: torch.Generator):
+    np_rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model_from_checkpoint(path: str | Path, map_location: str = "cpu"):
+    """(model in eval mode, LeadIdConfig, checkpoint dict) from a checkpoint folder or file."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"no leadtune checkpoint at {file}; pass a trial checkpoint folder")
+    state = torch.load(file, map_location=map_location, weights_only=False)
+    config = LeadIdConfig.from_dict(state["config"])
+    model = create_model(config.model_config())
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, config, state
+
+
+def train_lead_id(
+    config: dict[str, Any],
+    data: LeadIdData | None = None,
+    reporter: Reporter | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train one lead-identification model; report metrics and a checkpoint every epoch.
+
+    ``config`` is a flat dict of :class:`LeadIdConfig` fields. Returns the last epoch's metrics.
+    Resumes from ``reporter.latest_checkpoint()`` when there is one, continuing exactly where
+    the interrupted run stopped (model, optimiser, scheduler, RNG states, epoch).
+    ``progress`` shows a per-batch progress bar (for interactive runs, not for Tune trials).
+    """
+    cfg = LeadIdConfig.from_dict(config)
+    if data is None:
+        raise ValueError("train_lead_id needs data=LeadIdData(...); see LeadIdData.from_prepared")
+    reporter = reporter if reporter is not None else TuneReporter()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg)
+    amp = cfg.amp and device.type == "cuda"
+
+    torch.manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed + 1)
+
+    columns = lead_columns(cfg, data.leads)
+    train = data.train[: cfg.max_train_records]
+    val = np.ascontiguousarray(data.val[: cfg.max_val_records][:, columns])
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError("the training and validation splits must both hold records")
+    loss_weight_np = np.array(
+        [1.0 if cfg.loss_leads is None or lead in cfg.loss_leads else 0.0 for lead in cfg.leads]
+    )
+    loss_weight = torch.tensor(loss_weight_np, dtype=torch.float32, device=device)
+
+    model = create_model(cfg.model_config()).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.lr_min
+    )
+    start_epoch, best_val_loss, stale_epochs = 0, math.inf, 0
+
+    resume_dir = reporter.latest_checkpoint()
+    if resume_dir is not None:
+        state = torch.load(Path(resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], np_rng, generator)
+        start_epoch = state["epoch"]
+        best_val_loss = state["best_val_loss"]
+        stale_epochs = state["stale_epochs"]
+
+    last: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        model.train()
+        total_loss, total_n = 0.0, 0
+        batches = iterate_batches(len(train), cfg.batch_size, np_rng)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(
+                batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False
+            )
+        for idx in batches:
+            x = torch.from_numpy(train[idx][:, columns]).to(device, non_blocking=True)
+            x, labels = augment_batch(x, cfg, generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = lead_loss(logits, labels, loss_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(idx)
+            total_n += len(idx)
+        train_seconds = time.perf_counter() - started
+
+        log_probs = predict_log_probs(model, val, device, batch_size=max(cfg.batch_size, 64), amp=amp)
+        last = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / total_n,
+            **validation_metrics(log_probs, loss_weight_np),
+            "lr": scheduler.get_last_lr()[0],
+            "epoch_seconds": time.perf_counter() - started,
+            "train_ecg_per_second": total_n / train_seconds,
+        }
+        if last["val_loss"] < best_val_loss:
+            best_val_loss, stale_epochs = last["val_loss"], 0
+        else:
+            stale_epochs += 1
+        last["best_val_loss"] = best_val_loss
+        stop = cfg.early_stopping_patience is not None and stale_epochs >= cfg.early_stopping_patience
+        last["early_stopped"] = bool(stop)
+
+        with tempfile.TemporaryDirectory(prefix="leadtune-ckpt-") as tmp:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(np_rng, generator),
+                    "epoch": epoch + 1,
+                    "best_val_loss": best_val_loss,
+                    "stale_epochs": stale_epochs,
+                    "config": cfg.to_dict(),
+                    "metrics": last,
+                    "data": {"fingerprint": data.fingerprint, "fs": data.fs, "source": data.source},
+                },
+                Path(tmp) / CHECKPOINT_FILE,
+            )
+            reporter.report(dict(last), Path(tmp))
+        if stop:
+            break
+    return last
+
+
+def evaluate_checkpoint(checkpoint: str | Path, dataset: Any, split: str = "test") -> dict[str, Any]:
+    """Lead and set accuracy (argmax and Hungarian) of a checkpoint on one split of a dataset."""
+    model, config, _ = load_model_from_checkpoint(checkpoint)
+    columns = lead_columns(config, tuple(dataset.leads))
+    signals = np.ascontiguousarray(dataset.signals[dataset.indices(split)][:, columns])
+    if len(signals) == 0:
+        raise ValueError(f"the {split!r} split of {dataset.path} holds no records")
+    log_probs = predict_log_probs(model, signals, torch.device("cpu"))
+    weight = np.ones(len(config.leads))
+    found = validation_metrics(log_probs, weight)
+    prefix = f"{split}_"
+    return {prefix + key[len("val_") :]: value for key, value in found.items()} | {
+        f"{split}_records": int(len(signals))
+    }
