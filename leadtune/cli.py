@@ -19,7 +19,6 @@ COMMAND_MODULES = (
     "trainables.commands",  # leadtune train, leadtune bench
     "search.commands",  # leadtune search, leadtune promote
     "analysis.commands",  # leadtune report, evaluate, export, label
-    "leadtune.demo",  # leadtune demo
 )
 
 

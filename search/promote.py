@@ -35,9 +35,12 @@ def best_trial(experiment_path: Path, metric: str, mode: str) -> tuple[str, Path
     checkpoint = analysis.get_best_checkpoint(trial, metric, mode)
     if checkpoint is None:
         raise ValueError(f"trial {trial.trial_id} of {experiment_path} kept no checkpoint")
-    frame = analysis.trial_dataframes[trial.local_path]
-    values = frame[metric].dropna()
-    value = float(values.min() if mode == "min" else values.max())
+    frame = analysis.trial_dataframes.get(trial.path)
+    if frame is not None and metric in frame:
+        values = frame[metric].dropna()
+        value = float(values.min() if mode == "min" else values.max())
+    else:
+        value = float(trial.last_result[metric])
     return trial.trial_id, Path(checkpoint.path), value, dict(trial.config)
 
 

@@ -89,6 +89,16 @@ def _trial_entry(config: dict[str, Any], data: Any = None, trainable_name: str =
     return get_trainable(trainable_name).train(config, data, reporter=reporter)
 
 
+class _TrialName:
+    """Short trial names and folders (``lead_id_1a2b3c4d``) instead of Ray's config dumps."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __call__(self, trial: Any) -> str:
+        return f"{self.prefix}_{trial.trial_id}"
+
+
 class SearchReporter:
     """Adds the Ray node id to each report (trial placement), and the test fault hook."""
 
@@ -230,6 +240,8 @@ def _run(
     )
 
     os.environ[TRACKING_URI_ENV] = tracking_uri
+    # The classic reporter gives one compact, sorted trial table instead of a box per result.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, study, tracking_uri)
@@ -327,7 +339,7 @@ def _run(
             mode=mode,
             sampler=optuna.samplers.TPESampler(seed=settings.seed),
             study_name=study,
-            storage=optuna_storage,
+            storage=optuna.storages.RDBStorage(optuna_storage),
         )
         scheduler = (
             ASHAScheduler(max_t=int(fixed.get("epochs", 30)), grace_period=1, reduction_factor=2)
@@ -344,6 +356,8 @@ def _run(
                 mode=mode,
                 num_samples=settings.trials,
                 time_budget_s=settings.time_budget_s,
+                trial_name_creator=_TrialName(space.trainable),
+                trial_dirname_creator=_TrialName(space.trainable),
             ),
             run_config=tune.RunConfig(
                 name=experiment_path.name,

@@ -103,7 +103,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default=default_source(),
         help="PTB-XL folder in PhysioNet layout (default: the bundled sample)",
     )
-    group.add_argument("--cache-dir", default=None, help="dataset cache root (default: ~/.cache/leadtune)")
+    group.add_argument(
+        "--cache-dir", default=None, help="dataset cache root (default: ~/.cache/leadtune)"
+    )
     group.add_argument("--limit", type=int, default=None, help="use only the first N records")
 
 
@@ -194,7 +196,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--config", help="YAML file of training settings (flat, or under 'train:')")
     train.add_argument("--out", default="runs/train", help="folder for checkpoints and history")
-    train.add_argument("--resume", default=None, help="checkpoint folder (epoch_NNN) to continue from")
+    train.add_argument(
+        "--resume", default=None, help="checkpoint folder (epoch_NNN) to continue from"
+    )
     add_data_arguments(train)
     add_config_arguments(train)
     train.set_defaults(func=run_train)

@@ -121,7 +121,9 @@ class LeadIdConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' asked for but torch sees no CUDA GPU; use --device auto")
+            raise ValueError(
+                "device 'cuda' asked for but torch sees no CUDA GPU; use --device auto"
+            )
         self.model_config().validate()
 
 
@@ -250,7 +252,9 @@ def lead_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) 
     return (per_lead * weights).sum() / weights.sum()
 
 
-def iterate_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+def iterate_batches(
+    n: int, batch_size: int, rng: np.random.Generator | None
+) -> Iterator[np.ndarray]:
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         yield np.sort(order[start : start + batch_size])
@@ -372,7 +376,9 @@ def train_lead_id(
 
     resume_dir = reporter.latest_checkpoint()
     if resume_dir is not None:
-        state = torch.load(Path(resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        state = torch.load(
+            Path(resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=False
+        )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -407,7 +413,9 @@ def train_lead_id(
             total_n += len(idx)
         train_seconds = time.perf_counter() - started
 
-        log_probs = predict_log_probs(model, val, device, batch_size=max(cfg.batch_size, 64), amp=amp)
+        log_probs = predict_log_probs(
+            model, val, device, batch_size=max(cfg.batch_size, 64), amp=amp
+        )
         last = {
             "epoch": epoch + 1,
             "train_loss": total_loss / total_n,
@@ -421,7 +429,9 @@ def train_lead_id(
         else:
             stale_epochs += 1
         last["best_val_loss"] = best_val_loss
-        stop = cfg.early_stopping_patience is not None and stale_epochs >= cfg.early_stopping_patience
+        stop = (
+            cfg.early_stopping_patience is not None and stale_epochs >= cfg.early_stopping_patience
+        )
         last["early_stopped"] = bool(stop)
 
         with tempfile.TemporaryDirectory(prefix="leadtune-ckpt-") as tmp:
@@ -446,7 +456,9 @@ def train_lead_id(
     return last
 
 
-def evaluate_checkpoint(checkpoint: str | Path, dataset: Any, split: str = "test") -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, dataset: Any, split: str = "test"
+) -> dict[str, Any]:
     """Lead and set accuracy (argmax and Hungarian) of a checkpoint on one split of a dataset."""
     model, config, _ = load_model_from_checkpoint(checkpoint)
     columns = lead_columns(config, tuple(dataset.leads))

@@ -49,4 +49,6 @@ def get_trainable(name: str) -> TrainableSpec:
     try:
         return TRAINABLES[name]
     except KeyError:
-        raise ValueError(f"unknown trainable {name!r}; known: {', '.join(sorted(TRAINABLES))}") from None
+        raise ValueError(
+            f"unknown trainable {name!r}; known: {', '.join(sorted(TRAINABLES))}"
+        ) from None

@@ -1,0 +1,1 @@
+"""Trainables: ECG data loading, models and the training functions that Ray Tune runs."""

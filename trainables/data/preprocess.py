@@ -1,0 +1,79 @@
+"""Signal preprocessing shared by training and labelling: resampling and the baseline high-pass.
+
+Signals stay in mV and are never normalised, because amplitude is itself a cue to the lead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+from scipy import signal as sps
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw signals become model input; the defaults reproduce the reference model."""
+
+    fs: int = 100
+    highpass_hz: float | None = 0.5  # None disables the high-pass
+    highpass_order: int = 4
+    zero_phase: bool = False  # the reference filters causally (lfilter)
+
+    def __post_init__(self) -> None:
+        if self.highpass_hz == 0:
+            # 0 is how the CLI says "no high-pass"; store it as None so both spell one cache key
+            object.__setattr__(self, "highpass_hz", None)
+        if self.fs <= 0:
+            raise ValueError(f"sampling rate must be positive, got fs={self.fs}")
+        if self.highpass_hz is not None and not 0 < self.highpass_hz < self.fs / 2:
+            raise ValueError(
+                f"high-pass cut-off {self.highpass_hz} Hz must lie between 0 and the Nyquist "
+                f"frequency {self.fs / 2} Hz (use None or 0 to disable it)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def highpass(
+    signal: np.ndarray,
+    fs: float,
+    cutoff_hz: float = 0.5,
+    order: int = 4,
+    zero_phase: bool = False,
+) -> np.ndarray:
+    """Butterworth high-pass along the last axis, designed at `fs`; returns float32.
+
+    Causal (sosfilt) by default like the reference; `zero_phase` runs it forwards and backwards.
+    """
+    sos = sps.butter(order, cutoff_hz, btype="highpass", fs=fs, output="sos")
+    x = np.asarray(signal, dtype=np.float64)
+    filtered = sps.sosfiltfilt(sos, x, axis=-1) if zero_phase else sps.sosfilt(sos, x, axis=-1)
+    return filtered.astype(np.float32)
+
+
+def _rate_ratio(fs_in: float, fs_out: float) -> tuple[int, int]:
+    """Integer (up, down) with up/down == fs_out/fs_in, reduced by their gcd."""
+    ratio = Fraction(fs_out).limit_denominator(10_000) / Fraction(fs_in).limit_denominator(10_000)
+    return ratio.numerator, ratio.denominator
+
+
+def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
+    """Polyphase resampling along the last axis (float64 in, same dtype out)."""
+    up, down = _rate_ratio(fs_in, fs_out)
+    if up == down:
+        return np.asarray(signal)
+    # padtype="line" extends the signal linearly at the edges: zero padding would turn an
+    # ECG's DC offset into edge ringing.
+    return sps.resample_poly(signal, up, down, axis=-1, padtype="line")
+
+
+def preprocess(signal: np.ndarray, fs_in: float, config: PreprocessConfig) -> np.ndarray:
+    """Resample to config.fs, then high-pass; (..., T) in mV -> (..., T') float32 in mV."""
+    x = resample(np.asarray(signal, dtype=np.float64), fs_in, config.fs)
+    if config.highpass_hz is None:
+        return x.astype(np.float32)
+    return highpass(x, config.fs, config.highpass_hz, config.highpass_order, config.zero_phase)
