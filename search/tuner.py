@@ -319,8 +319,6 @@ def _run(
         },
         parameter_columns=["encoder", "context", "d_model", "depth", "heads", "lr", "batch_size"],
         max_report_frequency=20,
-        metric=metric,
-        mode=mode,
         sort_by_metric=True,
     )
 
@@ -378,7 +376,13 @@ def _run(
         f"MLflow {tracking_uri} (experiment {experiment_id}, parent run {parent_run_id})"
     )
     started = time.perf_counter()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        # The search itself broke (not a trial): leave it resumable and say so in MLflow.
+        client.set_terminated(parent_run_id, "FAILED")
+        _write_state(experiment_path, status="interrupted")
+        raise
     wall = time.perf_counter() - started
 
     trials = summarise_trials(grid, metric, mode)

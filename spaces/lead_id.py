@@ -70,7 +70,7 @@ def lead_id_space(trial: Any) -> dict[str, Any] | None:
 
 def smoke_space(trial: Any) -> dict[str, Any] | None:
     # Tiny models: a trial of 2 epochs on ~64 records takes seconds on one CPU core.
-    suggest_architecture(trial, d_choices=(16, 32), max_depth=2, encoders=("cnn", "gru", "inception"))
+    suggest_architecture(trial, d_choices=(16, 32), max_depth=2, encoders=("cnn", "inception"))
     suggest_optimisation(trial, batch_sizes=(16, 32))
     return None
 
