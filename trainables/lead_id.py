@@ -46,6 +46,7 @@ class LeadIdConfig:
     ffn_mult: int = 4
     inducing_points: int = 16
     dropout: float = 0.0
+    width: float = 1.0  # encoder channel multiplier; < 1 for fast smoke runs
     # optimisation
     lr: float = 7e-4
     lr_min: float = 1e-7
@@ -102,6 +103,7 @@ class LeadIdConfig:
             inducing_points=self.inducing_points,
             n_classes=len(self.leads),
             dropout=self.dropout,
+            width=self.width,
         )
 
     def validate(self) -> None:
