@@ -86,7 +86,8 @@ def _trial_entry(config: dict[str, Any], data: Any = None, trainable_name: str =
     from trainables.registry import get_trainable
 
     reporter = SearchReporter(TuneReporter(), node_id=ray.get_runtime_context().get_node_id())
-    return get_trainable(trainable_name).train(config, data, reporter=reporter)
+    # Nothing is returned: Tune would take a returned dict as one more result (logged twice).
+    get_trainable(trainable_name).train(config, data, reporter=reporter)
 
 
 class _TrialName:
@@ -113,7 +114,7 @@ class SearchReporter:
         return self.inner.latest_checkpoint()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        self.inner.report({**metrics, "node_id": self.node_id}, checkpoint_dir)
+        self.inner.report({**metrics, "trial_node_id": self.node_id}, checkpoint_dir)
         if (
             self.fault_marker is not None
             and str(metrics.get("epoch")) == self.fault_epoch
@@ -317,7 +318,8 @@ def _run(
             "val_lead_accuracy": "lead_acc",
             "val_set_accuracy": "set_acc",
         },
-        parameter_columns=["encoder", "context", "d_model", "depth", "heads", "lr", "batch_size"],
+        # only parameters every trial has: the reporter fails on conditional ones (depth, heads)
+        parameter_columns=["encoder", "context", "d_model", "lr", "batch_size"],
         max_report_frequency=20,
         sort_by_metric=True,
     )
@@ -468,7 +470,7 @@ def summarise_trials(grid: Any, metric: str, mode: str) -> list[dict[str, Any]]:
             "val_lead_accuracy": metrics.get("val_lead_accuracy"),
             "val_set_accuracy": metrics.get("val_set_accuracy"),
             "seconds": metrics.get("time_total_s"),
-            "node_id": metrics.get("node_id"),
+            "node_id": metrics.get("trial_node_id"),
             "best_checkpoint": best_checkpoint,
             "path": result.path,
             "error": str(result.error).splitlines()[0] if result.error else None,

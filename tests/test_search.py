@@ -105,7 +105,7 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None, **kwargs) -> su
 
 
 def test_sigint_then_resume_finishes_without_losing_or_duplicating(tmp_path, cache_dir):
-    proc = _run_cli(search_args(tmp_path, cache_dir, "--no-promote"))
+    proc = _run_cli(search_args(tmp_path, cache_dir, "--no-promote", trials=4))
     # interrupt once at least one trial has reported an epoch
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -120,16 +120,16 @@ def test_sigint_then_resume_finishes_without_losing_or_duplicating(tmp_path, cac
     before = {r.data.tags[TRIAL_TAG]: r for r in child_runs(tmp_path)[2]}
     done_before = {t for t, r in before.items() if r.data.tags[STATE_TAG] == "completed"}
 
-    resumed = _run_cli(search_args(tmp_path, cache_dir, "--no-promote", "--resume"))
+    resumed = _run_cli(search_args(tmp_path, cache_dir, "--no-promote", "--resume", trials=4))
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     client, parents, children = child_runs(tmp_path)
     ids = [r.data.tags[TRIAL_TAG] for r in children]
     assert len(parents) == 1
-    assert len(ids) == len(set(ids)) == 6, ids  # no duplicated run, none lost
+    assert len(ids) == len(set(ids)) == 4, ids  # no duplicated run, none lost
     assert done_before <= set(ids)
     assert all(r.data.tags[STATE_TAG] != "running" for r in children)
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials(tmp_path)) == 6
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials(tmp_path)) == 4
 
 
 def test_crashed_trial_is_recorded_and_resume_completes_it(tmp_path, cache_dir):
@@ -180,6 +180,7 @@ def test_trials_are_placed_on_both_nodes_of_a_two_node_cluster(tmp_path, cache_d
                 data=DataRequest(source=SAMPLE, cache_dir=str(cache_dir), progress=False),
             )
         )
+        assert all(t["state"] == "completed" for t in outcome.trials), outcome.trials
         node_ids = {t["node_id"] for t in outcome.trials}
         cluster_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     finally:
