@@ -24,7 +24,7 @@ def default_source() -> str:
 
 
 def _config_fields():
-    from trainables.lead_id import LeadIdConfig
+    from trainables.lead_id_config import LeadIdConfig
 
     hints = typing.get_type_hints(LeadIdConfig)
     return LeadIdConfig, [(f, hints[f.name]) for f in dataclasses.fields(LeadIdConfig)]
@@ -47,7 +47,7 @@ def _parse_bool(text: str) -> bool:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per LeadIdConfig field (``--d-model``, ``--lr`` ...), defaults shown in --help."""
-    from trainables.lead_id import LeadIdConfig
+    from trainables.lead_id_config import LeadIdConfig
 
     defaults = LeadIdConfig()
     group = parser.add_argument_group("training settings (defaults reproduce the reference)")

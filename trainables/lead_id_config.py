@@ -1,0 +1,111 @@
+"""The settings of one lead-identification run (no torch import: the CLI builds its flags from it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from trainables.data.leads import LEADS
+from trainables.models.registry import ModelConfig
+
+PRECORDIAL = ("V1", "V2", "V3", "V4", "V5", "V6")
+LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
+LEAD_SETS = {"all": LEADS, "precordial": PRECORDIAL, "limb": LIMB}
+
+
+@dataclass
+class LeadIdConfig:
+    """One lead-identification run. Defaults reproduce the reference model and its training."""
+
+    # model
+    encoder: str = "inception_gru"
+    context: str = "sab"
+    d_model: int = 128
+    depth: int = 5
+    heads: int = 8
+    ffn_mult: int = 4
+    inducing_points: int = 16
+    dropout: float = 0.0
+    width: float = 1.0  # encoder channel multiplier; < 1 for fast smoke runs
+    # optimisation
+    lr: float = 7e-4
+    lr_min: float = 1e-7
+    weight_decay: float = 1e-4
+    batch_size: int = 38
+    epochs: int = 30
+    # augmentation and leads
+    jitter_prob: float = 0.5
+    jitter_sigma_min: float = 0.001
+    jitter_sigma_max: float = 0.015
+    shuffle_leads: bool = True
+    leads: tuple[str, ...] = LEADS  # waveforms the model sees
+    loss_leads: tuple[str, ...] | None = None  # restrict the loss to these (None = all seen leads)
+    # data size (None = the whole split); small values make smoke runs fast
+    max_train_records: int | None = None
+    max_val_records: int | None = None
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    num_threads: int | None = None
+    early_stopping_patience: int | None = None  # epochs without val-loss improvement
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LeadIdConfig:
+        """Build from a flat dict (Tune config, YAML); unknown keys are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values = dict(values)
+        for key in ("leads", "loss_leads"):
+            if isinstance(values.get(key), str):
+                values[key] = LEAD_SETS.get(values[key]) or tuple(values[key].split(","))
+            elif values.get(key) is not None:
+                values[key] = tuple(values[key])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            encoder=self.encoder,
+            context=self.context,
+            d_model=self.d_model,
+            depth=self.depth,
+            heads=self.heads,
+            ffn_mult=self.ffn_mult,
+            inducing_points=self.inducing_points,
+            n_classes=len(self.leads),
+            dropout=self.dropout,
+            width=self.width,
+        )
+
+    def validate(self) -> None:
+        unknown = [lead for lead in self.leads if lead not in LEADS]
+        if unknown or len(set(self.leads)) != len(self.leads) or not self.leads:
+            raise ValueError(
+                f"leads must be distinct names from {', '.join(LEADS)} (or 'all', 'precordial', "
+                f"'limb'); got {', '.join(self.leads) or 'none'}"
+            )
+        if self.loss_leads is not None and not set(self.loss_leads) <= set(self.leads):
+            raise ValueError("loss_leads must be a subset of leads")
+        for name in ("lr", "batch_size", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.jitter_sigma_min <= self.jitter_sigma_max:
+            raise ValueError("need 0 <= jitter_sigma_min <= jitter_sigma_max")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU: use auto")
+        self.model_config().validate()
