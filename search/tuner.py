@@ -60,6 +60,11 @@ class SearchSettings:
             raise ValueError(f"--scheduler must be asha or fifo, got {self.scheduler!r}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("--epochs must be at least 1")
+        if "://" in self.storage_path:
+            raise ValueError(
+                f"--storage-path {self.storage_path} is a URI; use a folder on a shared "
+                "filesystem (NFS/EFS) mounted on every node"
+            )
         if self.mode not in (None, "min", "max"):
             raise ValueError(f"--mode must be min or max, got {self.mode!r}")
 
