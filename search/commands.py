@@ -66,8 +66,19 @@ def run_search_command(args: argparse.Namespace) -> int:
     return 0 if outcome.best else 1
 
 
+def durable_tracking_uri(outcome: Any) -> str:
+    """The URI to reach this search's MLflow data after the command ends.
+
+    A server that leadtune started itself is gone by then; its SQLite database is not.
+    """
+    if outcome.tracking_uri.startswith("http://127.0.0.1"):
+        return f"sqlite:///{Path(outcome.experiment_path).parents[1] / 'mlflow.db'}"
+    return outcome.tracking_uri
+
+
 def format_summary(outcome: Any) -> str:
     metric = outcome.metric
+    durable = durable_tracking_uri(outcome)
     lines = ["", f"search {outcome.study}: {len(outcome.trials)} trial(s)"]
     header = f"  {'trial':<14} {'state':<24} {'epoch':>5} {metric:>12} {'lead_acc':>9} {'set_acc':>8}"
     lines.append(header)
@@ -101,13 +112,13 @@ def format_summary(outcome: Any) -> str:
             f"{_fmt(p['test_metrics'].get('test_lead_accuracy'))}, set accuracy "
             f"{_fmt(p['test_metrics'].get('test_set_accuracy'))}, {p['test_metrics'].get('test_records')} ECGs)",
             f"champion: {'moved to this version' if p['alias_moved'] else 'unchanged'} — {p['reason']}",
-            f"use it: leadtune label RECORD --model {p['champion_uri']} --tracking-uri URI",
+            f"use it: leadtune label RECORD --model {p['champion_uri']} --tracking-uri {durable}",
         ]
-    if outcome.tracking_uri.startswith("http://127.0.0.1"):
-        db = Path(outcome.experiment_path).parents[1] / "mlflow.db"
+    if durable != outcome.tracking_uri:
+        root = Path(outcome.experiment_path).parents[1]
         lines.append(
             f"(the local MLflow server was stopped; browse with: mlflow ui --backend-store-uri "
-            f"sqlite:///{db})"
+            f"{durable} --artifacts-destination {root / 'mlartifacts'})"
         )
     return "\n".join(lines)
 
