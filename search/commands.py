@@ -115,10 +115,9 @@ def format_summary(outcome: Any) -> str:
             f"use it: leadtune label RECORD --model {p['champion_uri']} --tracking-uri {durable}",
         ]
     if durable != outcome.tracking_uri:
-        root = Path(outcome.experiment_path).parents[1]
         lines.append(
             f"(the local MLflow server was stopped; browse with: mlflow ui --backend-store-uri "
-            f"{durable} --artifacts-destination {root / 'mlartifacts'})"
+            f"{durable})"
         )
     return "\n".join(lines)
 

@@ -51,7 +51,9 @@ class MlflowServer:
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{self.db_path.resolve()}",
-            "--artifacts-destination", str(self.artifacts.resolve()),
+            # Artifacts as plain file URIs (not proxied through the server), so the registered
+            # model still loads through the SQLite database after this server has stopped.
+            "--default-artifact-root", self.artifacts.resolve().as_uri(), "--no-serve-artifacts",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
