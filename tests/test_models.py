@@ -26,6 +26,17 @@ from trainables.models import commands as models_commands
 from trainables.models.encoders import PAPER_ENCODER_PARAMETERS, released_unused_encoder_parameters
 from trainables.models.lead_identifier import RELEASED_PARAMETERS, released_unused_parameters
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run these tiny models on one thread: with two OpenMP threads on a busy 2-core machine,
+    the GRU's per-step barriers made this file 10-30x slower (5 s vs 50-150 s measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- parameter arithmetic by hand (independent of the modules under test) -------------------
 
 

@@ -51,6 +51,7 @@ def scaled(channels: int, width: float) -> int:
     """Channel count times the encoder width multiplier (at least 1)."""
     return max(1, round(channels * width))
 
+
 # Table VI of the paper: parameters of the encoder alone at D = 128.
 PAPER_ENCODER_PARAMETERS: dict[str, int] = {
     "cnn": 278_592,
@@ -119,7 +120,8 @@ class InceptionBlock(nn.Module):
 def reference_inception_stack(
     width: float = 1.0, bottleneck: int = INCEPTION_BOTTLENECK_CHANNELS
 ) -> nn.Sequential:
-    """Inception block 1 (1-channel bottlenecks) -> MaxPool(2) -> block 2 (64) -> MaxPool(2).
+    """Inception block 1 (1-channel bottlenecks) -> MaxPool(2) -> block 2 (``bottleneck``-channel
+    bottlenecks, 64 in the reference) -> MaxPool(2).
 
     ``(N, 1, T) -> (N, 4 * branch, T // 4)``; ``branch`` is 32 at width 1.
     """
