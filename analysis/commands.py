@@ -1,9 +1,264 @@
-"""`leadtune report`, `evaluate`, `export` and `label` (filled in by the delivery work)."""
+"""`leadtune report`, `evaluate`, `export` and `label`: reading what searches and training wrote.
+
+Only argparse at import time: torch, MLflow and Optuna load inside the commands, so
+``leadtune --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+MODEL_HELP = (
+    "models:/NAME@ALIAS or models:/NAME/VERSION (registry), an MLflow run id, a checkpoint "
+    "folder or file, or a folder written by `leadtune export`"
+)
+
+
+def _mlflow_errors_as_one_line(func):
+    """MLflow's own exceptions become the CLI's one-line errors (no traceback)."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except Exception as exc:
+            if type(exc).__name__ != "MlflowException":
+                raise
+            message = " ".join(str(exc).split())[:300]
+            raise ValueError(f"MLflow: {message}; check --tracking-uri and the model name") from exc
+
+    return wrapped
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9@._-]+", "_", text.replace("models:/", "")).strip("_") or "model"
+
+
+@_mlflow_errors_as_one_line
+def run_report(args: argparse.Namespace) -> int:
+    from analysis.report import collect, find_search, write_report
+
+    search_dir = find_search(Path(args.storage_path), args.study, args.experiment)
+    data = collect(search_dir, args.tracking_uri)
+    out = Path(args.out) if args.out else search_dir / "report"
+    files = write_report(data, out, fmt=args.format, log_to_mlflow=not args.no_mlflow)
+    best = data.best()
+    print(f"report of {data.state['study']} ({len(data.trials)} trials): {files['report']}")
+    if best:
+        print(f"  best trial {best.trial_id}: {data.metric} = {best.best_value:.5f}")
+    print(f"  importances: {data.importance_note}")
+    if "mlflow" in files:
+        print(f"  attached to MLflow parent run {data.state['parent_run_id']}: {files['mlflow']}")
+    return 0
+
+
+def _prepare(source: str, cache_dir: str | None, limit: int | None, loaded: Any):
+    from trainables.data.cache import prepare_dataset
+    from trainables.data.preprocess import PreprocessConfig
+
+    return prepare_dataset(
+        Path(source),
+        cache_root=Path(cache_dir) if cache_dir else None,
+        preprocess=PreprocessConfig(**loaded.preprocess),
+        limit=limit,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def _default_source(loaded: Any) -> str:
+    from trainables.commands import default_source
+
+    trained_on = loaded.card.get("data", {}).get("source") or ""
+    if trained_on and (Path(trained_on) / "ptbxl_database.csv").is_file():
+        return trained_on
+    return default_source()
+
+
+@_mlflow_errors_as_one_line
+def run_evaluate(args: argparse.Namespace) -> int:
+    from analysis.evaluate import evaluate_model, format_summary, write_evaluation
+    from analysis.model_source import load_model
+
+    loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
+    other = load_model(args.compare, args.tracking_uri, args.cache_dir) if args.compare else None
+    source = args.source or _default_source(loaded)
+    print(
+        f"[leadtune] evaluating {loaded.source} on the {args.split} split of {source}",
+        file=sys.stderr,
+    )
+    dataset = _prepare(source, args.cache_dir, args.limit, loaded)
+    result, arrays = evaluate_model(
+        loaded, dataset, split=args.split, n_boot=args.n_boot, seed=args.seed, compare=other
+    )
+    out = (
+        Path(args.out) if args.out else Path("runs/evaluate") / f"{_slug(args.model)}-{args.split}"
+    )
+    files = write_evaluation(result, arrays, out)
+    print(format_summary(result))
+    print(f"written: {files['markdown']}, {files['json']} (+ confusion PNGs, predictions.npz)")
+    return 0
+
+
+@_mlflow_errors_as_one_line
+def run_export(args: argparse.Namespace) -> int:
+    from analysis.export import CARD_MARKDOWN, export_model
+    from analysis.model_source import load_model
+
+    loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
+    card = export_model(loaded, Path(args.out), tolerance=args.tolerance, onnx=not args.no_onnx)
+    print(f"exported {loaded.source} to {args.out}")
+    for name, entry in card["verification"]["formats"].items():
+        if entry.get("file"):
+            diff = entry.get("max_abs_diff")
+            extra = entry.get("not_verified") or ""
+            if entry.get("unsupported_shapes"):
+                extra += f" fails on input shape(s) {entry['unsupported_shapes']}"
+            shown = "not verified" if diff is None else f"max abs diff {diff:.2e}"
+            print(f"  {name:<13} {entry['file']:<22} {shown}  {extra}".rstrip())
+        else:
+            print(f"  {name:<13} skipped: {entry.get('skipped')}")
+    print(
+        f"  verification passed (tolerance {args.tolerance:g}); model card: "
+        f"{Path(args.out) / CARD_MARKDOWN}"
+    )
+    return 0
+
+
+@_mlflow_errors_as_one_line
+def run_label(args: argparse.Namespace) -> int:
+    from analysis.label import label_paths
+    from analysis.model_source import load_model
+
+    loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
+    several = len(args.records) > 1 or any(Path(r).is_dir() for r in args.records)
+    results, summary = label_paths(args.records, loaded, out=sys.stdout, as_json=args.json)
+    if args.json:
+        objects = [r.to_json() for r in results]
+        print(json.dumps(objects if several else objects[0], indent=2))
+    if several:
+        print(summary.format(), file=sys.stderr if args.json else sys.stdout)
+    return 1 if summary.failed else 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    return None
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    report = subparsers.add_parser(
+        "report",
+        help="write a search report (trials, best trial, importances, plots) and attach it in MLflow",
+        description="A readable report of a search: trials table, best trial, Optuna parameter "
+        "importances, optimisation history, parallel coordinates and learning curves (PNG); "
+        "also logged to the search's MLflow parent run under report/.",
+        formatter_class=fmt,
+    )
+    report.add_argument(
+        "study",
+        nargs="?",
+        default=None,
+        help="study name (default: the only one under --storage-path)",
+    )
+    report.add_argument("--storage-path", default="runs/search", help="the search's --storage-path")
+    report.add_argument(
+        "--experiment", default=None, help="a search folder (default: the study's newest)"
+    )
+    report.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default: the search's, else <storage>/mlflow.db)",
+    )
+    report.add_argument(
+        "--out", default=None, help="output folder (default: <search folder>/report)"
+    )
+    report.add_argument("--format", choices=("md", "html"), default="md")
+    report.add_argument(
+        "--no-mlflow", action="store_true", help="do not attach the report to the parent run"
+    )
+    report.set_defaults(func=run_report)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="the paper's statistics for a model on a split (CIs, Table I, McNemar)",
+        description="Lead and set accuracy (argmax and Hungarian) with bootstrap and Wilson "
+        "intervals, per-lead recall overall and per diagnostic superclass, confusion matrices; "
+        "with --compare, McNemar's test against another model on the same ECGs. Leads are fed "
+        "in the model's fixed order (the model is permutation-equivariant).",
+        formatter_class=fmt,
+    )
+    evaluate.add_argument("model", help=MODEL_HELP)
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument(
+        "--source",
+        default=None,
+        help="PTB-XL folder (default: the model's training data if present, else the bundled sample)",
+    )
+    evaluate.add_argument(
+        "--cache-dir", default=None, help="dataset cache root (default ~/.cache/leadtune)"
+    )
+    evaluate.add_argument("--limit", type=int, default=None, help="use only the first N records")
+    evaluate.add_argument(
+        "--out", default=None, help="output folder (default: runs/evaluate/<model>-<split>)"
+    )
+    evaluate.add_argument(
+        "--compare", default=None, metavar="OTHER", help="second model for McNemar's test"
+    )
+    evaluate.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI for models:/ and run ids"
+    )
+    evaluate.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples")
+    evaluate.add_argument(
+        "--seed", type=int, default=0, help="bootstrap and permutation-check seed"
+    )
+    evaluate.set_defaults(func=run_evaluate)
+
+    export = subparsers.add_parser(
+        "export",
+        help="write a torch-only model (TorchScript, torch.export, ONNX) with a model card",
+        description="Export a model to a folder that loads with torch alone, with a model card "
+        "(JSON + Markdown) and a check that the export reproduces the original's outputs.",
+        formatter_class=fmt,
+    )
+    export.add_argument("model", help=MODEL_HELP)
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ and run ids")
+    export.add_argument(
+        "--cache-dir", default=None, help="dataset cache root holding the training data's manifest"
+    )
+    export.add_argument(
+        "--tolerance", type=float, default=1e-4, help="max abs logit difference allowed"
+    )
+    export.add_argument("--no-onnx", action="store_true", help="skip the ONNX file")
+    export.set_defaults(func=run_export)
+
+    label = subparsers.add_parser(
+        "label",
+        help="label the leads of WFDB records from their signals; flag suspected swaps",
+        description="Predict each channel's lead from the waveforms alone (header names are not "
+        "used), assign leads injectively (Hungarian), and flag channels whose header name "
+        "disagrees. A folder is searched recursively for *.hea.",
+        formatter_class=fmt,
+    )
+    label.add_argument(
+        "records",
+        nargs="+",
+        metavar="RECORD",
+        help="WFDB record (.hea/.dat/.mat or name) or folder",
+    )
+    label.add_argument("--model", default="models:/lead-id@champion", help=MODEL_HELP)
+    label.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else runs/search/mlflow.db)",
+    )
+    label.add_argument(
+        "--cache-dir", default=None, help="dataset cache root holding the training data's manifest"
+    )
+    label.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON on stdout: one object per record, a list for several",
+    )
+    label.set_defaults(func=run_label)

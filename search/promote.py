@@ -129,6 +129,9 @@ def promote_best(
                 name="model",
                 signature=signature,
                 input_example=example,
+                # pickle keeps the module whole (any batch size and lead count); MLflow 3's
+                # default "pt2" would freeze the input shape to the example's (1, 12, T).
+                serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
             )
         version = mlflow.register_model(info.model_uri, register_name)

@@ -1,0 +1,457 @@
+"""`leadtune export`: a model folder that runs with torch alone, with a model card.
+
+Written to ``--out``:
+
+- ``model.torchscript.pt``: TorchScript (``torch.jit.script``, else ``torch.jit.trace``), loads
+  with ``torch.jit.load`` and no leadtune code;
+- ``model.pt2``: a ``torch.export`` program with dynamic batch and lead axes, where torch can
+  export the model (``torch.export.load(path).module()``);
+- ``model.onnx``: where the ``onnx`` package is installed and an exporter works (the dynamo
+  exporter needs ``onnxscript``; without it the TorchScript-based exporter is tried);
+- ``model_card.json`` and ``MODEL_CARD.md``: data fingerprint, config, metrics, lead order,
+  sampling rate, preprocessing, input and output shapes, and the verification below;
+- ``sample_input.npy`` / ``sample_output.npy``: the check input and the original model's logits.
+
+Every written format is checked against the original model on the sample input (two shapes: a
+full lead set and a smaller one, so the dynamic axes are exercised); the command fails if the
+largest absolute difference of the logits exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.model_source import CARD_FILE, TORCHSCRIPT_FILE, LoadedModel
+
+EXPORTED_PROGRAM_FILE = "model.pt2"
+ONNX_FILE = "model.onnx"
+CARD_MARKDOWN = "MODEL_CARD.md"
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(ValueError):
+    """The export could not be written or does not reproduce the model; one line says why."""
+
+
+def sample_inputs(n_leads: int, samples: int, seed: int = 0) -> list[np.ndarray]:
+    """Check inputs in mV: (2, K, T) with every lead, and (3, K', T) with K' = K // 2 leads."""
+    rng = np.random.default_rng(seed)
+    full = (0.2 * rng.standard_normal((2, n_leads, samples))).astype(np.float32)
+    fewer = max(1, n_leads // 2)
+    part = (0.2 * rng.standard_normal((3, fewer, samples))).astype(np.float32)
+    return [full, part]
+
+
+def _outputs(run: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        return [np.asarray(run(torch.from_numpy(x)).detach().numpy()) for x in inputs]
+
+
+def check_outputs(run: Any, inputs: list[np.ndarray], expected: list[np.ndarray]) -> dict:
+    """Per input shape, the max |logit difference| to the original, or why the shape failed.
+
+    ``max_abs_diff`` is the worst over the shapes that ran; ``unsupported_shapes`` lists the
+    others (e.g. an ONNX file whose exporter fixed the number of leads).
+    """
+    shapes, worst, unsupported = [], None, []
+    for x, y in zip(inputs, expected):
+        try:
+            found = np.asarray(run(x))
+        except Exception as exc:  # any runtime may reject a shape it was not exported for
+            shapes.append({"shape": list(x.shape), "error": _reason(exc)})
+            unsupported.append(list(x.shape))
+            continue
+        diff = float(np.max(np.abs(found - y))) if found.shape == y.shape else float("inf")
+        shapes.append({"shape": list(x.shape), "max_abs_diff": diff})
+        worst = diff if worst is None else max(worst, diff)
+    return {"max_abs_diff": worst, "shapes": shapes, "unsupported_shapes": unsupported}
+
+
+def _torch_runner(module: Any):
+    import torch
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x)).detach().numpy()
+
+    return run
+
+
+def export_torchscript(model: Any, example: np.ndarray, path: Path) -> str:
+    """Script the model if torch can, else trace it; returns the method used."""
+    import torch
+
+    try:
+        scripted = torch.jit.script(model)
+        method = "torch.jit.script"
+    except Exception:  # scripting fails on Python constructs; tracing records one run instead
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.trace(model, torch.from_numpy(example), check_trace=False)
+        method = "torch.jit.trace"
+    scripted.save(str(path))
+    return method
+
+
+def export_program(model: Any, example: np.ndarray, path: Path, max_leads: int) -> None:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    leads = torch.export.Dim("leads", min=1, max=max_leads)
+    program = torch.export.export(
+        model,
+        (torch.from_numpy(example),),
+        dynamic_shapes={"x": {0: batch, 1: leads}},
+    )
+    torch.export.save(program, str(path))
+
+
+def export_onnx(model: Any, example: np.ndarray, path: Path) -> str:
+    """Write ONNX with dynamic batch and lead axes; returns the exporter used."""
+    import torch
+
+    x = torch.from_numpy(example)
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        leads = torch.export.Dim("leads", min=1, max=example.shape[1])
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=True,
+            input_names=["signals"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch, 1: leads}},
+        )
+        return "torch.onnx.export (dynamo)"
+    except ImportError:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=False,
+            input_names=["signals"],
+            output_names=["logits"],
+            dynamic_axes={"signals": {0: "batch", 1: "leads"}, "logits": {0: "batch", 1: "leads"}},
+            opset_version=17,
+        )
+    return "torch.onnx.export (TorchScript-based; onnxscript not installed for dynamo)"
+
+
+def onnx_runner(path: Path) -> tuple[Any, str]:
+    """A function running the ONNX file: onnxruntime if installed, else onnx's reference evaluator."""
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return (lambda x: session.run(None, {"signals": x})[0]), "onnxruntime"
+    except ImportError:
+        pass
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(onnx.load(str(path)))
+    return (lambda x: evaluator.run(None, {"signals": x})[0]), (
+        "onnx.reference.ReferenceEvaluator (onnxruntime not installed)"
+    )
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    from leadtune import __version__
+
+    return {
+        "leadtune": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_card(loaded: LoadedModel) -> dict[str, Any]:
+    """Everything a user of the exported model needs to feed it correctly."""
+    config = loaded.config_dict()
+    card = loaded.card
+    pre = dict(loaded.preprocess)
+    return {
+        "name": "leadtune lead identification",
+        "task": "identify the lead of each waveform of an unordered set of K <= "
+        f"{len(loaded.leads)} ECG leads",
+        "exported_from": loaded.source,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "origin": {
+            k: card.get(k)
+            for k in ("kind", "registered_model", "version", "run_id", "checkpoint", "epoch")
+            if card.get(k) is not None
+        },
+        "data": {
+            "fingerprint": loaded.fingerprint,
+            "source": card.get("data", {}).get("source", ""),
+        },
+        "config": config,
+        "validation_metrics": card.get("validation_metrics", {}),
+        "test_metrics": card.get("test_metrics", {}),
+        "leads": list(loaded.leads),
+        "sampling_rate_hz": loaded.fs,
+        "preprocessing": {
+            **pre,
+            "origin": loaded.preprocess_origin,
+            "amplitude_normalisation": "none (amplitude is a cue to the lead)",
+            "description": (
+                "resample to "
+                f"{pre.get('fs', loaded.fs)} Hz, then "
+                + (
+                    "no high-pass"
+                    if pre.get("highpass_hz") is None
+                    else f"Butterworth high-pass {pre['highpass_hz']} Hz, order "
+                    f"{pre['highpass_order']}, "
+                    + ("zero-phase (forward-backward)" if pre["zero_phase"] else "causal (sosfilt)")
+                )
+            ),
+        },
+        "input": {
+            "name": "signals",
+            "shape": ["B", "K", "T"],
+            "dtype": "float32",
+            "units": "mV",
+            "K": f"1..{len(loaded.leads)} waveforms in any order (the model is "
+            "permutation-equivariant)",
+            "T": f"{loaded.samples} samples (10 s at {loaded.fs} Hz, as in training)",
+        },
+        "output": {
+            "name": "logits",
+            "shape": ["B", "K", len(loaded.leads)],
+            "meaning": "unnormalised log-probabilities over the lead labels, in the order of "
+            "'leads'; label a recording injectively with the Hungarian method on the "
+            "log-softmax (scipy.optimize.linear_sum_assignment(..., maximize=True))",
+        },
+        "notes": list(loaded.notes),
+        "versions": _versions(),
+    }
+
+
+def export_model(
+    loaded: LoadedModel, out_dir: Path, tolerance: float = DEFAULT_TOLERANCE, onnx: bool = True
+) -> dict[str, Any]:
+    """Write every format that works, verify them, write the card; returns the card.
+
+    Raises ExportError (after writing the card) if a verified format differs by more than
+    ``tolerance`` from the original, or if no TorchScript file could be written.
+    """
+    if loaded.kind == "export":
+        raise ExportError(
+            f"{loaded.source} is already an exported model; copy the folder, or export from the "
+            "checkpoint or registry version it came from"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = loaded.model.eval()
+    inputs = sample_inputs(len(loaded.leads), loaded.samples)
+    expected = _outputs(model, inputs)
+    np.save(out_dir / "sample_input.npy", inputs[0])
+    np.save(out_dir / "sample_output.npy", expected[0])
+
+    card = build_card(loaded)
+    formats: dict[str, dict[str, Any]] = {}
+
+    ts_path = out_dir / TORCHSCRIPT_FILE
+    try:
+        method = export_torchscript(model, inputs[0], ts_path)
+        import torch
+
+        reloaded = torch.jit.load(str(ts_path))
+        formats["torchscript"] = {
+            "file": ts_path.name,
+            "method": method,
+            "load": f"torch.jit.load('{ts_path.name}')",
+            **check_outputs(_torch_runner(reloaded), inputs, expected),
+        }
+    except Exception as exc:
+        formats["torchscript"] = {"file": None, "skipped": _reason(exc)}
+
+    pt2_path = out_dir / EXPORTED_PROGRAM_FILE
+    try:
+        import torch
+
+        export_program(model, inputs[0], pt2_path, len(loaded.leads))
+        program = torch.export.load(str(pt2_path)).module()
+        formats["torch_export"] = {
+            "file": pt2_path.name,
+            "method": "torch.export.export (dynamic batch and lead axes)",
+            "load": f"torch.export.load('{pt2_path.name}').module()",
+            **check_outputs(_torch_runner(program), inputs, expected),
+        }
+    except Exception as exc:
+        pt2_path.unlink(missing_ok=True)
+        formats["torch_export"] = {"file": None, "skipped": _reason(exc)}
+
+    formats["onnx"] = (
+        _try_onnx(model, inputs, expected, out_dir / ONNX_FILE)
+        if onnx
+        else {
+            "file": None,
+            "skipped": "not asked for (--no-onnx)",
+        }
+    )
+
+    card["files"] = {
+        "torchscript": formats["torchscript"]["file"],
+        "torch_export": formats["torch_export"]["file"],
+        "onnx": formats["onnx"]["file"],
+        "sample_input": "sample_input.npy",
+        "sample_output": "sample_output.npy",
+    }
+    card["verification"] = {
+        "tolerance": tolerance,
+        "sample_input_shapes": [list(x.shape) for x in inputs],
+        "sample_input": "N(0, 0.2 mV) noise, seed 0 (the first shape is saved as sample_input.npy)",
+        "formats": formats,
+    }
+    failed = [
+        name
+        for name, entry in formats.items()
+        if entry.get("max_abs_diff") is not None and not entry["max_abs_diff"] <= tolerance
+    ]
+    torchscript = formats["torchscript"]
+    # TorchScript is the format `leadtune label` loads, also for records with fewer leads: it
+    # has to run on every check shape.
+    torchscript_ok = torchscript["file"] is not None and not torchscript["unsupported_shapes"]
+    card["verification"]["passed"] = not failed and torchscript_ok
+    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    (out_dir / CARD_MARKDOWN).write_text(format_card(card))
+    if torchscript["file"] is None:
+        raise ExportError(
+            f"{loaded.source}: TorchScript export failed ({torchscript['skipped']}); "
+            "see the model card in " + str(out_dir)
+        )
+    if torchscript["unsupported_shapes"]:
+        raise ExportError(
+            f"{out_dir / TORCHSCRIPT_FILE}: the TorchScript model fails on input shape(s) "
+            f"{torchscript['unsupported_shapes']}; do not use it (see {CARD_FILE})"
+        )
+    if failed:
+        worst = ", ".join(f"{n} {formats[n]['max_abs_diff']:.2e}" for n in failed)
+        raise ExportError(
+            f"{out_dir}: exported model differs from the original by more than {tolerance:g} "
+            f"({worst}); do not use it (see {CARD_FILE})"
+        )
+    return card
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _try_onnx(
+    model: Any, inputs: list[np.ndarray], expected: list[np.ndarray], path: Path
+) -> dict[str, Any]:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return {
+            "file": None,
+            "skipped": "the onnx package is not installed (pip install 'leadtune[onnx]')",
+        }
+    try:
+        method = export_onnx(model, inputs[0], path)
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        return {"file": None, "skipped": f"export failed: {_reason(exc)}"}
+    entry: dict[str, Any] = {"file": path.name, "method": method}
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+        run, runner = onnx_runner(path)
+        entry["runner"] = runner
+        entry.update(check_outputs(run, inputs, expected))
+    except Exception as exc:
+        entry["max_abs_diff"] = None
+        entry["not_verified"] = _reason(exc)
+    return entry
+
+
+def _fmt_metrics(values: dict[str, Any]) -> str:
+    if not values:
+        return "none recorded"
+    return ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+    )
+
+
+def format_card(card: dict[str, Any]) -> str:
+    """The model card as Markdown."""
+    pre = card["preprocessing"]
+    lines = [
+        f"# Model card: {card['name']}",
+        "",
+        f"Exported from `{card['exported_from']}` on {card['exported_at']}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        f"model = torch.jit.load('{card['files']['torchscript']}')  # no leadtune needed",
+        "logits = model(signals)  # signals: float32 tensor (B, K, T) in mV",
+        "```",
+        "",
+        f"- task: {card['task']}",
+        f"- input `signals`: shape (B, K, T), float32, **mV**; K = {card['input']['K']}; "
+        f"T = {card['input']['T']}",
+        f"- output `logits`: shape (B, K, {len(card['leads'])}); {card['output']['meaning']}",
+        f"- lead labels (output order): {', '.join(card['leads'])}",
+        f"- sampling rate: {card['sampling_rate_hz']} Hz",
+        f"- preprocessing: {pre['description']}; amplitude normalisation: "
+        f"{pre['amplitude_normalisation']}",
+        f"  (settings from {pre['origin']})",
+        "",
+        "## Training",
+        "",
+        f"- data fingerprint: `{card['data']['fingerprint']}` ({card['data']['source'] or 'source not recorded'})",
+        f"- origin: {json.dumps(card['origin'], default=str)}",
+        f"- validation metrics: {_fmt_metrics(card['validation_metrics'])}",
+        f"- test metrics: {_fmt_metrics(card['test_metrics'])}",
+        f"- config: `{json.dumps(card['config'], default=str)}`",
+        "",
+        "## Files and verification",
+        "",
+        f"Each file was reloaded and run on sample inputs of shapes "
+        f"{card['verification']['sample_input_shapes']}; tolerance "
+        f"{card['verification']['tolerance']:g} on the logits. "
+        f"Passed: **{card['verification']['passed']}**.",
+        "",
+        "| format | file | how written | max abs diff | note |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in card["verification"]["formats"].items():
+        diff = entry.get("max_abs_diff")
+        note = entry.get("skipped") or entry.get("not_verified") or entry.get("runner") or ""
+        if entry.get("unsupported_shapes"):
+            note += f"; fails on input shape(s) {entry['unsupported_shapes']}"
+        lines.append(
+            f"| {name} | {entry.get('file') or '–'} | {entry.get('method', '–')} | "
+            f"{'–' if diff is None else f'{diff:.2e}'} | {note} |"
+        )
+    if card["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
+    versions = card["versions"]
+    lines += [
+        "",
+        f"leadtune {versions['leadtune']}, torch {versions['torch']}, Python {versions['python']}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,590 @@
+"""`leadtune report`: a readable report of one search, from what the search stored.
+
+Sources: the search folder's ``leadtune_search.json`` (which study, MLflow parent run, Optuna
+storage), the MLflow child runs (one per trial: params, per-epoch metrics with step = epoch,
+state, duration) and the Optuna study (objective values, parameter importances).
+
+Output: ``report.md`` or ``report.html`` with PNG plots (matplotlib, Agg) in ``plots/``, plus
+``trials.csv`` and ``report.json``; the folder is also logged to the search's MLflow parent run
+under ``report/`` so it shows in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "leadtune_search.json"
+CURVE_METRICS = ("val_loss", "val_lead_accuracy")
+# Below this many finished trials, importances say little; the report says so.
+FEW_TRIALS = 10
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    run_id: str
+    state: str
+    params: dict[str, str]
+    metrics: dict[str, float]  # last value of each metric
+    best_value: float | None  # of the search metric, best over epochs
+    seconds: float | None
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class SearchData:
+    search_dir: Path
+    state: dict[str, Any]
+    tracking_uri: str
+    trials: list[TrialRow]
+    optuna_trials: list[dict[str, Any]]  # number, state, value, params
+    importances: dict[str, float]
+    importance_note: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return self.state["metric"]
+
+    @property
+    def mode(self) -> str:
+        return self.state["mode"]
+
+    def best(self) -> TrialRow | None:
+        done = [t for t in self.trials if t.best_value is not None and math.isfinite(t.best_value)]
+        if not done:
+            return None
+        pick = min if self.mode == "min" else max
+        return pick(done, key=lambda t: t.best_value)
+
+
+# -- finding a search ----------------------------------------------------------------------------
+
+
+def find_search(storage_path: Path, study: str | None, experiment: str | None = None) -> Path:
+    """The search folder: --experiment if given, else the study's newest under storage_path."""
+    if experiment:
+        path = Path(experiment)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path}: not a leadtune search folder (no {STATE_FILE}); pass a folder "
+                "search-YYYYmmdd-HHMMSS written by `leadtune search`"
+            )
+        return path
+    storage = Path(storage_path)
+    if study is None:
+        studies = sorted({p.parent.parent.name for p in storage.glob(f"*/*/{STATE_FILE}")})
+        if len(studies) != 1:
+            found = ", ".join(studies) if studies else "none"
+            raise FileNotFoundError(
+                f"{storage}: give the STUDY to report on (studies found: {found}); "
+                "or pass --storage-path of the search"
+            )
+        study = studies[0]
+    found = sorted(p.parent for p in (storage / study).glob(f"*/{STATE_FILE}"))
+    if not found:
+        raise FileNotFoundError(
+            f"no search of study {study!r} under {storage}; pass --storage-path (the search's) "
+            "and the study name"
+        )
+    return found[-1]
+
+
+def tracking_uri_for(search_dir: Path, state: dict[str, Any], given: str | None) -> str | None:
+    """--tracking-uri, else the one the search was given, else its own SQLite database."""
+    if given:
+        return given
+    if state.get("tracking_uri_given"):
+        return state["tracking_uri_given"]
+    db = search_dir.parents[1] / "mlflow.db"  # where a search started its own server
+    return f"sqlite:///{db.resolve()}" if db.is_file() else None
+
+
+# -- collecting ----------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def collect(search_dir: Path, tracking_uri: str | None) -> SearchData:
+    """Read the search state, its MLflow child runs and its Optuna study."""
+    from analysis.model_source import check_tracking_uri
+
+    search_dir = Path(search_dir)
+    state = json.loads((search_dir / STATE_FILE).read_text())
+    uri = check_tracking_uri(
+        tracking_uri_for(search_dir, state, tracking_uri), f"the report of {search_dir}"
+    )
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    metric, mode = state["metric"], state["mode"]
+    runs = client.search_runs(
+        [state["experiment_id"]],
+        filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'",
+        max_results=5000,
+    )
+    trials = []
+    for run in runs:
+        curves = {}
+        for name in {*CURVE_METRICS, metric}:
+            history = client.get_metric_history(run.info.run_id, name)
+            curves[name] = sorted((int(m.step), float(m.value)) for m in history)
+        values = [v for _, v in curves.get(metric, []) if math.isfinite(v)]
+        best_value = (min(values) if mode == "min" else max(values)) if values else None
+        end = run.info.end_time or int(time.time() * 1000)
+        trials.append(
+            TrialRow(
+                trial_id=run.data.tags.get("leadtune.trial_id", run.info.run_name or "?"),
+                run_id=run.info.run_id,
+                state=run.data.tags.get("leadtune.state", run.info.status.lower()),
+                params=dict(run.data.params),
+                metrics={k: float(v) for k, v in run.data.metrics.items()},
+                best_value=best_value,
+                seconds=(end - run.info.start_time) / 1000 if run.info.start_time else None,
+                curves=curves,
+            )
+        )
+    trials.sort(key=lambda t: (t.trial_id, t.run_id))
+    optuna_trials, importances, note = _optuna_facts(state)
+    return SearchData(search_dir, state, uri, trials, optuna_trials, importances, note)
+
+
+def _optuna_facts(state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float], str]:
+    """The study's trials and parameter importances; a note instead where there are none."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = state.get("optuna_storage")
+    if not storage:
+        return [], {}, "the search recorded no Optuna storage; no importances"
+    try:
+        study = optuna.load_study(study_name=state["study"], storage=storage)
+    except Exception as exc:  # a missing database or study, in several exception types
+        return [], {}, f"Optuna study {state['study']!r} not readable at {storage} ({exc})"
+    rows = [
+        {
+            "number": t.number,
+            "state": t.state.name.lower(),
+            "value": _finite(t.value) if t.values else None,
+            "params": dict(t.params),
+        }
+        for t in study.trials
+    ]
+    complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
+    if len(complete) < 2:
+        return (
+            rows,
+            {},
+            (
+                f"parameter importances need at least 2 finished trials; this study has "
+                f"{len(complete)}"
+            ),
+        )
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError) as exc:
+        return rows, {}, f"Optuna could not compute importances ({exc})"
+    note = "fANOVA importances (optuna.importance.get_param_importances)"
+    if len(complete) < FEW_TRIALS:
+        note += (
+            f"; only {len(complete)} finished trials, so treat them as a rough hint "
+            "(conditional parameters count only in the trials that have them)"
+        )
+    if not importances:
+        note = "Optuna found no parameter that varies across the finished trials"
+    return rows, {k: float(v) for k, v in importances.items()}, note
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(data: SearchData, path: Path) -> Path | None:
+    """Objective value per Optuna trial, with the best so far."""
+    points = [(r["number"], r["value"]) for r in data.optuna_trials if r["value"] is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    numbers, values = zip(*points)
+    best, running = [], None
+    for v in values:
+        running = (
+            v if running is None else (min(running, v) if data.mode == "min" else max(running, v))
+        )
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(numbers, values, "o", label="trial")
+    ax.step(numbers, best, where="post", color="C3", label="best so far")
+    ax.set_xlabel("Optuna trial number")
+    ax.set_ylabel(data.metric)
+    ax.set_title("Optimisation history")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
+    """Numbers for a parallel-coordinates axis, scaled to [0, 1]; categories get their index."""
+    numeric = [_finite(v) for v in values]
+    present = [v for v in values if v is not None]
+    if (
+        present
+        and all(n is not None for n, v in zip(numeric, values) if v is not None)
+        and not any(isinstance(v, (bool, str)) for v in present)
+    ):
+        low = min(n for n in numeric if n is not None)
+        high = max(n for n in numeric if n is not None)
+        log = low > 0 and high / low > 20  # learning rates and the like
+        scale = (lambda x: math.log10(x)) if log else (lambda x: x)
+        lo, hi = scale(low), scale(high)
+        span = hi - lo or 1.0
+        return [math.nan if n is None else (scale(n) - lo) / span for n in numeric], None
+    categories = sorted({str(v) for v in present})
+    step = max(len(categories) - 1, 1)
+    return [math.nan if v is None else categories.index(str(v)) / step for v in values], categories
+
+
+def plot_parallel(data: SearchData, path: Path) -> Path | None:
+    """One line per finished trial across its parameters and the objective."""
+    rows = [r for r in data.optuna_trials if r["value"] is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    names = sorted({k for r in rows for k in r["params"]})
+    axes = names + [data.metric]
+    columns = [_axis_values([r["params"].get(n) for r in rows]) for n in names]
+    columns.append(_axis_values([r["value"] for r in rows]))
+    values = [r["value"] for r in rows]
+    low, high = min(values), max(values)
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(axes)), 4.5), dpi=100)
+    cmap = plt.get_cmap("viridis_r" if data.mode == "min" else "viridis")
+    for i, value in enumerate(values):
+        ys = [column[0][i] for column in columns]
+        shade = 0.5 if high == low else (value - low) / (high - low)
+        ax.plot(range(len(axes)), ys, "-o", color=cmap(shade), alpha=0.8, markersize=3)
+    for j, (_, categories) in enumerate(columns):
+        ax.axvline(j, color="grey", lw=0.5)
+        if categories:
+            step = max(len(categories) - 1, 1)
+            for k, name in enumerate(categories):
+                ax.text(j + 0.03, k / step, name, fontsize=7, va="center")
+    ax.set_xticks(range(len(axes)), axes, rotation=30, ha="right")
+    ax.set_yticks([0, 1], ["low", "high"])
+    ax.set_title(f"Parallel coordinates (colour: {data.metric}, brighter = better)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_importances(data: SearchData, path: Path) -> Path | None:
+    if not data.importances:
+        return None
+    plt = _pyplot()
+    items = sorted(data.importances.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(items) + 1.5), dpi=100)
+    ax.barh([k for k, _ in items], [v for _, v in items], color="C0")
+    ax.set_xlabel("importance (fraction of the objective's variance)")
+    ax.set_title("Parameter importances (Optuna, fANOVA)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(data: SearchData, path: Path) -> Path | None:
+    """val_loss and val_lead_accuracy per epoch, one line per trial."""
+    if not any(t.curves.get(m) for t in data.trials for m in CURVE_METRICS):
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4), dpi=100)
+    for ax, name in zip(axes, CURVE_METRICS):
+        for trial in data.trials:
+            curve = trial.curves.get(name) or []
+            if curve:
+                epochs, values = zip(*curve)
+                ax.plot(epochs, values, "-o", markersize=3, label=trial.trial_id)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(name)
+        ax.set_title(name)
+    if len(data.trials) <= 12:
+        axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+TABLE_METRICS = ("val_loss", "val_lead_accuracy", "val_set_accuracy", "val_lead_accuracy_hungarian")
+HIDDEN_PARAMS = ("seed", "num_threads", "device", "amp")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _short(value: str | None) -> str:
+    """A parameter as logged (a string), with long floats cut to 4 significant digits."""
+    if value is None:
+        return "–"
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() or len(value) <= 8 else f"{number:.4g}"
+
+
+def trials_table(data: SearchData) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: trial, state, epochs, best metric, last metrics, duration, params."""
+    varied = sorted(
+        {
+            k
+            for t in data.trials
+            for k, v in t.params.items()
+            if k not in HIDDEN_PARAMS and len({u.params.get(k) for u in data.trials}) > 1
+        }
+    )
+    metric_columns = [m for m in TABLE_METRICS if m != data.metric]
+    header = (
+        ["trial", "state", "epochs", f"best {data.metric}"]
+        + [f"last {m}" for m in metric_columns]
+        + ["seconds"]
+        + varied
+    )
+    rows = []
+    for t in data.trials:
+        epochs = max((s for s, _ in t.curves.get(data.metric, [])), default=None)
+        rows.append(
+            [t.trial_id, t.state, _fmt(epochs), _fmt(t.best_value)]
+            + [_fmt(t.metrics.get(m)) for m in metric_columns]
+            + [_fmt(t.seconds, 1)]
+            + [_short(t.params.get(k)) for k in varied]
+        )
+    return header, rows
+
+
+def _best_lines(data: SearchData) -> list[str]:
+    best = data.best()
+    if best is None:
+        return ["No trial reported the search metric."]
+    params = {k: v for k, v in best.params.items() if k not in HIDDEN_PARAMS}
+    return [
+        f"Trial **{best.trial_id}** (MLflow run `{best.run_id}`): best {data.metric} "
+        f"= {_fmt(best.best_value)} ({data.mode}imised), state {best.state}.",
+        "",
+        "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(params.items())),
+    ]
+
+
+def write_csv(data: SearchData, path: Path) -> Path:
+    import csv
+
+    header, rows = trials_table(data)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run_id", *header])
+        for trial, row in zip(data.trials, rows):
+            writer.writerow([trial.run_id, *row])
+    return path
+
+
+def render_markdown(data: SearchData, plots: dict[str, str]) -> str:
+    header, rows = trials_table(data)
+    s = data.state
+    states: dict[str, int] = {}
+    for t in data.trials:
+        states[t.state] = states.get(t.state, 0) + 1
+    by_state = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"
+    lines = [
+        f"# Search report: {s['study']}",
+        "",
+        f"- search folder: `{data.search_dir}`",
+        f"- space `{s.get('space')}`, metric `{data.metric}` ({data.mode}), status "
+        f"{s.get('status', '?')}",
+        f"- trials: {len(data.trials)} in MLflow ({by_state}); "
+        f"{len(data.optuna_trials)} in the Optuna study",
+        f"- MLflow: `{data.tracking_uri}`, experiment {s['experiment_id']}, parent run "
+        f"`{s['parent_run_id']}`",
+        f"- data: `{s.get('data_source')}` (limit {s.get('data_limit')}), fingerprint "
+        f"`{str(s.get('data_fingerprint'))[:16]}`",
+        f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        "",
+        "## Best trial",
+        "",
+        *_best_lines(data),
+        "",
+        "## Trials",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+        "",
+        "## Parameter importances",
+        "",
+        data.importance_note + ".",
+    ]
+    if data.importances:
+        lines += ["", "| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in data.importances.items()]
+    titles = {
+        "importances": "Parameter importances",
+        "history": "Optimisation history",
+        "parallel": "Parallel coordinates",
+        "learning_curves": "Learning curves (validation, per epoch)",
+    }
+    for key, title in titles.items():
+        if key in plots:
+            if key != "importances":
+                lines += ["", f"## {title}"]
+            lines += ["", f"![{title}]({plots[key]})"]
+    if data.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in data.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(data: SearchData, plots: dict[str, str]) -> str:
+    """The same content as the Markdown, as one HTML page with the PNGs beside it."""
+    esc = html.escape
+    header, rows = trials_table(data)
+    s = data.state
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>Search report: {esc(s['study'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:3px 6px;text-align:right}img{max-width:100%}</style></head><body>",
+        f"<h1>Search report: {esc(s['study'])}</h1><ul>",
+        f"<li>search folder: <code>{esc(str(data.search_dir))}</code></li>",
+        f"<li>space <code>{esc(str(s.get('space')))}</code>, metric <code>{esc(data.metric)}"
+        f"</code> ({esc(data.mode)}), status {esc(str(s.get('status', '?')))}</li>",
+        f"<li>MLflow: <code>{esc(data.tracking_uri)}</code>, experiment "
+        f"{esc(str(s['experiment_id']))}, parent run <code>{esc(s['parent_run_id'])}</code></li>",
+        f"<li>data: <code>{esc(str(s.get('data_source')))}</code>, fingerprint "
+        f"<code>{esc(str(s.get('data_fingerprint'))[:16])}</code></li></ul>",
+        "<h2>Best trial</h2>",
+    ]
+    parts += [f"<p>{esc(line).replace('**', '')}</p>" for line in _best_lines(data) if line]
+    parts.append("<h2>Trials</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header))
+    for row in rows:
+        parts.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>")
+    parts.append("</table><h2>Parameter importances</h2>")
+    parts.append(f"<p>{esc(data.importance_note)}.</p>")
+    for key, title in (
+        ("importances", "Parameter importances"),
+        ("history", "Optimisation history"),
+        ("parallel", "Parallel coordinates"),
+        ("learning_curves", "Learning curves (validation, per epoch)"),
+    ):
+        if key in plots:
+            if key != "importances":
+                parts.append(f"<h2>{esc(title)}</h2>")
+            parts.append(f"<img src='{esc(plots[key])}' alt='{esc(title)}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    data: SearchData, out_dir: Path, fmt: str = "md", log_to_mlflow: bool = True
+) -> dict[str, Any]:
+    """Write the report files; log them to the parent run. Returns {name: path, ...}."""
+    if fmt not in ("md", "html"):
+        raise ValueError(f"--format must be md or html, got {fmt!r}")
+    out_dir = Path(out_dir)
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
+    for key, draw in (
+        ("importances", plot_importances),
+        ("history", plot_history),
+        ("parallel", plot_parallel),
+        ("learning_curves", plot_learning_curves),
+    ):
+        written = draw(data, plot_dir / f"{key}.png")
+        if written is not None:
+            plots[key] = f"plots/{key}.png"
+    report = out_dir / f"report.{fmt}"
+    report.write_text(render_markdown(data, plots) if fmt == "md" else render_html(data, plots))
+    csv_path = write_csv(data, out_dir / "trials.csv")
+    best = data.best()
+    summary = {
+        "study": data.state["study"],
+        "search_dir": str(data.search_dir),
+        "metric": data.metric,
+        "mode": data.mode,
+        "best_trial": best.trial_id if best else None,
+        "best_value": best.best_value if best else None,
+        "trials": [
+            {
+                "trial_id": t.trial_id,
+                "run_id": t.run_id,
+                "state": t.state,
+                "best_value": t.best_value,
+                "seconds": t.seconds,
+                "params": t.params,
+                "metrics": t.metrics,
+                "curves": {k: [list(p) for p in v] for k, v in t.curves.items()},
+            }
+            for t in data.trials
+        ],
+        "importances": data.importances,
+        "importance_note": data.importance_note,
+        "plots": plots,
+    }
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    files = {"report": str(report), "csv": str(csv_path), "json": str(out_dir / "report.json")}
+    files.update({k: str(out_dir / v) for k, v in plots.items()})
+    if log_to_mlflow:
+        files["mlflow"] = _log_to_parent(data, out_dir)
+    return files
+
+
+def _log_to_parent(data: SearchData, out_dir: Path) -> str:
+    """Attach the report to the search's parent run (artifact folder ``report/``)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from analysis.model_source import proxied_local_path
+
+    client = MlflowClient(data.tracking_uri)
+    run_id = data.state["parent_run_id"]
+    run = client.get_run(run_id)
+    artifact_uri = run.info.artifact_uri or ""
+    local = proxied_local_path(artifact_uri, data.tracking_uri)
+    if local is not None:
+        # The search ran its own server with proxied artifacts: write straight into its store.
+        shutil.copytree(out_dir, local / "report", dirs_exist_ok=True)
+        return f"{artifact_uri}/report"
+    client.log_artifacts(run_id, str(out_dir), artifact_path="report")
+    return f"{artifact_uri}/report"

@@ -1,0 +1,122 @@
+"""`leadtune export`: the folder loads with torch alone and reproduces the model; the card is right."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from delivery_fixtures import delivery_env
+
+from analysis.export import ExportError, export_model
+from analysis.model_source import load_model
+from leadtune.cli import main
+from trainables.lead_id import load_model_from_checkpoint
+
+# Runs in a fresh interpreter that can import torch and numpy only: leadtune's packages are
+# made unimportable, so a file that secretly needs them fails here.
+TORCH_ONLY = """
+import sys
+for name in ("trainables", "analysis", "search", "spaces", "leadtune"):
+    sys.modules[name] = None
+import json
+import numpy as np
+import torch
+folder, real = sys.argv[1], sys.argv[2]
+model = torch.jit.load(folder + "/model.torchscript.pt")
+card = json.load(open(folder + "/model_card.json"))
+x = torch.from_numpy(np.load(folder + "/sample_input.npy"))
+with torch.no_grad():
+    sample = (model(x).numpy() - np.load(folder + "/sample_output.npy")).__abs__().max()
+    out = model(torch.from_numpy(np.load(real))).numpy()
+np.save(real + ".out.npy", out)
+print(json.dumps({"sample_diff": float(sample), "leads": card["leads"]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return delivery_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    code = main(
+        ["export", str(env.checkpoint), "--out", str(out), "--cache-dir", str(env.cache_dir)]
+    )
+    assert code == 0
+    return out
+
+
+def test_exported_torchscript_runs_with_torch_alone_and_matches(env, exported, tmp_path):
+    rows = env.dataset.indices("test")[:5]
+    real = np.ascontiguousarray(env.dataset.signals[rows][:, :7])  # 7 of 12 leads: K < M
+    np.save(tmp_path / "real.npy", real)
+    done = subprocess.run(
+        [sys.executable, "-c", TORCH_ONLY, str(exported), str(tmp_path / "real.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["sample_diff"] <= 1e-4
+    model, _, _ = load_model_from_checkpoint(env.checkpoint)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(real)).numpy()
+    got = np.load(tmp_path / "real.npy.out.npy")
+    assert got.shape == (5, 7, 12)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_model_card_records_data_preprocessing_and_verification(env, exported):
+    card = json.loads((exported / "model_card.json").read_text())
+    state = torch.load(env.checkpoint / "checkpoint.pt", weights_only=False)
+    assert card["data"]["fingerprint"] == env.dataset.fingerprint == state["data"]["fingerprint"]
+    assert card["leads"] == list(env.dataset.leads)
+    assert card["sampling_rate_hz"] == 100
+    assert card["config"]["d_model"] == 16 and card["config"]["encoder"] == "cnn"
+    assert card["validation_metrics"]["val_loss"] == pytest.approx(state["metrics"]["val_loss"])
+    pre = card["preprocessing"]
+    manifest_pre = env.dataset.manifest["settings"]["preprocess"]
+    assert {k: pre[k] for k in manifest_pre} == manifest_pre
+    assert "manifest" in pre["origin"] and str(env.dataset.path) in pre["origin"]
+    assert card["input"]["shape"] == ["B", "K", "T"] and card["input"]["units"] == "mV"
+    verification = card["verification"]
+    assert verification["passed"] is True
+    torchscript = verification["formats"]["torchscript"]
+    assert torchscript["max_abs_diff"] <= verification["tolerance"] == 1e-4
+    assert [s["shape"][1] for s in torchscript["shapes"]] == [12, 6]
+    onnx = verification["formats"]["onnx"]
+    if onnx["file"]:
+        assert (exported / onnx["file"]).stat().st_size > 0
+    else:
+        assert onnx["skipped"]  # a clear reason, e.g. the onnx package missing
+    markdown = (exported / "MODEL_CARD.md").read_text()
+    assert "torch.jit.load" in markdown and "mV" in markdown and env.dataset.fingerprint in markdown
+
+
+def test_export_from_registry_carries_test_metrics(env, tmp_path):
+    loaded = load_model(f"models:/lead-id/{env.version}", env.tracking_uri, env.cache_dir)
+    card = export_model(loaded, tmp_path, onnx=False)
+    assert card["origin"]["registered_model"] == "lead-id"
+    assert card["test_metrics"]["test_lead_accuracy"] >= 0
+    assert card["test_metrics"]["test_records"] == 66
+    assert card["verification"]["formats"]["onnx"]["skipped"]
+    reloaded = torch.jit.load(str(tmp_path / "model.torchscript.pt"))
+    x = torch.from_numpy(np.load(tmp_path / "sample_input.npy"))
+    direct, _, _ = load_model_from_checkpoint(env.checkpoint)
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(x).numpy(), direct(x).numpy(), atol=1e-4)
+
+
+def test_export_fails_when_outputs_differ_beyond_tolerance(env, tmp_path):
+    loaded = load_model(env.checkpoint)
+    with pytest.raises(ExportError, match="differs from the original"):
+        export_model(loaded, tmp_path, tolerance=-1.0, onnx=False)
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["verification"]["passed"] is False
