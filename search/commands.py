@@ -8,15 +8,6 @@ from pathlib import Path
 from typing import Any
 
 
-def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    from trainables.commands import default_source
-
-    group = parser.add_argument_group("data")
-    group.add_argument("--source", default=default_source(), help="PTB-XL folder (PhysioNet layout)")
-    group.add_argument("--cache-dir", default=None, help="dataset cache root (default ~/.cache/leadtune)")
-    group.add_argument("--limit", type=int, default=None, help="use only the first N records")
-
-
 def _parse_set(values: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in values or []:
@@ -188,7 +179,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--no-promote", action="store_true", help="skip test evaluation and registration")
     search.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a trial setting, e.g. --set max_train_records=200")
     search.add_argument("--json", default=None, help="also write the outcome as JSON to this file")
-    _add_data_flags(search)
+    from trainables.commands import add_data_arguments
+
+    add_data_arguments(search)
     search.set_defaults(func=run_search_command)
 
     promote = subparsers.add_parser(
