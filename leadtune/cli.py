@@ -16,7 +16,8 @@ from leadtune import __version__
 COMMAND_MODULES = (
     "trainables.data.commands",  # leadtune data prepare|summary
     "trainables.models.commands",  # leadtune models
-    "trainables.commands",  # leadtune train, leadtune bench
+    "trainables.commands",  # leadtune train
+    "trainables.bench",  # leadtune bench
     "search.commands",  # leadtune search, leadtune promote
     "analysis.commands",  # leadtune report, evaluate, export, label
 )
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if argv is None:
+        from trainables import runtime
+
+        # glibc reads its allocator settings at start-up: heavy commands restart once with them.
+        if runtime.should_reexec(args.command):
+            runtime.reexec_with_allocator_settings(sys.argv[1:])
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -304,12 +304,15 @@ def _run(
     )
 
     if not ray.is_initialized():
+        from trainables.runtime import ray_runtime_env
+
         ray.init(
             address=settings.address,
             include_dashboard=False,
             configure_logging=True,
             logging_level="WARNING",
             log_to_driver=False,
+            runtime_env=ray_runtime_env(settings.gpus_per_trial),  # allocator env, GPU share
         )
     trainable = tune.with_resources(
         tune.with_parameters(_trial_entry, data=data, trainable_name=space.trainable),

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from analysis import metrics
 from trainables.data.leads import LEADS
 from trainables.lead_id_config import LEAD_SETS, LIMB, PRECORDIAL, LeadIdConfig  # noqa: F401
-from trainables.models import create_model
+from trainables.models import ModelConfig, create_model
+from trainables.runtime import apply_gpu_memory_fraction
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -163,23 +164,45 @@ def iterate_batches(
         yield np.sort(order[start : start + batch_size])
 
 
+def device_batches(
+    n: int, batch_size: int, rng: np.random.Generator, device: torch.device
+) -> list[torch.Tensor]:
+    """The batches of :func:`iterate_batches` (same RNG draws, same order) as index tensors on
+    ``device``: one host-to-device copy per epoch instead of one per batch."""
+    batches = list(iterate_batches(n, batch_size, rng))
+    if not batches:
+        return []
+    indices = torch.from_numpy(np.concatenate(batches)).to(device, non_blocking=True)
+    return list(indices.split([len(batch) for batch in batches]))
+
+
 @torch.no_grad()
 def predict_log_probs(
     model: torch.nn.Module,
-    signals: np.ndarray,
+    signals: np.ndarray | torch.Tensor,
     device: torch.device,
     batch_size: int = 64,
     amp: bool = False,
 ) -> np.ndarray:
-    """Log-probabilities (N, K, M) for signals (N, K, T) in the given lead order."""
+    """Log-probabilities (N, K, M) for signals (N, K, T) in the given lead order.
+
+    ``signals`` may be a tensor already on ``device`` (the data-on-device path): batches are then
+    slices of it, and the results come back to the host in one copy at the end.
+    """
     model.eval()
     chunks = []
-    for idx in iterate_batches(len(signals), batch_size, None):
-        x = torch.from_numpy(np.ascontiguousarray(signals[idx])).to(device, non_blocking=True)
+    for start in range(0, len(signals), batch_size):
+        if isinstance(signals, torch.Tensor):
+            x = signals[start : start + batch_size]
+        else:
+            batch = np.ascontiguousarray(signals[start : start + batch_size])
+            x = torch.from_numpy(batch).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-        chunks.append(torch.log_softmax(logits.float(), dim=-1).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, signals.shape[1], 0), np.float32)
+        chunks.append(torch.log_softmax(logits.float(), dim=-1))
+    if not chunks:
+        return np.zeros((0, signals.shape[1], 0), np.float32)
+    return torch.cat(chunks).cpu().numpy()
 
 
 def validation_metrics(log_probs: np.ndarray, loss_weight: np.ndarray) -> dict[str, float]:
@@ -237,6 +260,8 @@ def train_lead_id(
     data: LeadIdData | None = None,
     reporter: Reporter | None = None,
     progress: bool = False,
+    data_on_device: bool | None = None,
+    build_model: Callable[[ModelConfig], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train one lead-identification model; report metrics and a checkpoint every epoch.
 
@@ -244,6 +269,11 @@ def train_lead_id(
     Resumes from ``reporter.latest_checkpoint()`` when there is one, continuing exactly where
     the interrupted run stopped (model, optimiser, scheduler, RNG states, epoch).
     ``progress`` shows a per-batch progress bar (for interactive runs, not for Tune trials).
+
+    ``data_on_device`` keeps both splits on the training device as tensors and cuts every batch
+    there with an index tensor, so a GPU never waits for host copies (None: on CUDA only; on
+    CPU it gives the same batches and results through the other code path). ``build_model``
+    replaces :func:`create_model` (``leadtune bench --accuracy`` passes the plain rendering).
     """
     cfg = LeadIdConfig.from_dict(config)
     if data is None:
@@ -253,6 +283,10 @@ def train_lead_id(
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg)
     amp = cfg.amp and device.type == "cuda"
+    on_device = device.type == "cuda" if data_on_device is None else data_on_device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat: let cuDNN pick its kernels
+        apply_gpu_memory_fraction(device)
 
     torch.manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
@@ -268,8 +302,13 @@ def train_lead_id(
         [1.0 if cfg.loss_leads is None or lead in cfg.loss_leads else 0.0 for lead in cfg.leads]
     )
     loss_weight = torch.tensor(loss_weight_np, dtype=torch.float32, device=device)
+    val_signals: np.ndarray | torch.Tensor = val
+    if on_device:
+        # The whole split lives on the device once; each batch is an index_select there.
+        train_signals = torch.from_numpy(np.ascontiguousarray(train[:, columns])).to(device)
+        val_signals = torch.from_numpy(val).to(device)
 
-    model = create_model(cfg.model_config()).to(device)
+    model = (build_model or create_model)(cfg.model_config()).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -294,8 +333,13 @@ def train_lead_id(
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         model.train()
-        total_loss, total_n = 0.0, 0
-        batches = iterate_batches(len(train), cfg.batch_size, np_rng)
+        # Summed on the device in float64 (the same sums as Python floats): no sync per step.
+        total_loss, total_n = torch.zeros((), dtype=torch.float64, device=device), 0
+        batches: Any
+        if on_device:
+            batches = device_batches(len(train), cfg.batch_size, np_rng, device)
+        else:
+            batches = iterate_batches(len(train), cfg.batch_size, np_rng)
         if progress:
             from tqdm import tqdm
 
@@ -303,7 +347,10 @@ def train_lead_id(
                 batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False
             )
         for idx in batches:
-            x = torch.from_numpy(train[idx][:, columns]).to(device, non_blocking=True)
+            if on_device:
+                x = train_signals.index_select(0, idx)
+            else:
+                x = torch.from_numpy(train[idx][:, columns]).to(device, non_blocking=True)
             x, labels = augment_batch(x, cfg, generator)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
@@ -312,16 +359,17 @@ def train_lead_id(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += float(loss.detach()) * len(idx)
+            total_loss += loss.detach().double() * len(idx)
             total_n += len(idx)
+        train_loss = float(total_loss) / total_n
         train_seconds = time.perf_counter() - started
 
         log_probs = predict_log_probs(
-            model, val, device, batch_size=max(cfg.batch_size, 64), amp=amp
+            model, val_signals, device, batch_size=max(cfg.batch_size, 64), amp=amp
         )
         last = {
             "epoch": epoch + 1,
-            "train_loss": total_loss / total_n,
+            "train_loss": train_loss,
             **validation_metrics(log_probs, loss_weight_np),
             "lr": scheduler.get_last_lr()[0],
             "epoch_seconds": time.perf_counter() - started,

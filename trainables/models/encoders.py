@@ -24,6 +24,10 @@ already hold 75,592 parameters (+9.8 %), so its second block has narrower bottle
 
 ``ModelConfig.width`` scales every encoder's channels and GRU hidden size (1.0 = the sizes
 above); small widths make smoke searches and tests fast.
+
+The Inception blocks compute in channels-last layout with fused branches (see InceptionBlock):
+the same function and parameters as the direct rendering in ``plain_reference.py``, faster on a
+CPU; ``leadtune bench`` measures the difference.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.models.registry import register_encoder
@@ -82,12 +87,167 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Se
     )
 
 
+class BatchNormReLUConcat(torch.autograd.Function):
+    """Training-mode BatchNorm + ReLU of ``(M, c_i)`` pre-activations, concatenated to ``(M, sum c_i)``.
+
+    The same function as BatchNorm1d on batch statistics followed by ReLU, for activations in
+    channels-last layout (one row per lead and time step). The forward pass is PyTorch's own
+    channels-last BatchNorm, with the ReLU writing each branch straight into its slice of the
+    output (no separate concatenation pass). The backward pass is ours: PyTorch's channels-last
+    backward sums each channel sequentially in float32 over all ``M`` rows (456,000 for the
+    reference batch), and its weight and bias gradients drift by up to 1 % from the float64 truth;
+    here the per-channel sums are cascaded ``torch.sum`` reductions, as precise as the
+    (N, C, T) kernel's.
+
+    ``forward(eps, momentum, n_parts, *parts, weight, bias, running_mean, running_var)``; the
+    running statistics are updated in place, as ``F.batch_norm`` does.
+    """
+
+    @staticmethod
+    def forward(ctx, eps: float, momentum: float, n_parts: int, *tensors: Tensor):  # type: ignore[override]
+        parts = tensors[:n_parts]
+        weight, bias, running_mean, running_var = tensors[n_parts:]
+        out = parts[0].new_empty(parts[0].shape[0], sum(part.shape[1] for part in parts))
+        means, rstds, start = [], [], 0
+        for part in parts:
+            stop = start + part.shape[1]
+            # One channel: the same numbers as one long (1, 1, M) sequence, for which PyTorch's
+            # contiguous kernel is several times faster than its channels-last one.
+            normalised, mean, rstd = torch.native_batch_norm(
+                part.view(1, 1, -1) if part.shape[1] == 1 else part,
+                weight[start:stop],
+                bias[start:stop],
+                running_mean[start:stop],
+                running_var[start:stop],
+                True,
+                momentum,
+                eps,
+            )
+            torch.clamp_min(normalised.view_as(part), 0, out=out[:, start:stop])
+            means.append(mean)
+            rstds.append(rstd)
+            start = stop
+        ctx.save_for_backward(out, torch.cat(means), torch.cat(rstds), weight, *parts)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        out, mean, rstd, weight, *parts = ctx.saved_tensors
+        rows = out.shape[0]
+        grad_parts, grad_weight, grad_bias, start = [], [], [], 0
+        for part in parts:
+            stop = start + part.shape[1]
+            grad_y = torch.ops.aten.threshold_backward(
+                grad_out[:, start:stop], out[:, start:stop], 0
+            )
+            centered = part - mean[start:stop]
+            sum_grad = grad_y.sum(0, dtype=mean.dtype)
+            sum_grad_centered = (grad_y * centered).sum(0, dtype=mean.dtype)
+            channel_rstd = rstd[start:stop]
+            scale = weight[start:stop] * channel_rstd
+            slope = scale * channel_rstd * channel_rstd * sum_grad_centered / rows
+            grad_part = torch.addcmul(-scale * sum_grad / rows, grad_y, scale)
+            grad_parts.append(grad_part.addcmul_(centered, slope, value=-1).to(part.dtype))
+            grad_weight.append(sum_grad_centered * channel_rstd)
+            grad_bias.append(sum_grad)
+            start = stop
+        return (
+            None,
+            None,
+            None,
+            *grad_parts,
+            torch.cat(grad_weight).to(weight.dtype),
+            torch.cat(grad_bias).to(weight.dtype),
+            None,
+            None,
+        )
+
+
+def batch_norm_relu(parts: list[Tensor], norms: list[nn.BatchNorm1d]) -> Tensor:
+    """ReLU(BatchNorm(concatenation of ``parts``)) with the channels of ``norms`` in order.
+
+    ``parts`` are ``(M, c_i)`` channels-last pre-activations. In training mode the batch
+    statistics are used and every module's running statistics and batch count are updated
+    exactly as ``nn.BatchNorm1d`` would; in eval mode the running statistics are used.
+    """
+    first = norms[0]
+    weight = torch.cat([norm.weight for norm in norms])
+    bias = torch.cat([norm.bias for norm in norms])
+    running_mean = torch.cat([norm.running_mean for norm in norms])
+    running_var = torch.cat([norm.running_var for norm in norms])
+    if not first.training:
+        scale = weight * (running_var + first.eps).rsqrt()
+        return torch.addcmul(bias - running_mean * scale, torch.cat(parts, dim=1), scale).relu_()
+    for norm in norms:
+        norm.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(first.num_batches_tracked) if first.momentum is None else first.momentum
+    out = BatchNormReLUConcat.apply(
+        first.eps, momentum, len(parts), *parts, weight, bias, running_mean, running_var
+    )
+    with torch.no_grad():
+        start = 0
+        for norm in norms:
+            stop = start + norm.num_features
+            norm.running_mean.copy_(running_mean[start:stop])
+            norm.running_var.copy_(running_var[start:stop])
+            start = stop
+    return out
+
+
+def folded_linear(conv: nn.Conv1d, norm: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
+    """Weight ``(out, in * k)`` and bias of ``conv`` followed by ``norm`` on running statistics.
+
+    For eval mode: BatchNorm with fixed statistics is a per-channel affine map, so it folds into
+    the convolution before it (equal up to float rounding).
+    """
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    weight = conv.weight.flatten(1) * scale[:, None]
+    return weight, (conv.bias - norm.running_mean) * scale + norm.bias
+
+
+def as_channels_last_4d(rows: Tensor, batch: int) -> Tensor:
+    """``(N * T, C)`` rows -> the same memory as an ``(N, C, 1, T)`` channels-last tensor."""
+    return rows.view(batch, -1, rows.shape[1]).permute(0, 2, 1).unsqueeze(2)
+
+
+def rows_of(channels_last: Tensor) -> Tensor:
+    """``(N, C, 1, T)`` channels-last tensor -> ``(N * T, C)`` rows (a view when contiguous)."""
+    return channels_last.permute(0, 2, 3, 1).reshape(-1, channels_last.shape[1])
+
+
+def max_pool_time(x: Tensor, kernel_size: int, stride: int, padding: int = 0) -> Tensor:
+    """MaxPool1d over the time axis of an ``(N, T, C)`` tensor, returning ``(N, T', C)``.
+
+    Runs as a channels-last 2D pooling: vectorised over channels, and its indices cost a few
+    percent of the (N, C, T) kernel's (which dominated the reference's encoder time).
+    """
+    batch, steps, channels = x.shape
+    if kernel_size == stride and padding == 0 and not (x.requires_grad and torch.is_grad_enabled()):
+        # Inference: no indices to keep, and a reduction over windows is faster still.
+        windows = steps // stride
+        return x[:, : windows * stride].view(batch, windows, stride, channels).amax(dim=2)
+    pooled = F.max_pool2d(
+        x.permute(0, 2, 1).unsqueeze(2), (1, kernel_size), (1, stride), (0, padding)
+    )
+    return pooled.squeeze(2).permute(0, 2, 1)
+
+
 class InceptionBlock(nn.Module):
     """Four parallel branches of ``branch_channels`` each, concatenated on the channel axis.
 
     Branches: 1x1 conv; 1x1 bottleneck -> k5 conv; 1x1 bottleneck -> k11 conv;
     MaxPool(3, stride 1, padding 1) -> 1x1 conv. Each conv is followed by BatchNorm and ReLU,
     and every branch keeps the time length.
+
+    The modules and parameters are those of that description (so are the state_dict keys), but
+    the computation is restructured for speed, in channels-last ``(N, T, C)`` layout: 1x1 convs
+    are matrix products over ``(N * T, C)`` rows, k5 and k11 are channels-last convs, the
+    pooling keeps cheap channels-last indices, the four branch BatchNorms + ReLUs are one
+    function writing straight into the concatenated output, and in eval mode every BatchNorm is
+    folded into the conv before it. When the block's input is narrow (the first block reads one
+    channel), the four branch convs are a single matrix product over the columns [input, k5 and
+    k11 windows of the bottlenecks, pooled input] with a block-diagonal weight.
+    ``trainables.models.plain_reference`` keeps the direct rendering; tests check the two agree.
     """
 
     def __init__(
@@ -111,17 +271,143 @@ class InceptionBlock(nn.Module):
             conv_bn_relu(in_channels, branch_channels, 1),
         )
         self.out_channels = 4 * branch_channels
+        # One matrix product over [input, bottleneck windows, pooled input] when that is narrow.
+        self.single_product = 2 * in_channels + 16 * bottleneck_channels <= 64
 
     def forward(self, x: Tensor) -> Tensor:
-        branches = (self.pointwise(x), self.kernel5(x), self.kernel11(x), self.pooled(x))
-        return torch.cat(branches, dim=1)
+        """``(N, C, T) -> (N, 4 * branch, T)``."""
+        return self.forward_channels_last(x.transpose(1, 2).contiguous()).transpose(1, 2)
+
+    def forward_channels_last(self, x: Tensor) -> Tensor:
+        """``(N, T, C) -> (N, T, 4 * branch)``, both contiguous."""
+        batch, steps, channels = x.shape
+        rows = x.reshape(batch * steps, channels)
+        bottleneck5 = self._bottleneck(self.kernel5[0], rows)
+        bottleneck11 = self._bottleneck(self.kernel11[0], rows)
+        pooled = rows_of(F.max_pool2d(as_channels_last_4d(rows, batch), (1, 3), (1, 1), (0, 1)))
+        if self.single_product:
+            out = self._single_product(x, bottleneck5, bottleneck11, pooled)
+        else:
+            out = self._branch_products(rows, bottleneck5, bottleneck11, pooled, batch)
+        return out.view(batch, steps, self.out_channels)
+
+    def _convs_and_norms(self) -> tuple[list[nn.Conv1d], list[nn.BatchNorm1d]]:
+        """The four branch-output convs and their BatchNorms, in output-channel order."""
+        layers = (self.pointwise, self.kernel5[1], self.kernel11[1], self.pooled[1])
+        return [layer[0] for layer in layers], [layer[1] for layer in layers]
+
+    def _bottleneck(self, layer: nn.Sequential, rows: Tensor) -> Tensor:
+        """A 1x1 bottleneck conv + BatchNorm + ReLU on ``(M, C)`` rows: ``(M, b)``."""
+        conv, norm = layer[0], layer[1]
+        if self.training:
+            return batch_norm_relu(
+                [torch.addmm(conv.bias, rows, conv.weight.flatten(1).t())], [norm]
+            )
+        weight, bias = folded_linear(conv, norm)
+        return torch.addmm(bias, rows, weight.t()).relu_()
+
+    def _branch_products(
+        self, rows: Tensor, bottleneck5: Tensor, bottleneck11: Tensor, pooled: Tensor, batch: int
+    ) -> Tensor:
+        """Wide input: matrix products for the pointwise and pooled 1x1 convs, channels-last
+        convs for k5 and k11, then one BatchNorm + ReLU pass writing all four branches."""
+        convs, norms = self._convs_and_norms()
+        inputs = (rows, bottleneck5, bottleneck11, pooled)
+        if self.training:
+            weights = [(conv.weight, conv.bias) for conv in convs]
+        else:
+            weights = [
+                (weight.view_as(conv.weight), bias)
+                for conv, (weight, bias) in zip(convs, map(folded_linear, convs, norms))
+            ]
+        parts = []
+        for conv, source, (weight, bias) in zip(convs, inputs, weights):
+            taps = conv.kernel_size[0]
+            if taps == 1:
+                parts.append(torch.addmm(bias, source, weight.flatten(1).t()))
+            else:
+                parts.append(
+                    rows_of(
+                        F.conv2d(
+                            as_channels_last_4d(source, batch),
+                            weight.unsqueeze(2),
+                            bias,
+                            padding=(0, taps // 2),
+                        )
+                    )
+                )
+        if self.training:
+            return batch_norm_relu(parts, norms)
+        return torch.cat(parts, dim=1).relu_()
+
+    def _single_product(
+        self, x: Tensor, bottleneck5: Tensor, bottleneck11: Tensor, pooled: Tensor
+    ) -> Tensor:
+        """Narrow input: every branch conv is one product over the columns
+        ``[input, k5 windows of its bottleneck, k11 windows of its bottleneck, pooled input]``
+        with a block-diagonal weight; the BatchNorm + ReLU that follows covers all branches."""
+        batch, steps, _ = x.shape
+        convs, norms = self._convs_and_norms()
+        columns = torch.cat(
+            [
+                x,
+                time_windows(bottleneck5.view(batch, steps, -1), convs[1].kernel_size[0]),
+                time_windows(bottleneck11.view(batch, steps, -1), convs[2].kernel_size[0]),
+                pooled.view(batch, steps, -1),
+            ],
+            dim=2,
+        ).view(batch * steps, -1)
+        if self.training:
+            weight = torch.block_diag(*[conv.weight.flatten(1) for conv in convs])
+            bias = torch.cat([conv.bias for conv in convs])
+            return batch_norm_relu([torch.addmm(bias, columns, weight.t())], norms)
+        folded = [folded_linear(conv, norm) for conv, norm in zip(convs, norms)]
+        weight = torch.block_diag(*[w for w, _ in folded])
+        bias = torch.cat([b for _, b in folded])
+        return torch.addmm(bias, columns, weight.t()).relu_()
+
+
+def time_windows(x: Tensor, taps: int) -> Tensor:
+    """``(N, T, C) -> (N, T, C * taps)``: the zero-padded 'same' conv window of every time step,
+    ordered like a Conv1d weight flattened to ``(out, C * taps)``."""
+    batch, steps, _ = x.shape
+    padded = F.pad(x, (0, 0, taps // 2, taps // 2))
+    return padded.unfold(1, taps, 1).reshape(batch, steps, -1)
+
+
+class InceptionStack(nn.Sequential):
+    """Inception block 1 -> MaxPool(2) -> block 2 -> MaxPool(2), run in channels-last layout.
+
+    An ``nn.Sequential`` of exactly those four modules (so the state_dict keys are those of the
+    plain stack); ``forward_channels_last`` returns ``(N, T // 4, C)``, the layout the GRU reads,
+    so no transpose is needed between the convolutions and the GRU.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """``(N, 1, T) -> (N, 4 * branch, T // 4)``."""
+        return self.forward_channels_last(x).transpose(1, 2)
+
+    def forward_channels_last(self, x: Tensor) -> Tensor:
+        """``(N, C, T)`` waveforms -> ``(N, T // 4, 4 * branch)`` features."""
+        hidden = x.transpose(1, 2).contiguous()
+        for module in self:
+            if isinstance(module, InceptionBlock):
+                hidden = module.forward_channels_last(hidden)
+            else:
+                hidden = max_pool_time(
+                    hidden, _single(module.kernel_size), _single(module.stride), 0
+                )
+        return hidden
+
+
+def _single(value: int | tuple[int, ...]) -> int:
+    return value if isinstance(value, int) else value[0]
 
 
 def reference_inception_stack(
     width: float = 1.0, bottleneck: int = INCEPTION_BOTTLENECK_CHANNELS
-) -> nn.Sequential:
-    """Inception block 1 (1-channel bottlenecks) -> MaxPool(2) -> block 2 (``bottleneck``-channel
-    bottlenecks, 64 in the reference) -> MaxPool(2).
+) -> InceptionStack:
+    """Inception block 1 (1-channel bottlenecks) -> MaxPool(2) -> block 2 (64) -> MaxPool(2).
 
     ``(N, 1, T) -> (N, 4 * branch, T // 4)``; ``branch`` is 32 at width 1.
     """
@@ -130,7 +416,7 @@ def reference_inception_stack(
     second = InceptionBlock(
         first.out_channels, bottleneck_channels=scaled(bottleneck, width), branch_channels=branch
     )
-    return nn.Sequential(first, nn.MaxPool1d(2), second, nn.MaxPool1d(2))
+    return InceptionStack(first, nn.MaxPool1d(2), second, nn.MaxPool1d(2))
 
 
 class AttentionPooling(nn.Module):
@@ -203,7 +489,7 @@ class InceptionEncoder(nn.Module):
         self.d_model = d_model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.projection(self.features(x).mean(dim=-1))
+        return self.projection(self.features.forward_channels_last(x).mean(dim=1))
 
 
 class GRUEncoder(nn.Module):
@@ -262,7 +548,7 @@ class InceptionGRUEncoder(nn.Module):
         self.d_model = d_model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.projection(self.summary(self.features(x).transpose(1, 2)))
+        return self.projection(self.summary(self.features.forward_channels_last(x)))
 
 
 def conv_pool_stack(layers: tuple[tuple[int, int], ...]) -> nn.Sequential:

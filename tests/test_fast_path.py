@@ -1,0 +1,223 @@
+"""The fast path computes what the plain rendering of the reference computes.
+
+The fast encoder (channels-last, fused Inception branches, its own BatchNorm backward) is
+compared with :mod:`trainables.models.plain_reference` after copying the weights: in float64
+outputs, gradients and BatchNorm statistics agree to rounding; in float32 the outputs agree
+within float32 tolerance. The building blocks are checked against PyTorch's own modules, and the
+data-on-device training path against the host path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import wfdb
+
+from trainables import runtime
+from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
+from trainables.models import ModelConfig, count_parameters, create_model
+from trainables.models.encoders import BatchNormReLUConcat, InceptionBlock, max_pool_time
+from trainables.models.plain_reference import (
+    PlainInceptionBlock,
+    copy_weights,
+    create_plain_model,
+)
+
+SMALL = ModelConfig(d_model=16, width=0.25, depth=1, heads=2)
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ptbxl-sample"
+
+
+def fast_and_plain(config: ModelConfig, dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
+    torch.manual_seed(0)
+    fast = create_model(config).to(dtype)
+    plain = copy_weights(fast, create_plain_model(config).to(dtype))
+    return fast, plain
+
+
+def ecgs(batch: int, samples: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.linspace(0.2, 1.5, 12, dtype=dtype).reshape(1, 12, 1)
+    return scale * torch.randn(batch, 12, samples, generator=generator, dtype=dtype)
+
+
+def test_reference_sizes_have_equal_parameter_counts() -> None:
+    for d_model, expected in ((128, 1_349_076), (64, 582_996)):
+        config = ModelConfig(d_model=d_model)
+        assert count_parameters(create_model(config)) == expected
+        assert count_parameters(create_plain_model(config)) == expected
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_float64_outputs_gradients_and_statistics_equal(training: bool) -> None:
+    fast, plain = fast_and_plain(SMALL, torch.float64)
+    fast.train(training)
+    plain.train(training)
+    x = ecgs(3, 200, torch.float64)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    out_fast, out_plain = fast(x, mask), plain(x, mask)
+    torch.testing.assert_close(out_fast[mask], out_plain[mask], rtol=1e-10, atol=1e-10)
+    weights = torch.randn(
+        out_fast.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    grads_fast = torch.autograd.grad(
+        (out_fast[mask] * weights[mask]).sum(), list(fast.parameters())
+    )
+    grads_plain = torch.autograd.grad(
+        (out_plain[mask] * weights[mask]).sum(), list(plain.parameters())
+    )
+    for (name, _), grad_fast, grad_plain in zip(fast.named_parameters(), grads_fast, grads_plain):
+        # Conv biases right before a BatchNorm have a zero gradient in exact arithmetic; both
+        # give rounding noise there, so those are compared on an absolute scale.
+        torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-7, atol=1e-9, msg=name)
+    assert any(g.abs().max() > 1e-3 for g in grads_plain)  # the comparison could fail
+    for (name, buffer_fast), buffer_plain in zip(fast.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(buffer_fast, buffer_plain, rtol=1e-12, atol=1e-12, msg=name)
+    if training:  # the running statistics moved, and moved alike
+        bn = fast.encoder.features[2].kernel11[0][1]
+        assert bn.num_batches_tracked.item() == 1 and bn.running_mean.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_outputs_equal_within_tolerance(training: bool) -> None:
+    fast, plain = fast_and_plain(
+        ModelConfig(d_model=32, width=0.5, depth=1, heads=4), torch.float32
+    )
+    fast.train(training)
+    plain.train(training)
+    x = ecgs(4, 1000, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_copy_weights_goes_both_ways_and_refuses_other_models() -> None:
+    fast, plain = fast_and_plain(SMALL, torch.float64)
+    other = create_model(SMALL).double()
+    copy_weights(plain, other)
+    x = ecgs(2, 200, torch.float64)
+    fast.eval(), other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), other(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot copy weights"):
+        copy_weights(fast, create_plain_model(SMALL, d_model=8, heads=2))
+    with pytest.raises(ValueError, match="only the reference"):
+        create_plain_model(SMALL, encoder="cnn")
+
+
+def test_inception_block_matches_plain_block_with_ties_and_odd_length() -> None:
+    torch.manual_seed(3)
+    fast = InceptionBlock(12, 6, 4).double()
+    plain = PlainInceptionBlock(12, 6, 4).double()
+    plain.load_state_dict(fast.state_dict())
+    # Rounded, ReLU'd input: many exact ties inside the pooling windows.
+    x = torch.randn(5, 12, 37, dtype=torch.float64).relu().mul(4).round().requires_grad_()
+    out_fast, out_plain = fast(x), plain(x)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(out_plain)
+    (grad_fast,) = torch.autograd.grad((out_fast * weights).sum(), x)
+    (grad_plain,) = torch.autograd.grad((out_plain * weights).sum(), x)
+    torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-9, atol=1e-9)
+
+
+def test_max_pool_time_equals_max_pool1d_including_tie_gradients() -> None:
+    # odd length; ties inside and across windows
+    x = torch.tensor([[[0.0, 2.0, 2.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0]]]).repeat(2, 3, 1)
+    for kernel, stride, padding in ((2, 2, 0), (3, 1, 1)):
+        a = x.clone().requires_grad_()
+        b = x.transpose(1, 2).contiguous().requires_grad_()
+        expected = F.max_pool1d(a, kernel, stride, padding)
+        found = max_pool_time(b, kernel, stride, padding)
+        torch.testing.assert_close(found.transpose(1, 2), expected, rtol=0, atol=0)
+        with torch.no_grad():  # the inference shortcut gives the same values
+            inference = max_pool_time(b.detach(), kernel, stride, padding)
+        torch.testing.assert_close(inference.transpose(1, 2), expected, rtol=0, atol=0)
+        weights = torch.arange(expected.numel(), dtype=torch.float32).reshape(expected.shape)
+        expected.mul(weights).sum().backward()
+        found.transpose(1, 2).mul(weights).sum().backward()
+        torch.testing.assert_close(b.grad.transpose(1, 2), a.grad, rtol=0, atol=0)
+
+
+def test_batch_norm_relu_backward_matches_autograd_in_float64() -> None:
+    generator = torch.Generator().manual_seed(4)
+    parts = [
+        (torch.randn(300, width, generator=generator, dtype=torch.float64) * 2 + 1).requires_grad_()
+        for width in (3, 5)
+    ]
+    weight = torch.rand(8, generator=generator, dtype=torch.float64).add(0.5).requires_grad_()
+    bias = torch.randn(8, generator=generator, dtype=torch.float64).requires_grad_()
+    running_mean, running_var = (
+        torch.zeros(8, dtype=torch.float64),
+        torch.ones(8, dtype=torch.float64),
+    )
+    out = BatchNormReLUConcat.apply(1e-5, 0.1, 2, *parts, weight, bias, running_mean, running_var)
+    reference = F.batch_norm(torch.cat(parts, 1), None, None, weight, bias, True).relu()
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    found = torch.autograd.grad(out, [*parts, weight, bias], grad_out)
+    expected = torch.autograd.grad(reference, [*parts, weight, bias], grad_out)
+    for a, b in zip(found, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    values = torch.cat(parts, 1).detach()
+    torch.testing.assert_close(running_mean, 0.1 * values.mean(0))
+    torch.testing.assert_close(running_var, 0.9 + 0.1 * values.var(0, unbiased=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> LeadIdData:
+    headers = sorted((SAMPLE / "records100").rglob("*_lr.hea"))[:24]
+    signals = np.stack([wfdb.rdsamp(str(h.with_suffix("")))[0].T for h in headers])
+    signals = signals[:, :, :200].astype(np.float32)
+    return LeadIdData(train=signals[:16], val=signals[16:], fs=100, fingerprint="tiny")
+
+
+def test_data_on_device_path_trains_exactly_like_the_host_path(tiny_data, tmp_path) -> None:
+    config = dict(
+        encoder="inception_gru", width=0.125, d_model=16, depth=1, heads=2, batch_size=6,
+        epochs=2, lr=3e-3, device="cpu",
+    )  # fmt: skip
+    histories = []
+    for on_device in (False, True):
+        reporter = LocalReporter(tmp_path / str(on_device))
+        train_lead_id(config, tiny_data, reporter, data_on_device=on_device)
+        histories.append([(m["train_loss"], m["val_loss"]) for m in reporter.history])
+    assert histories[0] == histories[1]
+    assert histories[0][0] != histories[0][1]  # it trained, so equality could have failed
+
+
+def test_training_with_the_plain_model_through_build_model(tiny_data, tmp_path) -> None:
+    config = dict(width=0.125, d_model=16, depth=1, heads=2, batch_size=8, epochs=1, device="cpu")
+    results = []
+    for build in (None, create_plain_model):
+        reporter = LocalReporter(tmp_path / ("plain" if build else "fast"))
+        results.append(train_lead_id(config, tiny_data, reporter, build_model=build))
+    # Same seed, same batches, same weights: float32 rounding is all that differs.
+    assert abs(results[0]["train_loss"] - results[1]["train_loss"]) < 1e-3
+    assert abs(results[0]["val_loss"] - results[1]["val_loss"]) < 1e-3
+
+
+def test_runtime_settings() -> None:
+    assert runtime.ray_runtime_env() == {"env_vars": runtime.ALLOCATOR_ENV}
+    shared = runtime.ray_runtime_env(0.5)["env_vars"]
+    assert shared[runtime.GPU_MEMORY_FRACTION_ENV] == "0.5"
+    assert runtime.GPU_MEMORY_FRACTION_ENV not in runtime.ray_runtime_env(1.0)["env_vars"]
+    tuned = runtime.environment_with_allocator_settings({"PATH": "/bin"})
+    assert runtime.allocator_settings_active(tuned) and tuned["PATH"] == "/bin"
+    assert not runtime.allocator_settings_active(
+        runtime.environment_without_allocator_settings(tuned)
+    )
+    assert runtime.should_reexec("train", {}) == runtime.sys.platform.startswith("linux")
+    assert not runtime.should_reexec("train", tuned)
+    assert not runtime.should_reexec("train", {runtime.NO_REEXEC_ENV: "1"})
+    assert not runtime.should_reexec("models", {})
+
+
+def test_bad_gpu_memory_fraction_is_reported(monkeypatch) -> None:
+    monkeypatch.setenv(runtime.GPU_MEMORY_FRACTION_ENV, "1.5")
+    with pytest.raises(ValueError, match="not a fraction in"):
+        runtime.apply_gpu_memory_fraction("cuda:0")
+    monkeypatch.delenv(runtime.GPU_MEMORY_FRACTION_ENV)
+    assert runtime.apply_gpu_memory_fraction("cuda:0") is None
