@@ -1,1 +1,7 @@
-from leadtune.cli import main; import sys; sys.exit(main())
+"""`python -m leadtune`: the same as the `leadtune` command."""
+
+import sys
+
+from leadtune.cli import main
+
+sys.exit(main())

@@ -3,9 +3,8 @@
 A space is plain Python (see :mod:`spaces.registry`); ``leadtune search --space NAME`` picks one.
 """
 
-from spaces.registry import SPACES, SearchSpace, get_space, register_space
-
 # Importing the modules registers their spaces.
 from spaces import lead_id as _lead_id  # noqa: E402,F401
+from spaces.registry import SPACES, SearchSpace, get_space, register_space
 
 __all__ = ["SPACES", "SearchSpace", "get_space", "register_space"]
