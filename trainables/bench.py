@@ -102,8 +102,11 @@ def worker_main() -> None:
             reply = _serve(request, state)
         except Exception as exc:  # the parent reports it; the worker stays usable
             reply = {"error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+        except BrokenPipeError:  # the parent is gone: nothing left to serve
+            break
         if request.get("op") == "quit":
             break
 
@@ -658,13 +661,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         model_overrides=overrides,
     )
     if args.quick:
-        # A smoke run: one warm-up step and two rounds of a small batch, reference size only.
+        # A smoke run: one warm-up step and three rounds (a median that one outlier cannot
+        # move) of a small batch, reference size only.
         settings = dataclasses.replace(
             settings,
             models=settings.models[:1],
             batch_size=min(settings.batch_size, 8),
             warmup=min(settings.warmup, 1),
-            rounds=min(settings.rounds, 2),
+            rounds=min(settings.rounds, 3),
             measure_epoch=False,
         )
     return settings.validate()
@@ -712,13 +716,13 @@ def run_bench(args: argparse.Namespace) -> int:
             )
             for row in report["epoch_estimates"]:
                 name = VARIANT_NAMES[(row["variant"], row["allocator"])]
-                print(f"  {name:<30} {row['epoch_seconds'] / 60:6.1f} min")
+                print(f"  {name:<30} {_duration(row['epoch_seconds'])}")
             if settings.measure_epoch:
                 report["epochs"] = measure_epochs(data, settings, log)
                 for row in report["epochs"]:
                     print(
                         f"  measured, {row['variant']} ({row['allocator']} malloc): "
-                        f"{row['epoch_seconds'] / 60:.1f} min"
+                        f"{_duration(row['epoch_seconds'])}"
                     )
         if args.accuracy:
             if data is None:
@@ -770,6 +774,10 @@ def print_model(measured: dict[str, Any], settings: BenchSettings) -> None:
             f"{name.replace('_', ' ')} {value:.2f}x" for name, value in measured[key].items()
         )
         print(f"  fast path speed-up ({label}): {text}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:7.1f} s ({seconds / 60:.1f} min)"
 
 
 def _megabytes(value: int | None) -> str:

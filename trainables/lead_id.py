@@ -309,7 +309,12 @@ def train_lead_id(
         val_signals = torch.from_numpy(val).to(device)
 
     model = (build_model or create_model)(cfg.model_config()).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        fused=True if device.type == "cuda" else None,  # one kernel for all parameters on a GPU
+    )
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.lr_min
