@@ -76,7 +76,10 @@ def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path):
         (["train", "--source", "/nonexistent/ptbxl"], "/nonexistent/ptbxl"),
         (["search", "--trials", "0"], "--trials must be at least 1"),
         (["search", "--space", "nope"], "unknown search space 'nope'"),
-        (["train", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+        (
+            ["train", "--config", "/nonexistent.yaml"],
+            "config file /nonexistent.yaml does not exist",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error(argv, message, capsys):

@@ -19,5 +19,7 @@ def test_cluster_image_matches_the_installed_ray_and_has_gpus():
     assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["max_workers"] >= 1 and gpu["min_workers"] == 0
-    assert any("mlflow server" in c and "postgresql://" in c for c in config["head_start_ray_commands"])
+    assert any(
+        "mlflow server" in c and "postgresql://" in c for c in config["head_start_ray_commands"]
+    )
     assert any("pip install" in c and "leadtune" in c for c in config["setup_commands"])

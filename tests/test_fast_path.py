@@ -221,3 +221,27 @@ def test_bad_gpu_memory_fraction_is_reported(monkeypatch) -> None:
         runtime.apply_gpu_memory_fraction("cuda:0")
     monkeypatch.delenv(runtime.GPU_MEMORY_FRACTION_ENV)
     assert runtime.apply_gpu_memory_fraction("cuda:0") is None
+
+
+@pytest.mark.parametrize("steps", [1, 2, 9])
+def test_gru_layers_equal_nn_gru_outputs_and_gradients_in_float64(steps: int) -> None:
+    from trainables.models.recurrent import gru_layers, use_gru_layers
+
+    torch.manual_seed(5)
+    gru = torch.nn.GRU(3, 6, num_layers=2, batch_first=True).double()
+    x = torch.randn(4, steps, 3, dtype=torch.float64, requires_grad=True)
+    assert use_gru_layers(gru, x)
+    expected = gru(x)[0]
+    found = gru_layers(gru, x).transpose(0, 1)
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(expected.shape, dtype=torch.float64)
+    inputs = [x, *gru.parameters()]
+    grads_expected = torch.autograd.grad((expected * weights).sum(), inputs)
+    grads_found = torch.autograd.grad((found * weights).sum(), inputs)
+    for grad_found, grad_expected in zip(grads_found, grads_expected):
+        torch.testing.assert_close(grad_found, grad_expected, rtol=1e-10, atol=1e-12)
+    # the comparison could fail (with one step, W_hh meets only the zero initial state)
+    assert all(g.abs().max() > 1e-3 for g in grads_expected if steps > 1 or g.shape != (18, 6))
+    with torch.no_grad():  # inference keeps nn.GRU (exportable); so does eval mode
+        assert not use_gru_layers(gru, x)
+    assert not use_gru_layers(gru.eval(), x)
