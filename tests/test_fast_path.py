@@ -9,6 +9,7 @@ data-on-device training path against the host path.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import wfdb
 
 from trainables import runtime
 from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
-from trainables.models import ModelConfig, count_parameters, create_model
+from trainables.models import ModelConfig, count_parameters, create_model, kernels
 from trainables.models.encoders import BatchNormReLUConcat, InceptionBlock, max_pool_time
 from trainables.models.plain_reference import (
     PlainInceptionBlock,
@@ -223,10 +224,15 @@ def test_bad_gpu_memory_fraction_is_reported(monkeypatch) -> None:
     assert runtime.apply_gpu_memory_fraction("cuda:0") is None
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
 @pytest.mark.parametrize("steps", [1, 2, 9])
-def test_gru_layers_equal_nn_gru_outputs_and_gradients_in_float64(steps: int) -> None:
+def test_gru_layers_equal_nn_gru_outputs_and_gradients_in_float64(
+    steps: int, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from trainables.models.recurrent import gru_layers, use_gru_layers
 
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
+    assert (kernels.load() is not None) == fused
     torch.manual_seed(5)
     gru = torch.nn.GRU(3, 6, num_layers=2, batch_first=True).double()
     x = torch.randn(4, steps, 3, dtype=torch.float64, requires_grad=True)
@@ -245,3 +251,10 @@ def test_gru_layers_equal_nn_gru_outputs_and_gradients_in_float64(steps: int) ->
     with torch.no_grad():  # inference keeps nn.GRU (exportable); so does eval mode
         assert not use_gru_layers(gru, x)
     assert not use_gru_layers(gru.eval(), x)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++")
+def test_fused_kernels_build_where_a_compiler_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without this, a broken build would only show as a warning and the slower fallback.
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1")
+    assert kernels.load() is not None, kernels.failure()

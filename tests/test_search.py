@@ -30,9 +30,11 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def search_args(root: Path, cache: Path, *extra: str, trials: int = 6) -> list[str]:
+def search_args(
+    root: Path, cache: Path, *extra: str, trials: int = 6, epochs: int = 2
+) -> list[str]:
     return [
-        "search", "--space", "smoke", "--trials", str(trials), "--epochs", "2",
+        "search", "--space", "smoke", "--trials", str(trials), "--epochs", str(epochs),
         "--max-concurrent", "2", "--tracking-uri", f"sqlite:///{root}/mlflow.db",
         "--storage-path", str(root / "ray"), "--source", str(SAMPLE),
         "--cache-dir", str(cache), *extra,
@@ -105,7 +107,9 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None, **kwargs) -> su
 
 
 def test_sigint_then_resume_finishes_without_losing_or_duplicating(tmp_path, cache_dir):
-    proc = _run_cli(search_args(tmp_path, cache_dir, "--no-promote", trials=4))
+    # Four epochs per trial: after the first checkpoint there is work left for many seconds, so
+    # the interrupt cannot arrive after a fast search has already finished.
+    proc = _run_cli(search_args(tmp_path, cache_dir, "--no-promote", trials=4, epochs=4))
     # interrupt once at least one trial has reported an epoch
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -120,7 +124,9 @@ def test_sigint_then_resume_finishes_without_losing_or_duplicating(tmp_path, cac
     before = {r.data.tags[TRIAL_TAG]: r for r in child_runs(tmp_path)[2]}
     done_before = {t for t, r in before.items() if r.data.tags[STATE_TAG] == "completed"}
 
-    resumed = _run_cli(search_args(tmp_path, cache_dir, "--no-promote", "--resume", trials=4))
+    resumed = _run_cli(
+        search_args(tmp_path, cache_dir, "--no-promote", "--resume", trials=4, epochs=4)
+    )
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     client, parents, children = child_runs(tmp_path)

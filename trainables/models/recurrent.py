@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from trainables.models import kernels
+
 
 class GRULayer(torch.autograd.Function):
     """One unidirectional GRU layer over a time-major ``(T, N, C)`` input from a zero state.
@@ -42,28 +44,11 @@ class GRULayer(torch.autograd.Function):
         states = x.new_empty(steps, batch, hidden)
         reset_update = x.new_empty(steps, batch, 2 * hidden)  # sigmoid gates r, z
         candidate = x.new_empty(steps, batch, hidden)  # n
-        difference = x.new_empty(batch, hidden)
-        w_rz_t = w_hh[: 2 * hidden].t()
-        w_n_t = w_hh[2 * hidden :].t()
-        for step in range(steps):
-            pre_gates = projected[step, :, : 2 * hidden]
-            previous = states[step - 1] if step > 0 else None
-            if previous is not None:  # the initial state is zero: nothing to add
-                pre_gates.addmm_(previous, w_rz_t)
-                recurrent[step].addmm_(previous, w_n_t)
-            gates = torch.sigmoid(pre_gates, out=reset_update[step])
-            new = torch.addcmul(
-                projected[step, :, 2 * hidden :],
-                gates[:, :hidden],
-                recurrent[step],
-                out=candidate[step],
-            )
-            new.tanh_()
-            if previous is not None:
-                torch.sub(previous, new, out=difference)
-                torch.addcmul(new, gates[:, hidden:], difference, out=states[step])
-            else:  # h = n - z * n
-                torch.addcmul(new, gates[:, hidden:], new, value=-1, out=states[step])
+        fused = kernels.load() if x.dtype in (torch.float32, torch.float64) else None
+        if fused is not None:
+            fused.gru_forward(projected, recurrent, w_hh, states, reset_update, candidate)
+        else:
+            _forward_steps(projected, recurrent, w_hh, states, reset_update, candidate)
         ctx.save_for_backward(x, w_ih, w_hh, states, recurrent, reset_update, candidate)
         return states
 
@@ -76,38 +61,18 @@ class GRULayer(torch.autograd.Function):
         # They differ only in the candidate block, where the recurrent one is scaled by r.
         grad_recurrent = x.new_empty(steps, batch, 3 * hidden)
         grad_input_candidate = x.new_empty(steps, batch, hidden)
-        grad_gates = x.new_empty(batch, 2 * hidden)  # dL/dr, dL/dz of one step
-        grad_reset, grad_update = grad_gates[:, :hidden], grad_gates[:, hidden:]
-        grad_candidate_out = x.new_empty(batch, hidden)
-        carries = (x.new_empty(batch, hidden), x.new_empty(batch, hidden))
-        sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
-        tanh_backward = torch.ops.aten.tanh_backward.grad_input
-        grad_state = grad_states[steps - 1]  # dL/dh of the step being walked
-        for step in range(steps - 1, -1, -1):
-            update = reset_update[step, :, hidden:]
-            reset = reset_update[step, :, :hidden]
-            new = candidate[step]
-            grads = grad_recurrent[step]
-            grad_candidate = grad_input_candidate[step]
-            # h = n + z * (h_prev - n): dL/dz = dh * (h_prev - n), dL/dn = dh * (1 - z).
-            if step > 0:
-                torch.sub(states[step - 1], new, out=grad_update)
-                grad_update.mul_(grad_state)
-            else:  # the initial state is zero
-                torch.mul(new, grad_state, out=grad_update).neg_()
-            torch.addcmul(grad_state, grad_state, update, value=-1, out=grad_candidate_out)
-            tanh_backward(grad_candidate_out, new, grad_input=grad_candidate)
-            # n = tanh(a_n + r * (W_hn h + b_hn)): dL/dr = dn_pre * (W_hn h + b_hn).
-            torch.mul(grad_candidate, recurrent[step], out=grad_reset)
-            sigmoid_backward(grad_gates, reset_update[step], grad_input=grads[:, : 2 * hidden])
-            torch.mul(grad_candidate, reset, out=grads[:, 2 * hidden :])
-            if step == 0:
-                break
-            # dL/dh_prev: the direct path through z * h_prev, the next output's own gradient,
-            # and the path through W_hh.
-            carry = carries[step % 2]  # not the buffer grad_state may live in
-            torch.addcmul(grad_states[step - 1], grad_state, update, out=carry)
-            grad_state = carry.addmm_(grads, w_hh)
+        grad_states = grad_states.contiguous()
+        fused = kernels.load() if x.dtype in (torch.float32, torch.float64) else None
+        if fused is not None:
+            fused.gru_backward(
+                grad_states, states, recurrent, reset_update, candidate, w_hh,
+                grad_recurrent, grad_input_candidate,
+            )  # fmt: skip
+        else:
+            _backward_steps(
+                grad_states, states, recurrent, reset_update, candidate, w_hh,
+                grad_recurrent, grad_input_candidate,
+            )  # fmt: skip
         grad_x = grad_w_ih = grad_w_hh = grad_b_ih = grad_b_hh = None
         rows_recurrent = grad_recurrent.view(steps * batch, 3 * hidden)
         if ctx.needs_input_grad[2] and steps > 1:
@@ -130,6 +95,87 @@ class GRULayer(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (rows_projected @ w_ih).view(steps, batch, features)
         return grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+def _forward_steps(
+    projected: Tensor,
+    recurrent: Tensor,
+    w_hh: Tensor,
+    states: Tensor,
+    reset_update: Tensor,
+    candidate: Tensor,
+) -> None:
+    """The forward time loop in PyTorch ops (what the fused kernel ``gru_forward`` does)."""
+    steps, batch, hidden = states.shape
+    difference = states.new_empty(batch, hidden)
+    w_rz_t = w_hh[: 2 * hidden].t()
+    w_n_t = w_hh[2 * hidden :].t()
+    for step in range(steps):
+        pre_gates = projected[step, :, : 2 * hidden]
+        previous = states[step - 1] if step > 0 else None
+        if previous is not None:  # the initial state is zero: nothing to add
+            pre_gates.addmm_(previous, w_rz_t)
+            recurrent[step].addmm_(previous, w_n_t)
+        gates = torch.sigmoid(pre_gates, out=reset_update[step])
+        new = torch.addcmul(
+            projected[step, :, 2 * hidden :],
+            gates[:, :hidden],
+            recurrent[step],
+            out=candidate[step],
+        )
+        new.tanh_()
+        if previous is not None:
+            torch.sub(previous, new, out=difference)
+            torch.addcmul(new, gates[:, hidden:], difference, out=states[step])
+        else:  # h = n - z * n
+            torch.addcmul(new, gates[:, hidden:], new, value=-1, out=states[step])
+
+
+def _backward_steps(
+    grad_states: Tensor,
+    states: Tensor,
+    recurrent: Tensor,
+    reset_update: Tensor,
+    candidate: Tensor,
+    w_hh: Tensor,
+    grad_recurrent: Tensor,
+    grad_input_candidate: Tensor,
+) -> None:
+    """The backward time loop in PyTorch ops (what the fused kernel ``gru_backward`` does)."""
+    steps, batch, hidden = states.shape
+
+    grad_gates = states.new_empty(batch, 2 * hidden)  # dL/dr, dL/dz of one step
+    grad_reset, grad_update = grad_gates[:, :hidden], grad_gates[:, hidden:]
+    grad_candidate_out = states.new_empty(batch, hidden)
+    carries = (states.new_empty(batch, hidden), states.new_empty(batch, hidden))
+    sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
+    tanh_backward = torch.ops.aten.tanh_backward.grad_input
+    grad_state = grad_states[steps - 1]  # dL/dh of the step being walked
+    for step in range(steps - 1, -1, -1):
+        update = reset_update[step, :, hidden:]
+        reset = reset_update[step, :, :hidden]
+        new = candidate[step]
+        grads = grad_recurrent[step]
+        grad_candidate = grad_input_candidate[step]
+        # h = n + z * (h_prev - n): dL/dz = dh * (h_prev - n), dL/dn = dh * (1 - z).
+        if step > 0:
+            torch.sub(states[step - 1], new, out=grad_update)
+            grad_update.mul_(grad_state)
+        else:  # the initial state is zero
+            torch.mul(new, grad_state, out=grad_update).neg_()
+        torch.addcmul(grad_state, grad_state, update, value=-1, out=grad_candidate_out)
+        tanh_backward(grad_candidate_out, new, grad_input=grad_candidate)
+        # n = tanh(a_n + r * (W_hn h + b_hn)): dL/dr = dn_pre * (W_hn h + b_hn).
+        torch.mul(grad_candidate, recurrent[step], out=grad_reset)
+        sigmoid_backward(grad_gates, reset_update[step], grad_input=grads[:, : 2 * hidden])
+        torch.mul(grad_candidate, reset, out=grads[:, 2 * hidden :])
+        if step == 0:
+            break
+        # dL/dh_prev: the direct path through z * h_prev, the next output's own gradient,
+        # and the path through W_hh.
+        carry = carries[step % 2]  # not the buffer grad_state may live in
+        torch.addcmul(grad_states[step - 1], grad_state, update, out=carry)
+        grad_state = carry.addmm_(grads, w_hh)
 
 
 def use_gru_layers(gru: nn.GRU, sequence: Tensor) -> bool:

@@ -1,0 +1,90 @@
+"""leadtune's fused CPU kernels (``csrc/cpu_kernels.cpp``), compiled on first use.
+
+The kernels are built with PyTorch's C++ extension tooling (a C++ compiler and ninja) the first
+time a process needs them, and cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``); later processes load the cached library in well under a second.
+The first build takes about a minute on two cores.
+
+Where they cannot be built (no compiler, say), leadtune warns once and uses the PyTorch code paths
+that compute the same functions, only slower. ``LEADTUNE_KERNELS=0`` skips them on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+DISABLE_VARIABLE = "LEADTUNE_KERNELS"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+_lock = threading.Lock()
+_loaded: ModuleType | None = None
+_failed: str | None = None
+
+
+def enabled() -> bool:
+    """Whether the kernels may be used (``LEADTUNE_KERNELS=0`` turns them off)."""
+    return os.environ.get(DISABLE_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, building them if needed; ``None`` if disabled or unbuildable."""
+    global _loaded, _failed
+    if not enabled():
+        return None
+    if _loaded is not None or _failed is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None and _failed is None:
+            try:
+                _loaded = _build()
+            except Exception as exc:  # no compiler, no ninja, a failed build: fall back
+                last_line = (str(exc).strip().splitlines() or [""])[-1]
+                _failed = f"{type(exc).__name__}: {last_line}"
+                warnings.warn(
+                    f"leadtune: the fused CPU kernels could not be built ({_failed}); using the "
+                    f"slower PyTorch code path. Install a C++ compiler (g++) to get them, or set "
+                    f"{DISABLE_VARIABLE}=0 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _loaded
+
+
+def failure() -> str | None:
+    """Why the last build failed, if it did."""
+    return _failed
+
+
+def _build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    return cpp_extension.load(
+        name="leadtune_cpu_kernels",
+        sources=[str(SOURCE)],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        verbose=os.environ.get("LEADTUNE_KERNELS_VERBOSE") == "1",
+    )
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch runs ``ninja`` from PATH; a virtual environment's own is not there unless the
+    environment is activated, so add the ninja package's folder and the interpreter's."""
+    folders = [str(Path(sys.executable).parent)]
+    try:
+        import ninja
+
+        folders.insert(0, str(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "")
+    missing = [folder for folder in folders if folder not in path.split(os.pathsep)]
+    if missing:
+        os.environ["PATH"] = os.pathsep.join([*missing, path])
