@@ -142,29 +142,66 @@ def test_max_pool_time_equals_max_pool1d_including_tie_gradients() -> None:
         torch.testing.assert_close(b.grad.transpose(1, 2), a.grad, rtol=0, atol=0)
 
 
-def test_batch_norm_relu_backward_matches_autograd_in_float64() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
+@pytest.mark.parametrize(
+    "widths, scale, shift",
+    [((3, 5), 2.0, 1.0), ((8, 16), 2.0, 1.0), ((32, 32, 32, 32), 0.01, 50.0)],
+    ids=["narrow", "wide", "wide-offset"],
+)
+def test_batch_norm_relu_backward_matches_autograd_in_float64(
+    widths: tuple[int, ...], scale: float, shift: float, fused: bool, monkeypatch
+) -> None:
+    # "wide-offset": a mean 5000 standard deviations away from zero, where a one-pass variance
+    # without a shift would cancel.
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
+    assert (kernels.load() is not None) == fused, kernels.failure()
     generator = torch.Generator().manual_seed(4)
     parts = [
-        (torch.randn(300, width, generator=generator, dtype=torch.float64) * 2 + 1).requires_grad_()
-        for width in (3, 5)
+        (
+            torch.randn(300, width, generator=generator, dtype=torch.float64) * scale + shift
+        ).requires_grad_()
+        for width in widths
     ]
-    weight = torch.rand(8, generator=generator, dtype=torch.float64).add(0.5).requires_grad_()
-    bias = torch.randn(8, generator=generator, dtype=torch.float64).requires_grad_()
-    running_mean, running_var = (
-        torch.zeros(8, dtype=torch.float64),
-        torch.ones(8, dtype=torch.float64),
+    channels = sum(widths)
+    weight = torch.rand(channels, generator=generator, dtype=torch.float64).add(0.5)
+    bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    running_mean = torch.zeros(channels, dtype=torch.float64)
+    running_var = torch.ones(channels, dtype=torch.float64)
+    out = BatchNormReLUConcat.apply(
+        1e-5, 0.1, len(parts), *parts, weight, bias, running_mean, running_var
     )
-    out = BatchNormReLUConcat.apply(1e-5, 0.1, 2, *parts, weight, bias, running_mean, running_var)
     reference = F.batch_norm(torch.cat(parts, 1), None, None, weight, bias, True).relu()
-    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+    assert 0.2 < (out > 0).double().mean() < 0.8  # the ReLU mask matters in the gradients
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     found = torch.autograd.grad(out, [*parts, weight, bias], grad_out)
     expected = torch.autograd.grad(reference, [*parts, weight, bias], grad_out)
     for a, b in zip(found, expected):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
     values = torch.cat(parts, 1).detach()
     torch.testing.assert_close(running_mean, 0.1 * values.mean(0))
     torch.testing.assert_close(running_var, 0.9 + 0.1 * values.var(0, unbiased=True))
+
+
+def test_fused_batch_norm_relu_matches_pytorch_in_float32_on_a_large_batch() -> None:
+    if kernels.load() is None:
+        pytest.skip(f"fused kernels unavailable: {kernels.failure()}")
+    generator = torch.Generator().manual_seed(6)
+    parts = [torch.randn(50_000, 32, generator=generator) * 3 + 2 for _ in range(4)]
+    weight, bias = torch.rand(128, generator=generator) + 0.5, torch.randn(128, generator=generator)
+    inputs = [p.requires_grad_() for p in parts]
+    out = BatchNormReLUConcat.apply(
+        1e-5, 0.1, 4, *inputs, weight, bias, torch.zeros(128), torch.ones(128)
+    )
+    reference = F.batch_norm(torch.cat(inputs, 1), None, None, weight, bias, True).relu()
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn(out.shape, generator=generator)
+    found = torch.autograd.grad(out, inputs, grad_out)
+    expected = torch.autograd.grad(reference, inputs, grad_out)
+    for a, b in zip(found, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,14 @@ CPU; ``leadtune bench`` measures the difference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainables.models import kernels
 from trainables.models.recurrent import gru_layers, use_gru_layers
 from trainables.models.registry import register_encoder
 
@@ -109,6 +111,21 @@ class BatchNormReLUConcat(torch.autograd.Function):
         parts = tensors[:n_parts]
         weight, bias, running_mean, running_var = tensors[n_parts:]
         out = parts[0].new_empty(parts[0].shape[0], sum(part.shape[1] for part in parts))
+        fused = _fused_kernels(out, parts)
+        if fused is not None:
+            # One statistics pass over all parts, one pass writing ReLU(BN(x)) into ``out``.
+            parts = tuple(part.contiguous() for part in parts)
+            mean, rstd, variance = fused.batch_norm_relu_forward(
+                list(parts), weight.contiguous(), bias.contiguous(), eps, out
+            )
+            rows = out.shape[0]
+            with torch.no_grad():  # as F.batch_norm updates them: unbiased variance
+                running_mean.lerp_(mean, momentum)
+                running_var.lerp_(
+                    variance * (rows / (rows - 1)) if rows > 1 else variance, momentum
+                )
+            ctx.save_for_backward(out, mean, rstd, weight, *parts)
+            return out
         means, rstds, start = [], [], 0
         for part in parts:
             stop = start + part.shape[1]
@@ -135,7 +152,13 @@ class BatchNormReLUConcat(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         out, mean, rstd, weight, *parts = ctx.saved_tensors
         rows = out.shape[0]
-        grad_parts, grad_weight, grad_bias, start = [], [], [], 0
+        fused = _fused_kernels(out, parts)
+        if fused is not None:  # one pass for the sums, one for the input gradients
+            *grad_parts, grad_weight, grad_bias = fused.batch_norm_relu_backward(
+                grad_out.contiguous(), out, parts, mean, rstd, weight.contiguous()
+            )
+            return (None, None, None, *grad_parts, grad_weight, grad_bias, None, None)
+        grad_parts, grad_weights, grad_biases, start = [], [], [], 0
         for part in parts:
             stop = start + part.shape[1]
             grad_y = torch.ops.aten.threshold_backward(
@@ -149,19 +172,33 @@ class BatchNormReLUConcat(torch.autograd.Function):
             slope = scale * channel_rstd * channel_rstd * sum_grad_centered / rows
             grad_part = torch.addcmul(-scale * sum_grad / rows, grad_y, scale)
             grad_parts.append(grad_part.addcmul_(centered, slope, value=-1).to(part.dtype))
-            grad_weight.append(sum_grad_centered * channel_rstd)
-            grad_bias.append(sum_grad)
+            grad_weights.append(sum_grad_centered * channel_rstd)
+            grad_biases.append(sum_grad)
             start = stop
         return (
             None,
             None,
             None,
             *grad_parts,
-            torch.cat(grad_weight).to(weight.dtype),
-            torch.cat(grad_bias).to(weight.dtype),
+            torch.cat(grad_weights).to(weight.dtype),
+            torch.cat(grad_biases).to(weight.dtype),
             None,
             None,
         )
+
+
+# The fused BatchNorm kernels vectorise over channels; narrower parts (the one-channel
+# bottlenecks of the first block) are faster through PyTorch's own kernels.
+FUSED_MIN_CHANNELS = 8
+
+
+def _fused_kernels(like: Tensor, parts: Sequence[Tensor]):
+    """leadtune's compiled CPU kernels for these BatchNorm parts, or None (PyTorch ops)."""
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(part.shape[1] < FUSED_MIN_CHANNELS or part.dtype != like.dtype for part in parts):
+        return None
+    return kernels.load()
 
 
 def batch_norm_relu(parts: list[Tensor], norms: list[nn.BatchNorm1d]) -> Tensor:
