@@ -21,7 +21,12 @@ import wfdb
 from trainables import runtime
 from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
 from trainables.models import ModelConfig, count_parameters, create_model, kernels
-from trainables.models.encoders import BatchNormReLUConcat, InceptionBlock, max_pool_time
+from trainables.models.encoders import (
+    BatchNormReLUConcat,
+    InceptionBlock,
+    max_pool3_rows,
+    max_pool_time,
+)
 from trainables.models.plain_reference import (
     PlainInceptionBlock,
     copy_weights,
@@ -124,7 +129,10 @@ def test_inception_block_matches_plain_block_with_ties_and_odd_length() -> None:
     torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-9, atol=1e-9)
 
 
-def test_max_pool_time_equals_max_pool1d_including_tie_gradients() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
+def test_max_pool_time_equals_max_pool1d_including_tie_gradients(fused: bool, monkeypatch) -> None:
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
+    assert (kernels.load() is not None) == fused, kernels.failure()
     # odd length; ties inside and across windows
     x = torch.tensor([[[0.0, 2.0, 2.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0]]]).repeat(2, 3, 1)
     for kernel, stride, padding in ((2, 2, 0), (3, 1, 1)):
@@ -140,6 +148,25 @@ def test_max_pool_time_equals_max_pool1d_including_tie_gradients() -> None:
         expected.mul(weights).sum().backward()
         found.transpose(1, 2).mul(weights).sum().backward()
         torch.testing.assert_close(b.grad.transpose(1, 2), a.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
+@pytest.mark.parametrize("steps", [1, 2, 9, 40])
+def test_max_pool3_rows_equal_max_pool1d_including_tie_gradients(
+    steps: int, fused: bool, monkeypatch
+) -> None:
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
+    assert (kernels.load() is not None) == fused, kernels.failure()
+    generator = torch.Generator().manual_seed(7)
+    # Rounded values: many ties, inside windows and at both padded ends.
+    x = torch.randint(0, 3, (3, steps, 5), generator=generator).double().requires_grad_()
+    expected = F.max_pool1d(x.transpose(1, 2), 3, 1, 1).transpose(1, 2)
+    found = max_pool3_rows(x.reshape(-1, 5), 3).view(3, steps, 5)
+    torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    weights = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    (grad_found,) = torch.autograd.grad((found * weights).sum(), x)
+    torch.testing.assert_close(grad_found, grad_expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])

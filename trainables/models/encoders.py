@@ -292,6 +292,9 @@ class PairMax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
+        fused = _fused_kernels(x, ())
+        if fused is not None:  # one pass: read both inputs of a pair, write both gradients
+            return fused.pair_max_backward(grad_out.contiguous(), x.contiguous())
         batch, steps, channels = x.shape
         windows = steps // 2
         pairs = x[:, : windows * 2].view(batch, windows, 2, channels)
@@ -304,6 +307,30 @@ class PairMax(torch.autograd.Function):
         if steps % 2:
             grad_in[:, -1].zero_()
         return grad_in
+
+
+class MaxPool3(torch.autograd.Function):
+    """MaxPool(3, stride 1, padding 1) over the time axis of ``(N, T, C)``, for CPU training with
+    leadtune's kernels: no index tensor; the backward pass finds each window's first maximum
+    again from the input (PyTorch's tie rule)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        ctx.save_for_backward(x)
+        return kernels.load().max_pool3_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return kernels.load().max_pool3_backward(grad_out.contiguous(), x)
+
+
+def max_pool3_rows(rows: Tensor, batch: int) -> Tensor:
+    """MaxPool(3, stride 1, padding 1) over time of ``(N * T, C)`` rows, returning rows."""
+    if rows.requires_grad and torch.is_grad_enabled() and _fused_kernels(rows, ()) is not None:
+        return MaxPool3.apply(rows.view(batch, -1, rows.shape[1])).view_as(rows)
+    return rows_of(F.max_pool2d(as_channels_last_4d(rows, batch), (1, 3), (1, 1), (0, 1)))
 
 
 class InceptionBlock(nn.Module):
@@ -358,7 +385,7 @@ class InceptionBlock(nn.Module):
         rows = x.reshape(batch * steps, channels)
         bottleneck5 = self._bottleneck(self.kernel5[0], rows)
         bottleneck11 = self._bottleneck(self.kernel11[0], rows)
-        pooled = rows_of(F.max_pool2d(as_channels_last_4d(rows, batch), (1, 3), (1, 1), (0, 1)))
+        pooled = max_pool3_rows(rows, batch)
         if self.single_product:
             out = self._single_product(x, bottleneck5, bottleneck11, pooled)
         else:

@@ -20,7 +20,7 @@ from types import ModuleType
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 DISABLE_VARIABLE = "LEADTUNE_KERNELS"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None

@@ -18,6 +18,7 @@
 #include <initializer_list>
 #include <utility>
 #include <vector>
+#include <limits>
 #include <algorithm>
 
 namespace {
@@ -129,13 +130,16 @@ void gru_backward(const at::Tensor& grad_states, const at::Tensor& states,
   const int64_t steps = states.size(0), batch = states.size(1), hidden = states.size(2);
   auto grad_state = grad_states.select(0, steps - 1).clone();  // dL/dh of the step being walked
   auto carry = at::empty_like(grad_state);
+  const auto zeros = at::zeros_like(grad_state);
   for (int64_t step = steps - 1; step >= 0; --step) {
     AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "gru_backward", [&] {
       const scalar_t* dh_all = grad_state.data_ptr<scalar_t>();
+      // At step 0 the previous state and the previous output's gradient are zero.
       const scalar_t* prev_all =
-          step > 0 ? states.select(0, step - 1).data_ptr<scalar_t>() : nullptr;
-      const scalar_t* next_grad_all =
-          step > 0 ? grad_states.select(0, step - 1).data_ptr<scalar_t>() : nullptr;
+          step > 0 ? states.select(0, step - 1).data_ptr<scalar_t>() : zeros.data_ptr<scalar_t>();
+      const scalar_t* next_grad_all = step > 0
+                                          ? grad_states.select(0, step - 1).data_ptr<scalar_t>()
+                                          : zeros.data_ptr<scalar_t>();
       const scalar_t* g_all = gates.select(0, step).data_ptr<scalar_t>();
       const scalar_t* n_all = candidate.select(0, step).data_ptr<scalar_t>();
       const scalar_t* rec_all = recurrent.select(0, step).data_ptr<scalar_t>();
@@ -148,15 +152,15 @@ void gru_backward(const at::Tensor& grad_states, const at::Tensor& states,
           const scalar_t* g = g_all + b * 2 * hidden;
           const scalar_t* n_b = n_all + b * hidden;
           const scalar_t* rec_b = rec_all + b * hidden;
-          const scalar_t* prev = prev_all != nullptr ? prev_all + b * hidden : nullptr;
-          const scalar_t* next_grad = next_grad_all != nullptr ? next_grad_all + b * hidden : nullptr;
+          const scalar_t* prev = prev_all + b * hidden;
+          const scalar_t* next_grad = next_grad_all + b * hidden;
           scalar_t* gr = gr_all + b * 3 * hidden;
           scalar_t* gi = gi_all + b * hidden;
           scalar_t* c = carry_all + b * hidden;
 _Pragma("omp simd")
           for (int64_t j = 0; j < hidden; ++j) {
             const scalar_t r = g[j], z = g[hidden + j], n = n_b[j], d = dh[j];
-            const scalar_t h_prev = prev != nullptr ? prev[j] : scalar_t(0);
+            const scalar_t h_prev = prev[j];
             const scalar_t grad_z = d * (h_prev - n) * z * (scalar_t(1) - z);
             const scalar_t grad_n = d * (scalar_t(1) - z) * (scalar_t(1) - n * n);
             const scalar_t grad_r = grad_n * rec_b[j] * r * (scalar_t(1) - r);
@@ -164,7 +168,7 @@ _Pragma("omp simd")
             gr[hidden + j] = grad_z;
             gr[2 * hidden + j] = grad_n * r;
             gi[j] = grad_n;
-            c[j] = d * z + (next_grad != nullptr ? next_grad[j] : scalar_t(0));
+            c[j] = d * z + next_grad[j];
           }
         }
       });
@@ -427,9 +431,135 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad_out, con
   return results;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Max pooling over the time axis of channels-last (N, T, C) tensors, without index tensors: the
+// backward passes find the winner again from the input, with PyTorch's tie rule (the first
+// maximum of the window wins). NaNs are not given PyTorch's special treatment.
+
+// MaxPool(2, stride 2) backward: grad_in (N, T, C) from grad_out (N, T / 2, C) and the input.
+at::Tensor pair_max_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+  check_cpu_contiguous(grad_out, "grad_out");
+  check_cpu_contiguous(x, "x");
+  const int64_t batch = x.size(0), steps = x.size(1), channels = x.size(2);
+  const int64_t windows = steps / 2;
+  TORCH_CHECK(grad_out.size(0) == batch && grad_out.size(1) == windows &&
+                  grad_out.size(2) == channels,
+              "grad_out shape mismatch");
+  auto grad_in = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_max_backward", [&] {
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    scalar_t* out = grad_in.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * windows, row_grain(2 * channels), [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t n = w / windows, i = w % windows;
+        const scalar_t* first = in + (n * steps + 2 * i) * channels;
+        const scalar_t* second = first + channels;
+        const scalar_t* gw = g + w * channels;
+        scalar_t* d_first = out + (n * steps + 2 * i) * channels;
+        scalar_t* d_second = d_first + channels;
+        _Pragma("omp simd")
+        for (int64_t c = 0; c < channels; ++c) {
+          const bool first_wins = first[c] >= second[c];
+          d_first[c] = first_wins ? gw[c] : scalar_t(0);
+          d_second[c] = first_wins ? scalar_t(0) : gw[c];
+        }
+      }
+      if (steps % 2) {  // an odd last step is dropped by the pooling: no gradient
+        for (int64_t w = begin; w < end; ++w) {
+          if (w % windows == windows - 1) {
+            const int64_t n = w / windows;
+            std::fill_n(out + (n * steps + steps - 1) * channels, channels, scalar_t(0));
+          }
+        }
+      }
+    });
+  });
+  return grad_in;
+}
+
+// MaxPool(3, stride 1, padding 1) forward over (N, T, C).
+at::Tensor max_pool3_forward(const at::Tensor& x) {
+  check_cpu_contiguous(x, "x");
+  const int64_t batch = x.size(0), steps = x.size(1), channels = x.size(2);
+  auto out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool3_forward", [&] {
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * steps, row_grain(channels), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row % steps;
+        const scalar_t* centre = in + row * channels;
+        const scalar_t* before = t > 0 ? centre - channels : centre;
+        const scalar_t* after = t + 1 < steps ? centre + channels : centre;
+        scalar_t* dst = y + row * channels;
+        _Pragma("omp simd")
+        for (int64_t c = 0; c < channels; ++c) {
+          dst[c] = std::max(std::max(before[c], centre[c]), after[c]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// MaxPool(3, stride 1, padding 1) backward: each output's gradient goes to the first maximum of
+// its window (t - 1, t, t + 1), as in PyTorch. Written as a gather: step t collects from the
+// windows centred at t - 1, t and t + 1 that chose it, so every row is written once.
+at::Tensor max_pool3_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+  check_cpu_contiguous(grad_out, "grad_out");
+  check_cpu_contiguous(x, "x");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out shape mismatch");
+  const int64_t batch = x.size(0), steps = x.size(1), channels = x.size(2);
+  auto grad_in = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool3_backward", [&] {
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    scalar_t* d = grad_in.data_ptr<scalar_t>();
+    // The padding: below every input (finite: the kernels are built with -ffast-math).
+    const scalar_t lowest = std::numeric_limits<scalar_t>::lowest();
+    at::parallel_for(0, batch * steps, row_grain(channels), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> padding(channels, lowest), no_grad(channels, scalar_t(0));
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row % steps;
+        const scalar_t* pad = padding.data();
+        // Inputs at t - 2 .. t + 2 (the padding outside the sequence) and the gradients of the
+        // windows centred at t - 1, t, t + 1 (zero outside).
+        const scalar_t* x0 = in + row * channels;
+        const scalar_t* xm1 = t >= 1 ? x0 - channels : pad;
+        const scalar_t* xm2 = t >= 2 ? x0 - 2 * channels : pad;
+        const scalar_t* xp1 = t + 1 < steps ? x0 + channels : pad;
+        const scalar_t* xp2 = t + 2 < steps ? x0 + 2 * channels : pad;
+        const scalar_t* g0 = g + row * channels;
+        const scalar_t* gm1 = t >= 1 ? g0 - channels : no_grad.data();
+        const scalar_t* gp1 = t + 1 < steps ? g0 + channels : no_grad.data();
+        scalar_t* dst = d + row * channels;
+        _Pragma("omp simd")
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t v = x0[c];
+          // Earlier positions win ties: t must beat earlier ones strictly, later ones or equal.
+          // (& rather than &&: no short-circuit branches, so the loop vectorises.)
+          const scalar_t before = xm1[c], after = xp1[c];
+          const bool from_before = (v > xm2[c]) & (v > before);  // window (t - 2, t - 1, t)
+          const bool from_centre = (v > before) & (v >= after);  // window (t - 1, t, t + 1)
+          const bool from_after = (v >= after) & (v >= xp2[c]);  // window (t, t + 1, t + 2)
+          const scalar_t sum_before = from_before ? gm1[c] : scalar_t(0);
+          const scalar_t sum_centre = from_centre ? g0[c] : scalar_t(0);
+          const scalar_t sum_after = from_after ? gp1[c] : scalar_t(0);
+          dst[c] = sum_before + sum_centre + sum_after;
+        }
+      }
+    });
+  });
+  return grad_in;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_forward", &gru_forward, "GRU layer forward over all steps (CPU)");
   m.def("gru_backward", &gru_backward, "GRU layer backward over all steps (CPU)");
   m.def("batch_norm_relu_forward", &batch_norm_relu_forward, "BatchNorm + ReLU forward (CPU)");
   m.def("batch_norm_relu_backward", &batch_norm_relu_backward, "BatchNorm + ReLU backward (CPU)");
+  m.def("pair_max_backward", &pair_max_backward, "MaxPool(2) over time, backward (CPU)");
+  m.def("max_pool3_forward", &max_pool3_forward, "MaxPool(3, 1, 1) over time (CPU)");
+  m.def("max_pool3_backward", &max_pool3_backward, "MaxPool(3, 1, 1) over time, backward (CPU)");
 }
