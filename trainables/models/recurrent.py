@@ -7,7 +7,9 @@ every step accumulates its own small weight-gradient product, and with 456 seque
 what the backward needs (gates, the recurrent candidate term, the states), the backward walks the
 steps with one product per step (the gradient flowing to the previous state), and the weight
 gradients, the bias gradients and the gradient of the input are each a single large product or
-sum over all steps afterwards.
+sum over all steps afterwards. The time loops themselves run in leadtune's fused C++ kernels
+(``kernels.py``: one pass over memory per step for the gate arithmetic); where those cannot be
+built, the same loops run as PyTorch ops.
 
 The function is PyTorch's GRU (gate order r, z, n; ``n = tanh(W_in x + b_in + r * (W_hn h +
 b_hn))``; ``h' = (1 - z) * n + z * h``), on the parameters of an ``nn.GRU`` module, so state
