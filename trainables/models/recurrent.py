@@ -36,21 +36,30 @@ class GRULayer(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:  # type: ignore[override]
         steps, batch, features = x.shape
         hidden = w_hh.shape[1]
-        # Input projections of every step at once, (T, N, 3H). The r and z blocks also take
-        # b_hh, so that each step adds its recurrent product in place, with no bias pass.
-        bias = torch.cat([b_ih[: 2 * hidden] + b_hh[: 2 * hidden], b_ih[2 * hidden :]])
-        projected = torch.addmm(bias, x.reshape(steps * batch, features), w_ih.t())
-        projected = projected.view(steps, batch, 3 * hidden)
-        # W_hn h + b_hn of every step, kept for the backward pass; starts as the bias.
-        recurrent = b_hh[2 * hidden :].expand(steps, batch, hidden).contiguous()
         states = x.new_empty(steps, batch, hidden)
         reset_update = x.new_empty(steps, batch, 2 * hidden)  # sigmoid gates r, z
         candidate = x.new_empty(steps, batch, hidden)  # n
         fused = kernels.load() if x.dtype in (torch.float32, torch.float64) else None
         if fused is not None:
-            fused.gru_forward(projected, recurrent, w_hh, states, reset_update, candidate)
+            # The input products of every step at once (the kernel adds the biases), then per
+            # step one product W_hh h and one fused pass for the gates.
+            projected = torch.mm(x.reshape(steps * batch, features), w_ih.t())
+            recurrent = x.new_empty(steps, batch, hidden)  # W_hn h + b_hn, for backward
+            fused.gru_forward(
+                projected.view(steps, batch, 3 * hidden), w_hh, b_ih.contiguous(),
+                b_hh.contiguous(), states, reset_update, candidate, recurrent,
+            )  # fmt: skip
         else:
-            _forward_steps(projected, recurrent, w_hh, states, reset_update, candidate)
+            # Input projections of every step at once, (T, N, 3H). The r and z blocks also
+            # take b_hh, so that each step adds its recurrent product in place.
+            bias = torch.cat([b_ih[: 2 * hidden] + b_hh[: 2 * hidden], b_ih[2 * hidden :]])
+            projected = torch.addmm(bias, x.reshape(steps * batch, features), w_ih.t())
+            # W_hn h + b_hn of every step, kept for the backward pass; starts as the bias.
+            recurrent = b_hh[2 * hidden :].expand(steps, batch, hidden).contiguous()
+            _forward_steps(
+                projected.view(steps, batch, 3 * hidden), recurrent, w_hh, states,
+                reset_update, candidate,
+            )  # fmt: skip
         ctx.save_for_backward(x, w_ih, w_hh, states, recurrent, reset_update, candidate)
         return states
 
@@ -65,8 +74,9 @@ class GRULayer(torch.autograd.Function):
         grad_input_candidate = x.new_empty(steps, batch, hidden)
         grad_states = grad_states.contiguous()
         fused = kernels.load() if x.dtype in (torch.float32, torch.float64) else None
-        if fused is not None:
-            fused.gru_backward(
+        bias_grads = None
+        if fused is not None:  # also sums the bias gradients while walking the steps
+            bias_grads = fused.gru_backward(
                 grad_states, states, recurrent, reset_update, candidate, w_hh,
                 grad_recurrent, grad_input_candidate,
             )  # fmt: skip
@@ -85,13 +95,13 @@ class GRULayer(torch.autograd.Function):
         elif ctx.needs_input_grad[2]:
             grad_w_hh = torch.zeros_like(w_hh)
         if ctx.needs_input_grad[4]:
-            grad_b_hh = rows_recurrent.sum(0)
+            grad_b_hh = bias_grads[1] if bias_grads else rows_recurrent.sum(0)
         # The input-side gradient: r and z blocks as above, the candidate block without r.
         grad_projected = grad_recurrent
         grad_projected[:, :, 2 * hidden :] = grad_input_candidate
         rows_projected = grad_projected.view(steps * batch, 3 * hidden)
         if ctx.needs_input_grad[3]:
-            grad_b_ih = rows_projected.sum(0)
+            grad_b_ih = bias_grads[0] if bias_grads else rows_projected.sum(0)
         if ctx.needs_input_grad[1]:
             grad_w_ih = rows_projected.t() @ x.reshape(steps * batch, features)
         if ctx.needs_input_grad[0]:
