@@ -27,7 +27,9 @@ above); small widths make smoke searches and tests fast.
 
 The Inception blocks compute in channels-last layout with fused branches (see InceptionBlock):
 the same function and parameters as the direct rendering in ``plain_reference.py``, faster on a
-CPU; ``leadtune bench`` measures the difference.
+CPU; ``leadtune bench`` measures the difference. In CPU training, BatchNorm + ReLU, the max
+poolings and the GRU run in leadtune's fused C++ kernels (``kernels.py``) where they could be
+built, else as PyTorch ops; both paths are tested against PyTorch's modules.
 """
 
 from __future__ import annotations
