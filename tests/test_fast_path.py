@@ -130,6 +130,18 @@ def test_inception_block_matches_plain_block_with_ties_and_odd_length() -> None:
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
+def test_inference_without_autograd_equals_the_plain_model(fused: bool, monkeypatch) -> None:
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
+    assert (kernels.load() is not None) == fused, kernels.failure()
+    fast, plain = fast_and_plain(SMALL, torch.float64)
+    fast.eval()
+    plain.eval()
+    x = ecgs(3, 200, torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
 def test_max_pool_time_equals_max_pool1d_including_tie_gradients(fused: bool, monkeypatch) -> None:
     monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
     assert (kernels.load() is not None) == fused, kernels.failure()
@@ -163,6 +175,9 @@ def test_max_pool3_rows_equal_max_pool1d_including_tie_gradients(
     expected = F.max_pool1d(x.transpose(1, 2), 3, 1, 1).transpose(1, 2)
     found = max_pool3_rows(x.reshape(-1, 5), 3).view(3, steps, 5)
     torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    with torch.no_grad():  # the inference path
+        inferred = max_pool3_rows(x.detach().reshape(-1, 5), 3).view(3, steps, 5)
+    torch.testing.assert_close(inferred, expected.detach(), rtol=0, atol=0)
     weights = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
     (grad_found,) = torch.autograd.grad((found * weights).sum(), x)
@@ -293,7 +308,12 @@ def test_bad_gpu_memory_fraction_is_reported(monkeypatch) -> None:
 def test_gru_layers_equal_nn_gru_outputs_and_gradients_in_float64(
     steps: int, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainables.models.recurrent import gru_layers, use_gru_layers
+    from trainables.models.recurrent import (
+        gru_inference,
+        gru_layers,
+        use_gru_inference,
+        use_gru_layers,
+    )
 
     monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
     assert (kernels.load() is not None) == fused
@@ -312,9 +332,14 @@ def test_gru_layers_equal_nn_gru_outputs_and_gradients_in_float64(
         torch.testing.assert_close(grad_found, grad_expected, rtol=1e-10, atol=1e-12)
     # the comparison could fail (with one step, W_hh meets only the zero initial state)
     assert all(g.abs().max() > 1e-3 for g in grads_expected if steps > 1 or g.shape != (18, 6))
-    with torch.no_grad():  # inference keeps nn.GRU (exportable); so does eval mode
+    with torch.no_grad():  # inference: the kernels' forward where built, else nn.GRU
         assert not use_gru_layers(gru, x)
+        assert use_gru_inference(gru, x) == fused
+        if fused:
+            inferred = gru_inference(gru, x).transpose(0, 1)
+            torch.testing.assert_close(inferred, expected.detach(), rtol=1e-12, atol=1e-12)
     assert not use_gru_layers(gru.eval(), x)
+    assert not use_gru_inference(gru, x)  # autograd on
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++")

@@ -42,7 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.models import kernels
-from trainables.models.recurrent import gru_layers, use_gru_layers
+from trainables.models.recurrent import (
+    gru_inference,
+    gru_layers,
+    use_gru_inference,
+    use_gru_layers,
+)
 from trainables.models.registry import register_encoder
 
 if TYPE_CHECKING:
@@ -330,8 +335,13 @@ class MaxPool3(torch.autograd.Function):
 
 def max_pool3_rows(rows: Tensor, batch: int) -> Tensor:
     """MaxPool(3, stride 1, padding 1) over time of ``(N * T, C)`` rows, returning rows."""
-    if rows.requires_grad and torch.is_grad_enabled() and _fused_kernels(rows, ()) is not None:
-        return MaxPool3.apply(rows.view(batch, -1, rows.shape[1])).view_as(rows)
+    fused = _fused_kernels(rows, ())
+    if fused is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        sequences = rows.view(batch, -1, rows.shape[1])
+        if rows.requires_grad and torch.is_grad_enabled():
+            return MaxPool3.apply(sequences).view_as(rows)
+        if not torch.is_grad_enabled() and type(rows) is torch.Tensor:  # plain inference
+            return fused.max_pool3_forward(sequences.contiguous()).view_as(rows)
     return rows_of(F.max_pool2d(as_channels_last_4d(rows, batch), (1, 3), (1, 1), (0, 1)))
 
 
@@ -554,6 +564,8 @@ class RecurrentSummary(nn.Module):
     def forward(self, sequence: Tensor) -> Tensor:
         if use_gru_layers(self.gru, sequence):  # CPU training: the GRU with a faster backward
             return self.pooling(gru_layers(self.gru, sequence), time_major=True)
+        if use_gru_inference(self.gru, sequence):  # CPU inference on the fused kernels
+            return self.pooling(gru_inference(self.gru, sequence), time_major=True)
         states, _ = self.gru(sequence)
         return self.pooling(states)
 

@@ -36,20 +36,15 @@ class GRULayer(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:  # type: ignore[override]
         steps, batch, features = x.shape
         hidden = w_hh.shape[1]
-        states = x.new_empty(steps, batch, hidden)
-        reset_update = x.new_empty(steps, batch, 2 * hidden)  # sigmoid gates r, z
-        candidate = x.new_empty(steps, batch, hidden)  # n
         fused = kernels.load() if x.dtype in (torch.float32, torch.float64) else None
         if fused is not None:
-            # The input products of every step at once (the kernel adds the biases), then per
-            # step one product W_hh h and one fused pass for the gates.
-            projected = torch.mm(x.reshape(steps * batch, features), w_ih.t())
-            recurrent = x.new_empty(steps, batch, hidden)  # W_hn h + b_hn, for backward
-            fused.gru_forward(
-                projected.view(steps, batch, 3 * hidden), w_hh, b_ih.contiguous(),
-                b_hh.contiguous(), states, reset_update, candidate, recurrent,
-            )  # fmt: skip
+            states, reset_update, candidate, recurrent = _fused_layer_forward(
+                fused, x, w_ih, w_hh, b_ih, b_hh
+            )
         else:
+            states = x.new_empty(steps, batch, hidden)
+            reset_update = x.new_empty(steps, batch, 2 * hidden)  # sigmoid gates r, z
+            candidate = x.new_empty(steps, batch, hidden)  # n
             # Input projections of every step at once, (T, N, 3H). The r and z blocks also
             # take b_hh, so that each step adds its recurrent product in place.
             bias = torch.cat([b_ih[: 2 * hidden] + b_hh[: 2 * hidden], b_ih[2 * hidden :]])
@@ -190,13 +185,10 @@ def _backward_steps(
         grad_state = carry.addmm_(grads, w_hh)
 
 
-def use_gru_layers(gru: nn.GRU, sequence: Tensor) -> bool:
-    """Whether ``gru_layers`` should run ``gru`` on ``sequence``: CPU training with autograd on,
-    for the plain configuration this module implements (unidirectional, biases, no dropout)."""
+def _plain_configuration(gru: nn.GRU, sequence: Tensor) -> bool:
+    """The GRU configuration this module implements, on a plain CPU tensor, outside any tracer."""
     return (
-        gru.training
-        and torch.is_grad_enabled()
-        and sequence.device.type == "cpu"
+        sequence.device.type == "cpu"
         and gru.batch_first
         and gru.bias
         and not gru.bidirectional
@@ -208,6 +200,24 @@ def use_gru_layers(gru: nn.GRU, sequence: Tensor) -> bool:
     )
 
 
+def use_gru_layers(gru: nn.GRU, sequence: Tensor) -> bool:
+    """Whether ``gru_layers`` should run ``gru`` on ``sequence``: CPU training with autograd on,
+    for the plain configuration this module implements (unidirectional, biases, no dropout)."""
+    return gru.training and torch.is_grad_enabled() and _plain_configuration(gru, sequence)
+
+
+def use_gru_inference(gru: nn.GRU, sequence: Tensor) -> bool:
+    """Whether ``gru_inference`` should run ``gru`` on ``sequence``: no autograd, a plain float
+    CPU tensor (not a tracer's or exporter's fake tensor), and the fused kernels built."""
+    return (
+        not torch.is_grad_enabled()
+        and type(sequence) is torch.Tensor
+        and sequence.dtype in (torch.float32, torch.float64)
+        and _plain_configuration(gru, sequence)
+        and kernels.load() is not None
+    )
+
+
 def gru_layers(gru: nn.GRU, sequence: Tensor) -> Tensor:
     """All layers of ``gru`` over a batch-first ``(N, T, C)`` sequence from zero states.
 
@@ -215,12 +225,45 @@ def gru_layers(gru: nn.GRU, sequence: Tensor) -> Tensor:
     ``gru(sequence)[0].transpose(0, 1)``.
     """
     hidden = sequence.transpose(0, 1).contiguous()
-    for layer in range(gru.num_layers):
-        hidden = GRULayer.apply(
-            hidden,
-            getattr(gru, f"weight_ih_l{layer}"),
-            getattr(gru, f"weight_hh_l{layer}"),
-            getattr(gru, f"bias_ih_l{layer}"),
-            getattr(gru, f"bias_hh_l{layer}"),
-        )
+    for weights in _layer_weights(gru):
+        hidden = GRULayer.apply(hidden, *weights)
     return hidden
+
+
+def gru_inference(gru: nn.GRU, sequence: Tensor) -> Tensor:
+    """``gru_layers`` without autograd, on the fused kernels: ``(N, T, C) -> (T, N, H)``."""
+    fused = kernels.load()
+    hidden = sequence.transpose(0, 1).contiguous()
+    for weights in _layer_weights(gru):
+        hidden = _fused_layer_forward(fused, hidden, *weights)[0]
+    return hidden
+
+
+def _layer_weights(gru: nn.GRU) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    return [
+        tuple(
+            getattr(gru, f"{name}_l{layer}")
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        )
+        for layer in range(gru.num_layers)
+    ]
+
+
+def _fused_layer_forward(
+    fused, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer on the fused kernel: (states, gates r|z, candidate n, W_hn h + b_hn)."""
+    steps, batch, features = x.shape
+    hidden = w_hh.shape[1]
+    states = x.new_empty(steps, batch, hidden)
+    reset_update = x.new_empty(steps, batch, 2 * hidden)
+    candidate = x.new_empty(steps, batch, hidden)
+    recurrent = x.new_empty(steps, batch, hidden)
+    # The input products of every step at once (the kernel adds the biases), then per step one
+    # product W_hh h and one fused pass for the gates.
+    projected = torch.mm(x.reshape(steps * batch, features), w_ih.t())
+    fused.gru_forward(
+        projected.view(steps, batch, 3 * hidden), w_hh.contiguous(), b_ih.contiguous(),
+        b_hh.contiguous(), states, reset_update, candidate, recurrent,
+    )  # fmt: skip
+    return states, reset_update, candidate, recurrent
