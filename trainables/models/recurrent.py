@@ -1,4 +1,4 @@
-"""A GRU layer for CPU training with a backward pass built for throughput.
+"""A GRU for CPUs: a backward pass built for throughput, and fused time loops.
 
 ``nn.GRU`` on a CPU is fast going forward (the input projection of all time steps is one matrix
 product, then one small product per step), but its backward pass goes through autograd op by op:
@@ -14,8 +14,10 @@ built, the same loops run as PyTorch ops.
 The function is PyTorch's GRU (gate order r, z, n; ``n = tanh(W_in x + b_in + r * (W_hn h +
 b_hn))``; ``h' = (1 - z) * n + z * h``), on the parameters of an ``nn.GRU`` module, so state
 dicts and checkpoints are unchanged. ``tests/test_fast_path.py`` checks outputs and every
-gradient against ``nn.GRU`` in float64. It is used for CPU training only: on a GPU cuDNN's GRU is
-the fast path, and in inference ``nn.GRU`` is as fast and exports to TorchScript and ONNX.
+gradient against ``nn.GRU`` in float64. It is used on CPUs only: in training (``gru_layers``)
+and, on the fused kernels, in inference without autograd (``gru_inference``). On a GPU cuDNN's GRU
+is the fast path, and under TorchScript, ONNX or ``torch.export`` tracing ``nn.GRU`` runs, so
+exported models contain only standard operators.
 """
 
 from __future__ import annotations

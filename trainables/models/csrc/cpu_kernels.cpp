@@ -5,21 +5,22 @@
 // paths they replace; tests/test_fast_path.py checks both against PyTorch's modules in float64.
 //
 // GRU (PyTorch's formulation, gate order r, z, n):
-//   r = sigmoid(a_r), z = sigmoid(a_z), n = tanh(a_n + r * (W_hn h + b_hn)), h' = n + z (h - n)
-// where a_r, a_z already hold W_ir x + b_ir + b_hr + W_hr h (and likewise for z), and a_n holds
-// W_in x + b_in.
+//   r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z = sigmoid(W_iz x + b_iz + W_hz h + b_hz),
+//   n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),  h' = n + z (h - n).
+// The input products W_i x of all steps are one matrix product before the loop; each step is one
+// product W_h h and one fused pass for the rest.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <utility>
 #include <vector>
-#include <limits>
-#include <algorithm>
 
 namespace {
 
