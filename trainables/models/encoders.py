@@ -199,13 +199,12 @@ class BatchNormReLUConcat(torch.autograd.Function):
 FUSED_MIN_CHANNELS = 8
 
 
-def _fused_kernels(like: Tensor, parts: Sequence[Tensor]):
-    """leadtune's compiled CPU kernels for these BatchNorm parts, or None (PyTorch ops)."""
-    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
-        return None
+def _fused_kernels(like: Tensor, parts: Sequence[Tensor] = ()):
+    """leadtune's compiled CPU kernels for tensors like ``like`` (and, for BatchNorm, ``parts``
+    of at least ``FUSED_MIN_CHANNELS`` channels each), or None: use PyTorch ops."""
     if any(part.shape[1] < FUSED_MIN_CHANNELS or part.dtype != like.dtype for part in parts):
         return None
-    return kernels.load()
+    return kernels.for_tensor(like)
 
 
 def batch_norm_relu(parts: list[Tensor], norms: list[nn.BatchNorm1d]) -> Tensor:
@@ -299,7 +298,7 @@ class PairMax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        fused = _fused_kernels(x, ())
+        fused = _fused_kernels(x)
         if fused is not None:  # one pass: read both inputs of a pair, write both gradients
             return fused.pair_max_backward(grad_out.contiguous(), x.contiguous())
         batch, steps, channels = x.shape
@@ -335,7 +334,7 @@ class MaxPool3(torch.autograd.Function):
 
 def max_pool3_rows(rows: Tensor, batch: int) -> Tensor:
     """MaxPool(3, stride 1, padding 1) over time of ``(N * T, C)`` rows, returning rows."""
-    fused = _fused_kernels(rows, ())
+    fused = _fused_kernels(rows)
     if fused is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
         sequences = rows.view(batch, -1, rows.shape[1])
         if rows.requires_grad and torch.is_grad_enabled():

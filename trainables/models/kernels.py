@@ -20,6 +20,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 DISABLE_VARIABLE = "LEADTUNE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
@@ -56,6 +58,13 @@ def load() -> ModuleType | None:
                     stacklevel=2,
                 )
     return _loaded
+
+
+def for_tensor(tensor: torch.Tensor) -> ModuleType | None:
+    """The kernels if they apply to ``tensor`` (a float32 or float64 CPU tensor) and are built."""
+    if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
+        return None
+    return load()
 
 
 def failure() -> str | None:

@@ -38,7 +38,7 @@ class GRULayer(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:  # type: ignore[override]
         steps, batch, features = x.shape
         hidden = w_hh.shape[1]
-        fused = kernels.load() if x.dtype in (torch.float32, torch.float64) else None
+        fused = kernels.for_tensor(x)
         if fused is not None:
             states, reset_update, candidate, recurrent = _fused_layer_forward(
                 fused, x, w_ih, w_hh, b_ih, b_hh
@@ -70,7 +70,7 @@ class GRULayer(torch.autograd.Function):
         grad_recurrent = x.new_empty(steps, batch, 3 * hidden)
         grad_input_candidate = x.new_empty(steps, batch, hidden)
         grad_states = grad_states.contiguous()
-        fused = kernels.load() if x.dtype in (torch.float32, torch.float64) else None
+        fused = kernels.for_tensor(x)
         bias_grads = None
         if fused is not None:  # also sums the bias gradients while walking the steps
             bias_grads = fused.gru_backward(
@@ -214,9 +214,8 @@ def use_gru_inference(gru: nn.GRU, sequence: Tensor) -> bool:
     return (
         not torch.is_grad_enabled()
         and type(sequence) is torch.Tensor
-        and sequence.dtype in (torch.float32, torch.float64)
         and _plain_configuration(gru, sequence)
-        and kernels.load() is not None
+        and kernels.for_tensor(sequence) is not None
     )
 
 
