@@ -71,7 +71,9 @@ def format_summary(outcome: Any) -> str:
     metric = outcome.metric
     durable = durable_tracking_uri(outcome)
     lines = ["", f"search {outcome.study}: {len(outcome.trials)} trial(s)"]
-    header = f"  {'trial':<14} {'state':<24} {'epoch':>5} {metric:>12} {'lead_acc':>9} {'set_acc':>8}"
+    header = (
+        f"  {'trial':<14} {'state':<24} {'epoch':>5} {metric:>12} {'lead_acc':>9} {'set_acc':>8}"
+    )
     lines.append(header)
     for t in outcome.trials:
         lines.append(
@@ -159,25 +161,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--space", default="lead_id", help="search space name (see spaces/)")
     search.add_argument("--study", default=None, help="study name (default: the space's name)")
     search.add_argument("--trials", type=int, default=20, help="number of trials")
-    search.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the space's, else 30)")
+    search.add_argument(
+        "--epochs", type=int, default=None, help="epochs per trial (default: the space's, else 30)"
+    )
     search.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
     search.add_argument("--cpus-per-trial", type=float, default=1.0)
-    search.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions share a GPU, e.g. 0.25")
+    search.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="fractions share a GPU, e.g. 0.25"
+    )
     search.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
-    search.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial (from its checkpoint)")
-    search.add_argument("--time-budget", type=float, default=None, help="seconds; no new trials after it")
-    search.add_argument("--address", default=None, help="Ray address; 'auto' joins a running cluster")
-    search.add_argument("--storage-path", default="runs/search", help="results, checkpoints, default databases")
-    search.add_argument("--tracking-uri", default=None, help="MLflow server or database (default: start one on SQLite)")
-    search.add_argument("--optuna-storage", default=None, help="SQLAlchemy URL (default: sqlite under --storage-path)")
+    search.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        help="retries of a crashed trial (from its checkpoint)",
+    )
+    search.add_argument(
+        "--time-budget", type=float, default=None, help="seconds; no new trials after it"
+    )
+    search.add_argument(
+        "--address", default=None, help="Ray address; 'auto' joins a running cluster"
+    )
+    search.add_argument(
+        "--storage-path", default="runs/search", help="results, checkpoints, default databases"
+    )
+    search.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow server or database (default: start one on SQLite)",
+    )
+    search.add_argument(
+        "--optuna-storage",
+        default=None,
+        help="SQLAlchemy URL (default: sqlite under --storage-path)",
+    )
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--metric", default=None, help="validation metric to optimise (default: the space's, val_loss)")
+    search.add_argument(
+        "--metric",
+        default=None,
+        help="validation metric to optimise (default: the space's, val_loss)",
+    )
     search.add_argument("--mode", choices=("min", "max"), default=None)
-    search.add_argument("--keep-checkpoints", type=int, default=2, help="best k checkpoints kept per trial")
-    search.add_argument("--resume", action="store_true", help="finish the study's interrupted search")
+    search.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="best k checkpoints kept per trial"
+    )
+    search.add_argument(
+        "--resume", action="store_true", help="finish the study's interrupted search"
+    )
     search.add_argument("--register-name", default="lead-id", help="registered model name")
-    search.add_argument("--no-promote", action="store_true", help="skip test evaluation and registration")
-    search.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a trial setting, e.g. --set max_train_records=200")
+    search.add_argument(
+        "--no-promote", action="store_true", help="skip test evaluation and registration"
+    )
+    search.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fix a trial setting, e.g. --set max_train_records=200",
+    )
     search.add_argument("--json", default=None, help="also write the outcome as JSON to this file")
     from trainables.commands import add_data_arguments
 
@@ -191,7 +231,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     promote.add_argument("--study", default="lead_id")
     promote.add_argument("--storage-path", default="runs/search")
-    promote.add_argument("--experiment", default=None, help="search folder (default: the study's latest)")
+    promote.add_argument(
+        "--experiment", default=None, help="search folder (default: the study's latest)"
+    )
     promote.add_argument("--tracking-uri", default=None)
     promote.add_argument("--register-name", default=None)
     promote.add_argument("--force", action="store_true", help="move the champion alias regardless")

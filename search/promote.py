@@ -29,9 +29,7 @@ def best_trial(experiment_path: Path, metric: str, mode: str) -> tuple[str, Path
     analysis = ExperimentAnalysis(str(experiment_path), default_metric=metric, default_mode=mode)
     trial = analysis.get_best_trial(metric, mode, scope="all", filter_nan_and_inf=True)
     if trial is None:
-        raise ValueError(
-            f"no trial of {experiment_path} reported {metric!r}; nothing to promote"
-        )
+        raise ValueError(f"no trial of {experiment_path} reported {metric!r}; nothing to promote")
     checkpoint = analysis.get_best_checkpoint(trial, metric, mode)
     if checkpoint is None:
         raise ValueError(f"trial {trial.trial_id} of {experiment_path} kept no checkpoint")
@@ -87,7 +85,9 @@ def promote_best(
         max_results=1,
     )
     if not runs:
-        raise ValueError(f"no MLflow run for trial {trial_id} in experiment {state['experiment_id']}")
+        raise ValueError(
+            f"no MLflow run for trial {trial_id} in experiment {state['experiment_id']}"
+        )
     run_id = runs[0].info.run_id
 
     existing = [
@@ -163,16 +163,22 @@ def promote_best(
     elif force:
         move, reason = True, "forced (--force)"
     elif champion.tags.get("leadtune.val_metric") != metric:
-        move, reason = False, (
-            f"the champion v{champion.version} was chosen on "
-            f"{champion.tags.get('leadtune.val_metric')!r}, not {metric!r}: not comparable "
-            "(use --force to move the alias)"
+        move, reason = (
+            False,
+            (
+                f"the champion v{champion.version} was chosen on "
+                f"{champion.tags.get('leadtune.val_metric')!r}, not {metric!r}: not comparable "
+                "(use --force to move the alias)"
+            ),
         )
     elif champion.tags.get("leadtune.data_fingerprint") != fingerprint:
-        move, reason = False, (
-            f"the champion v{champion.version} was validated on other data "
-            f"({champion.tags.get('leadtune.data_fingerprint')}): not comparable "
-            "(use --force to move the alias)"
+        move, reason = (
+            False,
+            (
+                f"the champion v{champion.version} was validated on other data "
+                f"({champion.tags.get('leadtune.data_fingerprint')}): not comparable "
+                "(use --force to move the alias)"
+            ),
         )
     else:
         old = float(champion.tags.get("leadtune.val_value", "nan"))

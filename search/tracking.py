@@ -74,7 +74,9 @@ class MlflowServer:
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"mlflow server did not answer within {timeout_s:.0f} s; see {self.log_path}")
+        raise RuntimeError(
+            f"mlflow server did not answer within {timeout_s:.0f} s; see {self.log_path}"
+        )
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

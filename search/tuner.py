@@ -400,8 +400,10 @@ def _run(
     interrupted = any(t["state"] in ("pending", "running", "paused") for t in trials)
     best = None
     if finished:
-        best = min(finished, key=lambda t: t[metric]) if mode == "min" else max(
-            finished, key=lambda t: t[metric]
+        best = (
+            min(finished, key=lambda t: t[metric])
+            if mode == "min"
+            else max(finished, key=lambda t: t[metric])
         )
         client.log_batch(
             parent_run_id,
@@ -465,7 +467,9 @@ def summarise_trials(grid: Any, metric: str, mode: str) -> list[dict[str, Any]]:
             state = "completed"
         best_checkpoint = None
         if result.best_checkpoints:
-            pairs = [(c, m.get(metric)) for c, m in result.best_checkpoints if m.get(metric) is not None]
+            pairs = [
+                (c, m.get(metric)) for c, m in result.best_checkpoints if m.get(metric) is not None
+            ]
             if pairs:
                 pick = min if mode == "min" else max
                 best_checkpoint = pick(pairs, key=lambda p: p[1])[0].path

@@ -24,7 +24,9 @@ import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 DISABLE_VARIABLE = "LEADTUNE_KERNELS"
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+if platform.machine() in ("x86_64", "AMD64"):  # use 512-bit vectors where AVX-512 exists
+    FLAGS.insert(2, "-mprefer-vector-width=512")
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
