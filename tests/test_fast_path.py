@@ -227,7 +227,9 @@ def test_batch_norm_relu_backward_matches_autograd_in_float64(
     torch.testing.assert_close(running_var, 0.9 + 0.1 * values.var(0, unbiased=True))
 
 
-def test_fused_batch_norm_relu_matches_pytorch_in_float32_on_a_large_batch() -> None:
+def test_fused_batch_norm_relu_in_float32_is_as_close_to_float64_as_pytorchs() -> None:
+    # PyTorch's own float32 BatchNorm is itself ~1e-5 off the float64 truth here (and by how much
+    # depends on the thread count), so both are measured against float64.
     if kernels.load() is None:
         pytest.skip(f"fused kernels unavailable: {kernels.failure()}")
     generator = torch.Generator().manual_seed(6)
@@ -237,13 +239,24 @@ def test_fused_batch_norm_relu_matches_pytorch_in_float32_on_a_large_batch() -> 
     out = BatchNormReLUConcat.apply(
         1e-5, 0.1, 4, *inputs, weight, bias, torch.zeros(128), torch.ones(128)
     )
-    reference = F.batch_norm(torch.cat(inputs, 1), None, None, weight, bias, True).relu()
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    pytorch = F.batch_norm(torch.cat(inputs, 1), None, None, weight, bias, True).relu()
+    inputs64 = [p.detach().double().requires_grad_() for p in parts]
+    truth = F.batch_norm(
+        torch.cat(inputs64, 1), None, None, weight.double(), bias.double(), True
+    ).relu()
+    error, pytorch_error = (
+        (out.double() - truth).abs().max(),
+        (pytorch.double() - truth).abs().max(),
+    )
+    assert error <= max(pytorch_error, 1e-6), (error, pytorch_error)
     grad_out = torch.randn(out.shape, generator=generator)
     found = torch.autograd.grad(out, inputs, grad_out)
-    expected = torch.autograd.grad(reference, inputs, grad_out)
-    for a, b in zip(found, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    by_pytorch = torch.autograd.grad(pytorch, inputs, grad_out)
+    true_grads = torch.autograd.grad(truth, inputs64, grad_out.double())
+    for a, b, t in zip(found, by_pytorch, true_grads):
+        scale = t.abs().max()
+        error, pytorch_error = (a.double() - t).abs().max(), (b.double() - t).abs().max()
+        assert error <= max(pytorch_error, 1e-6 * scale), (error, pytorch_error)
 
 
 @pytest.fixture(scope="module")
