@@ -36,27 +36,12 @@ class GRULayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:  # type: ignore[override]
-        steps, batch, features = x.shape
-        hidden = w_hh.shape[1]
         fused = kernels.for_tensor(x)
         if fused is not None:
-            states, reset_update, candidate, recurrent = _fused_layer_forward(
-                fused, x, w_ih, w_hh, b_ih, b_hh
-            )
+            saved = _fused_layer_forward(fused, x, w_ih, w_hh, b_ih, b_hh)
         else:
-            states = x.new_empty(steps, batch, hidden)
-            reset_update = x.new_empty(steps, batch, 2 * hidden)  # sigmoid gates r, z
-            candidate = x.new_empty(steps, batch, hidden)  # n
-            # Input projections of every step at once, (T, N, 3H). The r and z blocks also
-            # take b_hh, so that each step adds its recurrent product in place.
-            bias = torch.cat([b_ih[: 2 * hidden] + b_hh[: 2 * hidden], b_ih[2 * hidden :]])
-            projected = torch.addmm(bias, x.reshape(steps * batch, features), w_ih.t())
-            # W_hn h + b_hn of every step, kept for the backward pass; starts as the bias.
-            recurrent = b_hh[2 * hidden :].expand(steps, batch, hidden).contiguous()
-            _forward_steps(
-                projected.view(steps, batch, 3 * hidden), recurrent, w_hh, states,
-                reset_update, candidate,
-            )  # fmt: skip
+            saved = _forward_steps(x, w_ih, w_hh, b_ih, b_hh)
+        states, reset_update, candidate, recurrent = saved
         ctx.save_for_backward(x, w_ih, w_hh, states, recurrent, reset_update, candidate)
         return states
 
@@ -71,19 +56,15 @@ class GRULayer(torch.autograd.Function):
         grad_input_candidate = x.new_empty(steps, batch, hidden)
         grad_states = grad_states.contiguous()
         fused = kernels.for_tensor(x)
-        bias_grads = None
-        if fused is not None:  # also sums the bias gradients while walking the steps
-            bias_grads = fused.gru_backward(
-                grad_states, states, recurrent, reset_update, candidate, w_hh,
-                grad_recurrent, grad_input_candidate,
-            )  # fmt: skip
-        else:
-            _backward_steps(
-                grad_states, states, recurrent, reset_update, candidate, w_hh,
-                grad_recurrent, grad_input_candidate,
-            )  # fmt: skip
-        grad_x = grad_w_ih = grad_w_hh = grad_b_ih = grad_b_hh = None
-        rows_recurrent = grad_recurrent.view(steps * batch, 3 * hidden)
+        # Both walks also give the bias gradients: (grad_b_ih, grad_b_hh).
+        walk = fused.gru_backward if fused is not None else _backward_steps
+        bias_grads = walk(
+            grad_states, states, recurrent, reset_update, candidate, w_hh,
+            grad_recurrent, grad_input_candidate,
+        )  # fmt: skip
+        grad_x = grad_w_ih = grad_w_hh = None
+        grad_b_ih = bias_grads[0] if ctx.needs_input_grad[3] else None
+        grad_b_hh = bias_grads[1] if ctx.needs_input_grad[4] else None
         if ctx.needs_input_grad[2] and steps > 1:
             # The first step's previous state is zero: it contributes nothing to dW_hh.
             grad_w_hh = grad_recurrent[1:].view(-1, 3 * hidden).t() @ states[:-1].reshape(
@@ -91,14 +72,10 @@ class GRULayer(torch.autograd.Function):
             )
         elif ctx.needs_input_grad[2]:
             grad_w_hh = torch.zeros_like(w_hh)
-        if ctx.needs_input_grad[4]:
-            grad_b_hh = bias_grads[1] if bias_grads else rows_recurrent.sum(0)
         # The input-side gradient: r and z blocks as above, the candidate block without r.
         grad_projected = grad_recurrent
         grad_projected[:, :, 2 * hidden :] = grad_input_candidate
         rows_projected = grad_projected.view(steps * batch, 3 * hidden)
-        if ctx.needs_input_grad[3]:
-            grad_b_ih = bias_grads[0] if bias_grads else rows_projected.sum(0)
         if ctx.needs_input_grad[1]:
             grad_w_ih = rows_projected.t() @ x.reshape(steps * batch, features)
         if ctx.needs_input_grad[0]:
@@ -107,15 +84,22 @@ class GRULayer(torch.autograd.Function):
 
 
 def _forward_steps(
-    projected: Tensor,
-    recurrent: Tensor,
-    w_hh: Tensor,
-    states: Tensor,
-    reset_update: Tensor,
-    candidate: Tensor,
-) -> None:
-    """The forward time loop in PyTorch ops (what the fused kernel ``gru_forward`` does)."""
-    steps, batch, hidden = states.shape
+    x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer as PyTorch ops (what ``_fused_layer_forward`` does on the fused kernel):
+    (states, gates r|z, candidate n, W_hn h + b_hn)."""
+    steps, batch, features = x.shape
+    hidden = w_hh.shape[1]
+    states = x.new_empty(steps, batch, hidden)
+    reset_update = x.new_empty(steps, batch, 2 * hidden)  # sigmoid gates r, z
+    candidate = x.new_empty(steps, batch, hidden)  # n
+    # Input projections of every step at once, (T, N, 3H). The r and z blocks also take b_hh,
+    # so that each step adds its recurrent product in place.
+    bias = torch.cat([b_ih[: 2 * hidden] + b_hh[: 2 * hidden], b_ih[2 * hidden :]])
+    projected = torch.addmm(bias, x.reshape(steps * batch, features), w_ih.t())
+    projected = projected.view(steps, batch, 3 * hidden)
+    # W_hn h + b_hn of every step, kept for the backward pass; starts as the bias.
+    recurrent = b_hh[2 * hidden :].expand(steps, batch, hidden).contiguous()
     difference = states.new_empty(batch, hidden)
     w_rz_t = w_hh[: 2 * hidden].t()
     w_n_t = w_hh[2 * hidden :].t()
@@ -138,6 +122,7 @@ def _forward_steps(
             torch.addcmul(new, gates[:, hidden:], difference, out=states[step])
         else:  # h = n - z * n
             torch.addcmul(new, gates[:, hidden:], new, value=-1, out=states[step])
+    return states, reset_update, candidate, recurrent
 
 
 def _backward_steps(
@@ -149,10 +134,10 @@ def _backward_steps(
     w_hh: Tensor,
     grad_recurrent: Tensor,
     grad_input_candidate: Tensor,
-) -> None:
-    """The backward time loop in PyTorch ops (what the fused kernel ``gru_backward`` does)."""
+) -> tuple[Tensor, Tensor]:
+    """The backward time loop in PyTorch ops (what the fused kernel ``gru_backward`` does).
+    Returns the bias gradients (grad_b_ih, grad_b_hh)."""
     steps, batch, hidden = states.shape
-
     grad_gates = states.new_empty(batch, 2 * hidden)  # dL/dr, dL/dz of one step
     grad_reset, grad_update = grad_gates[:, :hidden], grad_gates[:, hidden:]
     grad_candidate_out = states.new_empty(batch, hidden)
@@ -185,6 +170,10 @@ def _backward_steps(
         carry = carries[step % 2]  # not the buffer grad_state may live in
         torch.addcmul(grad_states[step - 1], grad_state, update, out=carry)
         grad_state = carry.addmm_(grads, w_hh)
+    # b_hh receives [d a_r, d a_z, d a_n * r]; b_ih receives [d a_r, d a_z, d a_n].
+    grad_b_hh = grad_recurrent.sum((0, 1))
+    grad_b_ih = torch.cat([grad_b_hh[: 2 * hidden], grad_input_candidate.sum((0, 1))])
+    return grad_b_ih, grad_b_hh
 
 
 def _plain_configuration(gru: nn.GRU, sequence: Tensor) -> bool:
