@@ -23,6 +23,7 @@ from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
 from trainables.models import ModelConfig, count_parameters, create_model, kernels
 from trainables.models.encoders import (
     BatchNormReLUConcat,
+    BlockInputProducts,
     InceptionBlock,
     max_pool3_rows,
     max_pool_time,
@@ -57,12 +58,17 @@ def test_reference_sizes_have_equal_parameter_counts() -> None:
         assert count_parameters(create_plain_model(config)) == expected
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
 @pytest.mark.parametrize("training", [True, False])
-def test_float64_outputs_gradients_and_statistics_equal(training: bool) -> None:
+def test_float64_outputs_gradients_and_statistics_equal(
+    training: bool, fused: bool, monkeypatch
+) -> None:
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
+    assert (kernels.load() is not None) == fused, kernels.failure()
     fast, plain = fast_and_plain(SMALL, torch.float64)
     fast.train(training)
     plain.train(training)
-    x = ecgs(3, 200, torch.float64)
+    x = ecgs(3, 202, torch.float64)  # block 2 sees an odd length, 101
     mask = torch.ones(3, 12, dtype=torch.bool)
     mask[1, 9:] = False
     out_fast, out_plain = fast(x, mask), plain(x, mask)
@@ -184,45 +190,81 @@ def test_max_pool3_rows_equal_max_pool1d_including_tie_gradients(
     torch.testing.assert_close(grad_found, grad_expected, rtol=0, atol=1e-12)
 
 
+def batch_norm_relu_pool_reference(
+    parts: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    conv_bias: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """PyTorch's modules: BatchNorm1d (batch statistics) + ReLU, then max_pool1d(2) over time
+    when ``steps`` (the rows are sequences of that length); returns ``(N, T', C)`` or rows."""
+    x = torch.cat(parts, 1) + conv_bias
+    out = F.batch_norm(x, None, None, weight, bias, True).relu()
+    if not steps:
+        return out
+    sequences = out.view(-1, steps, out.shape[1]).transpose(1, 2)
+    return F.max_pool1d(sequences, 2).transpose(1, 2)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
+@pytest.mark.parametrize(
+    "pool", ["none", "pool", "pool-time-major"], ids=["no-pool", "pool", "pool-time-major"]
+)
 @pytest.mark.parametrize(
     "widths, scale, shift",
     [((3, 5), 2.0, 1.0), ((8, 16), 2.0, 1.0), ((32, 32, 32, 32), 0.01, 50.0)],
     ids=["narrow", "wide", "wide-offset"],
 )
-def test_batch_norm_relu_backward_matches_autograd_in_float64(
-    widths: tuple[int, ...], scale: float, shift: float, fused: bool, monkeypatch
+def test_batch_norm_relu_matches_pytorch_in_float64(
+    widths: tuple[int, ...], scale: float, shift: float, pool: str, fused: bool, monkeypatch
 ) -> None:
     # "wide-offset": a mean 5000 standard deviations away from zero, where a one-pass variance
-    # without a shift would cancel.
+    # without a shift would cancel. Pooled: 20 sequences of an odd length, 15, and values
+    # rounded to halves, so that pairs tie (at zero after the ReLU and above it).
     monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
     assert (kernels.load() is not None) == fused, kernels.failure()
+    steps = 0 if pool == "none" else 15
+    time_major = pool == "pool-time-major"
     generator = torch.Generator().manual_seed(4)
     parts = [
         (
-            torch.randn(300, width, generator=generator, dtype=torch.float64) * scale + shift
+            torch.randn(300, width, generator=generator, dtype=torch.float64).mul(2).round() / 2
+            * scale + shift
         ).requires_grad_()
         for width in widths
-    ]
+    ]  # fmt: skip
     channels = sum(widths)
     weight = torch.rand(channels, generator=generator, dtype=torch.float64).add(0.5)
     bias = torch.randn(channels, generator=generator, dtype=torch.float64)
-    weight.requires_grad_()
-    bias.requires_grad_()
+    conv_bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+    for tensor in (weight, bias, conv_bias):
+        tensor.requires_grad_()
     running_mean = torch.zeros(channels, dtype=torch.float64)
     running_var = torch.ones(channels, dtype=torch.float64)
     out = BatchNormReLUConcat.apply(
-        1e-5, 0.1, len(parts), *parts, weight, bias, running_mean, running_var
-    )
-    reference = F.batch_norm(torch.cat(parts, 1), None, None, weight, bias, True).relu()
+        1e-5, 0.1, len(parts), steps, time_major, *parts, weight, bias, running_mean,
+        running_var, conv_bias,
+    )  # fmt: skip
+    if time_major:
+        assert out.shape == (7, 20, channels) and out.is_contiguous()
+        out = out.transpose(0, 1)
+    reference = batch_norm_relu_pool_reference(parts, weight, bias, conv_bias, steps)
     torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
     assert 0.2 < (out > 0).double().mean() < 0.8  # the ReLU mask matters in the gradients
+    if steps:  # pairs tie above zero, so the tie rule is exercised
+        pairs = torch.cat(parts, 1).detach().view(20, steps, channels)[:, :14].unflatten(1, (7, 2))
+        assert (pairs[:, :, 0] == pairs[:, :, 1]).any()
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-    found = torch.autograd.grad(out, [*parts, weight, bias], grad_out)
-    expected = torch.autograd.grad(reference, [*parts, weight, bias], grad_out)
-    for a, b in zip(found, expected):
+    inputs = [*parts, weight, bias, conv_bias]
+    found = torch.autograd.grad(out, inputs, grad_out)
+    expected = torch.autograd.grad(reference, inputs, grad_out)
+    for a, b in zip(found[:-1], expected[:-1]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-    values = torch.cat(parts, 1).detach()
+    # The conv bias cannot change a training-mode BatchNorm's output: its gradient is zero
+    # (autograd's is rounding noise, amplified where the mean is far from zero).
+    assert found[-1].abs().max() == 0 and expected[-1].abs().max() < 1e-6
+    values = torch.cat(parts, 1).detach() + conv_bias.detach()
     torch.testing.assert_close(running_mean, 0.1 * values.mean(0))
     torch.testing.assert_close(running_var, 0.9 + 0.1 * values.var(0, unbiased=True))
 
@@ -237,8 +279,9 @@ def test_fused_batch_norm_relu_in_float32_is_as_close_to_float64_as_pytorchs() -
     weight, bias = torch.rand(128, generator=generator) + 0.5, torch.randn(128, generator=generator)
     inputs = [p.requires_grad_() for p in parts]
     out = BatchNormReLUConcat.apply(
-        1e-5, 0.1, 4, *inputs, weight, bias, torch.zeros(128), torch.ones(128)
-    )
+        1e-5, 0.1, 4, 0, False, *inputs, weight, bias, torch.zeros(128), torch.ones(128),
+        torch.zeros(128),
+    )  # fmt: skip
     pytorch = F.batch_norm(torch.cat(inputs, 1), None, None, weight, bias, True).relu()
     inputs64 = [p.detach().double().requires_grad_() for p in parts]
     truth = F.batch_norm(
@@ -257,6 +300,35 @@ def test_fused_batch_norm_relu_in_float32_is_as_close_to_float64_as_pytorchs() -
         scale = t.abs().max()
         error, pytorch_error = (a.double() - t).abs().max(), (b.double() - t).abs().max()
         assert error <= max(pytorch_error, 1e-6 * scale), (error, pytorch_error)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "pytorch-ops"])
+@pytest.mark.parametrize("steps", [1, 2, 9])
+def test_block_input_products_equal_separate_convs_including_pooling_ties(
+    steps: int, fused: bool, monkeypatch
+) -> None:
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1" if fused else "0")
+    assert (kernels.load() is not None) == fused, kernels.failure()
+    generator = torch.Generator().manual_seed(8)
+    batch, channels = 4, 8
+    # Rounded input: ties inside the MaxPool(3) windows.
+    rows = torch.randint(0, 3, (batch * steps, channels), generator=generator).double()
+    rows.requires_grad_()
+    weights = [
+        torch.randn(out, channels, generator=generator, dtype=torch.float64).requires_grad_()
+        for out in (3, 5, 5, 2)
+    ]
+    found = BlockInputProducts.apply(batch, rows, *weights)
+    sequences = rows.view(batch, steps, channels).transpose(1, 2)
+    pooled = F.max_pool1d(sequences, 3, 1, 1).transpose(1, 2).reshape(-1, channels)
+    expected = [rows @ w.t() for w in weights[:3]] + [pooled @ weights[3].t()]
+    grads_out = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
+    for a, b in zip(found, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    grads_found = torch.autograd.grad(found, [rows, *weights], grads_out)
+    grads_expected = torch.autograd.grad(expected, [rows, *weights], grads_out)
+    for a, b in zip(grads_found, grads_expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -98,100 +98,191 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Se
 
 
 class BatchNormReLUConcat(torch.autograd.Function):
-    """Training-mode BatchNorm + ReLU of ``(M, c_i)`` pre-activations, concatenated to ``(M, sum c_i)``.
+    """Training-mode BatchNorm + ReLU of ``(M, c_i)`` pre-activations, concatenated to ``(M, sum c_i)``,
+    optionally followed by MaxPool(2) over time.
 
-    The same function as BatchNorm1d on batch statistics followed by ReLU, for activations in
-    channels-last layout (one row per lead and time step). The forward pass is PyTorch's own
-    channels-last BatchNorm, with the ReLU writing each branch straight into its slice of the
-    output (no separate concatenation pass). The backward pass is ours: PyTorch's channels-last
-    backward sums each channel sequentially in float32 over all ``M`` rows (456,000 for the
-    reference batch), and its weight and bias gradients drift by up to 1 % from the float64 truth;
-    here the per-channel sums are cascaded ``torch.sum`` reductions, as precise as the
-    (N, C, T) kernel's.
+    The same function as BatchNorm1d on batch statistics followed by ReLU (and ``max_pool1d(2)``),
+    for activations in channels-last layout (one row per lead and time step). On leadtune's
+    kernels, the forward pass is one statistics pass and one pass writing the output (and the
+    pooled output) straight into place; the backward pass is one pass for the per-channel sums
+    and one writing the gradients, routing a pooled gradient to the larger of each pair itself.
+    Without the kernels it runs on PyTorch ops: PyTorch's BatchNorm forward, and a backward whose
+    per-channel sums are cascaded ``torch.sum`` reductions (PyTorch's own channels-last backward
+    sums each channel sequentially in float32 over all ``M`` rows and drifts by up to 1 %).
 
-    ``forward(eps, momentum, n_parts, *parts, weight, bias, running_mean, running_var)``; the
-    running statistics are updated in place, as ``F.batch_norm`` does.
+    ``conv_bias`` is the bias of the convolutions that produced the parts, left out of them: in
+    training mode BatchNorm subtracts the batch mean, so a per-channel shift changes nothing but
+    the running mean, to which it is added here. Its gradient is therefore exactly zero (what
+    autograd would return as rounding noise), and it is returned as zeros so that the optimiser
+    still applies weight decay as it would.
+
+    ``forward(eps, momentum, n_parts, steps, time_major, *parts, weight, bias, running_mean,
+    running_var, conv_bias)``. With ``steps`` > 0 the rows are ``N`` sequences of ``steps`` and
+    the result is the pooled ``(N, steps // 2, C)``, or its time-major ``(steps // 2, N, C)``
+    with ``time_major``; with ``steps`` = 0 it is ``(M, C)``. The running statistics are updated
+    in place, as ``F.batch_norm`` does.
     """
 
     @staticmethod
-    def forward(ctx, eps: float, momentum: float, n_parts: int, *tensors: Tensor):  # type: ignore[override]
+    def forward(
+        ctx,
+        eps: float,
+        momentum: float,
+        n_parts: int,
+        steps: int,
+        time_major: bool,
+        *tensors: Tensor,
+    ):  # type: ignore[override]
         parts = tensors[:n_parts]
-        weight, bias, running_mean, running_var = tensors[n_parts:]
-        out = parts[0].new_empty(parts[0].shape[0], sum(part.shape[1] for part in parts))
+        weight, bias, running_mean, running_var, conv_bias = tensors[n_parts:]
+        rows = parts[0].shape[0]
+        out = parts[0].new_empty(rows, sum(part.shape[1] for part in parts))
+        pooled = _pooled_buffer(out, steps, time_major)
+        ctx.steps, ctx.time_major = steps, time_major
         fused = _fused_kernels(out, parts)
         if fused is not None:
             # One statistics pass over all parts, one pass writing ReLU(BN(x)) into ``out``.
             parts = tuple(part.contiguous() for part in parts)
             mean, rstd, variance = fused.batch_norm_relu_forward(
-                list(parts), weight.contiguous(), bias.contiguous(), eps, out
-            )
-            rows = out.shape[0]
+                list(parts), weight.contiguous(), bias.contiguous(), eps, out,
+                None if pooled is None else _batch_major(pooled, time_major), steps,
+            )  # fmt: skip
             with torch.no_grad():  # as F.batch_norm updates them: unbiased variance
-                running_mean.lerp_(mean, momentum)
+                running_mean.lerp_(mean + conv_bias, momentum)
                 running_var.lerp_(
                     variance * (rows / (rows - 1)) if rows > 1 else variance, momentum
                 )
-            ctx.save_for_backward(out, mean, rstd, weight, *parts)
-            return out
-        means, rstds, start = [], [], 0
-        for part in parts:
-            stop = start + part.shape[1]
-            # One channel: the same numbers as one long (1, 1, M) sequence, for which PyTorch's
-            # contiguous kernel is several times faster than its channels-last one.
-            normalised, mean, rstd = torch.native_batch_norm(
-                part.view(1, 1, -1) if part.shape[1] == 1 else part,
-                weight[start:stop],
-                bias[start:stop],
-                running_mean[start:stop],
-                running_var[start:stop],
-                True,
-                momentum,
-                eps,
+        else:
+            mean, rstd = _batch_norm_relu_ops(
+                parts, weight, bias, running_mean, running_var, momentum, eps, out
             )
-            torch.clamp_min(normalised.view_as(part), 0, out=out[:, start:stop])
-            means.append(mean)
-            rstds.append(rstd)
-            start = stop
-        ctx.save_for_backward(out, torch.cat(means), torch.cat(rstds), weight, *parts)
-        return out
+            with torch.no_grad():  # the shift left out of the parts
+                running_mean.add_(conv_bias, alpha=momentum)
+            if pooled is not None:
+                pairs = out.view(-1, steps, out.shape[1])[:, : steps // 2 * 2].unflatten(1, (-1, 2))
+                torch.maximum(pairs[:, :, 0], pairs[:, :, 1], out=_batch_major(pooled, time_major))
+        ctx.save_for_backward(out, mean, rstd, weight, *parts)
+        return out if pooled is None else pooled
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
         out, mean, rstd, weight, *parts = ctx.saved_tensors
-        rows = out.shape[0]
+        steps = ctx.steps
         fused = _fused_kernels(out, parts)
+        if steps:
+            grad = _batch_major(grad, ctx.time_major)
+            if grad.stride(-1) != 1:
+                grad = grad.contiguous()
+        else:
+            grad = grad.contiguous()
         if fused is not None:  # one pass for the sums, one for the input gradients
             *grad_parts, grad_weight, grad_bias = fused.batch_norm_relu_backward(
-                grad_out.contiguous(), out, parts, mean, rstd, weight.contiguous()
+                grad, out, parts, mean, rstd, weight.contiguous(), steps
             )
-            return (None, None, None, *grad_parts, grad_weight, grad_bias, None, None)
-        grad_parts, grad_weights, grad_biases, start = [], [], [], 0
-        for part in parts:
-            stop = start + part.shape[1]
-            grad_y = torch.ops.aten.threshold_backward(
-                grad_out[:, start:stop], out[:, start:stop], 0
+        else:
+            if steps:
+                grad = _pair_max_backward_ops(grad, out.view(-1, steps, out.shape[1]))
+            grad_parts, grad_weight, grad_bias = _batch_norm_relu_backward_ops(
+                grad.view_as(out), out, parts, mean, rstd, weight
             )
-            centered = part - mean[start:stop]
-            sum_grad = grad_y.sum(0, dtype=mean.dtype)
-            sum_grad_centered = (grad_y * centered).sum(0, dtype=mean.dtype)
-            channel_rstd = rstd[start:stop]
-            scale = weight[start:stop] * channel_rstd
-            slope = scale * channel_rstd * channel_rstd * sum_grad_centered / rows
-            grad_part = torch.addcmul(-scale * sum_grad / rows, grad_y, scale)
-            grad_parts.append(grad_part.addcmul_(centered, slope, value=-1).to(part.dtype))
-            grad_weights.append(sum_grad_centered * channel_rstd)
-            grad_biases.append(sum_grad)
-            start = stop
-        return (
-            None,
-            None,
-            None,
-            *grad_parts,
-            torch.cat(grad_weights).to(weight.dtype),
-            torch.cat(grad_biases).to(weight.dtype),
-            None,
-            None,
+        grad_shift = torch.zeros_like(weight) if ctx.needs_input_grad[-1] else None
+        return (None,) * 5 + (*grad_parts, grad_weight, grad_bias, None, None, grad_shift)
+
+
+def _pooled_buffer(out: Tensor, steps: int, time_major: bool) -> Tensor | None:
+    """The pooled output's storage: ``(N, steps // 2, C)``, or ``(steps // 2, N, C)``."""
+    if not steps:
+        return None
+    sequences, channels = out.shape[0] // steps, out.shape[1]
+    shape = (steps // 2, sequences, channels) if time_major else (sequences, steps // 2, channels)
+    return out.new_empty(shape)
+
+
+def _batch_major(pooled: Tensor, time_major: bool) -> Tensor:
+    """``(N, W, C)`` view of a pooled tensor stored time-major or batch-major."""
+    return pooled.transpose(0, 1) if time_major else pooled
+
+
+def _batch_norm_relu_ops(
+    parts: Sequence[Tensor],
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+    out: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """BatchNorm + ReLU forward on PyTorch ops, written into ``out``; returns (mean, invstd)."""
+    means, rstds, start = [], [], 0
+    for part in parts:
+        stop = start + part.shape[1]
+        # One channel: the same numbers as one long (1, 1, M) sequence, for which PyTorch's
+        # contiguous kernel is several times faster than its channels-last one.
+        normalised, mean, rstd = torch.native_batch_norm(
+            part.view(1, 1, -1) if part.shape[1] == 1 else part,
+            weight[start:stop],
+            bias[start:stop],
+            running_mean[start:stop],
+            running_var[start:stop],
+            True,
+            momentum,
+            eps,
         )
+        torch.clamp_min(normalised.view_as(part), 0, out=out[:, start:stop])
+        means.append(mean)
+        rstds.append(rstd)
+        start = stop
+    return torch.cat(means), torch.cat(rstds)
+
+
+def _batch_norm_relu_backward_ops(
+    grad_out: Tensor,
+    out: Tensor,
+    parts: Sequence[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """BatchNorm + ReLU backward on PyTorch ops: (part gradients, grad_weight, grad_bias)."""
+    rows = out.shape[0]
+    grad_parts, grad_weights, grad_biases, start = [], [], [], 0
+    for part in parts:
+        stop = start + part.shape[1]
+        grad_y = torch.ops.aten.threshold_backward(grad_out[:, start:stop], out[:, start:stop], 0)
+        centered = part - mean[start:stop]
+        sum_grad = grad_y.sum(0, dtype=mean.dtype)
+        sum_grad_centered = (grad_y * centered).sum(0, dtype=mean.dtype)
+        channel_rstd = rstd[start:stop]
+        scale = weight[start:stop] * channel_rstd
+        slope = scale * channel_rstd * channel_rstd * sum_grad_centered / rows
+        grad_part = torch.addcmul(-scale * sum_grad / rows, grad_y, scale)
+        grad_parts.append(grad_part.addcmul_(centered, slope, value=-1).to(part.dtype))
+        grad_weights.append(sum_grad_centered * channel_rstd)
+        grad_biases.append(sum_grad)
+        start = stop
+    return (
+        grad_parts,
+        torch.cat(grad_weights).to(weight.dtype),
+        torch.cat(grad_biases).to(weight.dtype),
+    )
+
+
+def _pair_max_backward_ops(grad_out: Tensor, x: Tensor) -> Tensor:
+    """MaxPool(2) over time of ``(N, T, C)``, backward on PyTorch ops: each gradient goes to the
+    larger of its pair (the first on a tie, as PyTorch's pooling does); an odd last step gets 0."""
+    batch, steps, channels = x.shape
+    windows = steps // 2
+    pairs = x[:, : windows * 2].view(batch, windows, 2, channels)
+    first_wins = pairs[:, :, 0] >= pairs[:, :, 1]
+    grad_in = x.new_empty(x.shape)
+    grad_pairs = grad_in[:, : windows * 2].view(batch, windows, 2, channels)
+    # g * mask, then g - g * mask (exactly g or 0): two passes, faster than torch.where.
+    torch.mul(grad_out, first_wins, out=grad_pairs[:, :, 0])
+    torch.sub(grad_out, grad_pairs[:, :, 0], out=grad_pairs[:, :, 1])
+    if steps % 2:
+        grad_in[:, -1].zero_()
+    return grad_in
 
 
 # The fused BatchNorm kernels vectorise over channels; narrower parts (the one-channel
@@ -207,27 +298,42 @@ def _fused_kernels(like: Tensor, parts: Sequence[Tensor] = ()):
     return kernels.for_tensor(like)
 
 
-def batch_norm_relu(parts: list[Tensor], norms: list[nn.BatchNorm1d]) -> Tensor:
-    """ReLU(BatchNorm(concatenation of ``parts``)) with the channels of ``norms`` in order.
+def batch_norm_relu(
+    parts: list[Tensor],
+    norms: list[nn.BatchNorm1d],
+    conv_biases: list[Tensor],
+    pool_steps: int = 0,
+    time_major: bool = False,
+) -> Tensor:
+    """ReLU(BatchNorm(concatenation of ``parts`` + ``conv_biases``)) with the channels of
+    ``norms`` in order, optionally followed by MaxPool(2) over time.
 
-    ``parts`` are ``(M, c_i)`` channels-last pre-activations. In training mode the batch
-    statistics are used and every module's running statistics and batch count are updated
-    exactly as ``nn.BatchNorm1d`` would; in eval mode the running statistics are used.
+    ``parts`` are ``(M, c_i)`` channels-last pre-activations without their convolutions' biases,
+    which are given apart (see ``BatchNormReLUConcat``). In training mode the batch statistics
+    are used and every module's running statistics and batch count are updated exactly as
+    ``nn.BatchNorm1d`` would; in eval mode the running statistics are used. With ``pool_steps``
+    (training mode only) the rows are sequences of that length and the result is pooled:
+    ``(N, pool_steps // 2, C)``, a view of time-major memory with ``time_major``.
     """
     first = norms[0]
     weight = torch.cat([norm.weight for norm in norms])
     bias = torch.cat([norm.bias for norm in norms])
     running_mean = torch.cat([norm.running_mean for norm in norms])
     running_var = torch.cat([norm.running_var for norm in norms])
+    shift = torch.cat(conv_biases)
     if not first.training:
+        if pool_steps:
+            raise ValueError("batch_norm_relu pools in training mode only")
         scale = weight * (running_var + first.eps).rsqrt()
-        return torch.addcmul(bias - running_mean * scale, torch.cat(parts, dim=1), scale).relu_()
+        offset = bias + (shift - running_mean) * scale
+        return torch.addcmul(offset, torch.cat(parts, dim=1), scale).relu_()
     for norm in norms:
         norm.num_batches_tracked.add_(1)
     momentum = 1.0 / float(first.num_batches_tracked) if first.momentum is None else first.momentum
     out = BatchNormReLUConcat.apply(
-        first.eps, momentum, len(parts), *parts, weight, bias, running_mean, running_var
-    )
+        first.eps, momentum, len(parts), pool_steps, time_major, *parts, weight, bias,
+        running_mean, running_var, shift,
+    )  # fmt: skip
     with torch.no_grad():
         start = 0
         for norm in norms:
@@ -235,7 +341,7 @@ def batch_norm_relu(parts: list[Tensor], norms: list[nn.BatchNorm1d]) -> Tensor:
             norm.running_mean.copy_(running_mean[start:stop])
             norm.running_var.copy_(running_var[start:stop])
             start = stop
-    return out
+    return _batch_major(out, time_major) if pool_steps else out
 
 
 def folded_linear(conv: nn.Conv1d, norm: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
@@ -263,12 +369,11 @@ def max_pool_time(x: Tensor, kernel_size: int, stride: int, padding: int = 0) ->
     """MaxPool1d over the time axis of an ``(N, T, C)`` tensor, returning ``(N, T', C)``.
 
     Runs as a channels-last 2D pooling: vectorised over channels, and its indices cost a few
-    percent of the (N, C, T) kernel's (which dominated the reference's encoder time).
+    percent of the (N, C, T) kernel's (which dominated the reference's encoder time). In training,
+    the Inception stack pools inside its BatchNorm + ReLU instead (``batch_norm_relu``).
     """
     batch, steps, channels = x.shape
     training = x.requires_grad and torch.is_grad_enabled()
-    if kernel_size == stride == 2 and padding == 0 and training:
-        return PairMax.apply(x)
     if kernel_size == stride and padding == 0 and not training:
         # Inference: no indices to keep, and a reduction over windows is faster still.
         windows = steps // stride
@@ -279,69 +384,76 @@ def max_pool_time(x: Tensor, kernel_size: int, stride: int, padding: int = 0) ->
     return pooled.squeeze(2).permute(0, 2, 1)
 
 
-class PairMax(torch.autograd.Function):
-    """MaxPool(2) over the time axis of ``(N, T, C)``, as ``F.max_pool1d(kernel 2, stride 2)``.
+def max_pool3_rows(rows: Tensor, batch: int) -> Tensor:
+    """MaxPool(3, stride 1, padding 1) over time of ``(N * T, C)`` rows, returning rows.
 
-    Training-mode pooling without an index tensor: the backward pass routes each gradient to the
-    larger of its two inputs (the first on a tie, as PyTorch's pooling does), found again from the
-    input, which the BatchNorm + ReLU before it keeps for its own backward pass anyway. For the
-    first Inception block that saves writing and reading 233 MB of int64 indices per step.
+    Without autograd on a plain CPU tensor this runs on leadtune's kernel; otherwise as PyTorch's
+    channels-last pooling. (In training, ``BlockInputProducts`` pools with the kernel itself.)
+    """
+    fused = _fused_kernels(rows)
+    if (
+        fused is not None
+        and not (rows.requires_grad and torch.is_grad_enabled())
+        and type(rows) is torch.Tensor  # not a tracer's or exporter's fake tensor
+        and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+    ):
+        return fused.max_pool3_forward(rows.view(batch, -1, rows.shape[1]).contiguous()).view_as(
+            rows
+        )
+    return rows_of(F.max_pool2d(as_channels_last_4d(rows, batch), (1, 3), (1, 1), (0, 1)))
+
+
+class BlockInputProducts(torch.autograd.Function):
+    """The four 1x1 convs that read an Inception block's input, without biases, for training.
+
+    ``forward(batch, rows, w_pointwise, w_kernel5, w_kernel11, w_pooled)``: ``rows`` is the
+    ``(M, C)`` input, each weight ``(out_i, C)``; returns ``rows @ w_i^T`` for the pointwise conv
+    and the two bottlenecks, and ``maxpool3(rows) @ w_pooled^T`` for the pooled branch. The same
+    numbers as four separate products, but the backward pass sums the input gradient inside the
+    matrix products (``addmm_`` into one buffer) and the pooling's gradient inside its kernel,
+    instead of autograd's separate addition passes over the input-sized gradients.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        batch, steps, channels = x.shape
-        pairs = x[:, : steps // 2 * 2].view(batch, steps // 2, 2, channels)
-        ctx.save_for_backward(x)
-        return torch.maximum(pairs[:, :, 0], pairs[:, :, 1])
+    def forward(ctx, batch: int, rows: Tensor, *weights: Tensor):  # type: ignore[override]
+        pooled = max_pool3_rows(rows.detach(), batch)
+        sources = (rows, rows, rows, pooled)
+        ctx.batch = batch
+        ctx.save_for_backward(rows, pooled, *weights)
+        return tuple(torch.mm(source, weight.t()) for source, weight in zip(sources, weights))
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        fused = _fused_kernels(x)
-        if fused is not None:  # one pass: read both inputs of a pair, write both gradients
-            return fused.pair_max_backward(grad_out.contiguous(), x.contiguous())
-        batch, steps, channels = x.shape
-        windows = steps // 2
-        pairs = x[:, : windows * 2].view(batch, windows, 2, channels)
-        first_wins = pairs[:, :, 0] >= pairs[:, :, 1]
-        grad_in = x.new_empty(x.shape)
-        grad_pairs = grad_in[:, : windows * 2].view(batch, windows, 2, channels)
-        # g * mask, then g - g * mask (exactly g or 0): two passes, faster than torch.where.
-        torch.mul(grad_out, first_wins, out=grad_pairs[:, :, 0])
-        torch.sub(grad_out, grad_pairs[:, :, 0], out=grad_pairs[:, :, 1])
-        if steps % 2:
-            grad_in[:, -1].zero_()
-        return grad_in
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        rows, pooled, *weights = ctx.saved_tensors
+        grads = [g if g is None else g.contiguous() for g in grads]
+        sources = (rows, rows, rows, pooled)
+        grad_weights = [
+            None if g is None or not needed else g.t() @ source
+            for g, source, needed in zip(grads, sources, ctx.needs_input_grad[2:])
+        ]
+        grad_rows = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = torch.zeros_like(rows)
+            for g, weight in zip(grads[:3], weights[:3]):
+                if g is not None:
+                    grad_rows.addmm_(g, weight)
+            if grads[3] is not None:
+                _max_pool3_backward_into(grads[3] @ weights[3], rows, ctx.batch, grad_rows)
+        return (None, grad_rows, *grad_weights)
 
 
-class MaxPool3(torch.autograd.Function):
-    """MaxPool(3, stride 1, padding 1) over the time axis of ``(N, T, C)``, for CPU training with
-    leadtune's kernels: no index tensor; the backward pass finds each window's first maximum
-    again from the input (PyTorch's tie rule)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        x = x.contiguous()
-        ctx.save_for_backward(x)
-        return kernels.load().max_pool3_forward(x)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return kernels.load().max_pool3_backward(grad_out.contiguous(), x)
-
-
-def max_pool3_rows(rows: Tensor, batch: int) -> Tensor:
-    """MaxPool(3, stride 1, padding 1) over time of ``(N * T, C)`` rows, returning rows."""
+def _max_pool3_backward_into(grad_pooled: Tensor, rows: Tensor, batch: int, into: Tensor) -> None:
+    """Add the gradient of ``max_pool3_rows(rows)`` for ``grad_pooled`` to ``into``."""
     fused = _fused_kernels(rows)
-    if fused is not None and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+    if fused is not None:
         sequences = rows.view(batch, -1, rows.shape[1])
-        if rows.requires_grad and torch.is_grad_enabled():
-            return MaxPool3.apply(sequences).view_as(rows)
-        if not torch.is_grad_enabled() and type(rows) is torch.Tensor:  # plain inference
-            return fused.max_pool3_forward(sequences.contiguous()).view_as(rows)
-    return rows_of(F.max_pool2d(as_channels_last_4d(rows, batch), (1, 3), (1, 1), (0, 1)))
+        fused.max_pool3_backward(grad_pooled.view_as(sequences), sequences.contiguous(), into)
+        return
+    with torch.enable_grad():
+        source = rows.detach().requires_grad_()
+        pooled = max_pool3_rows(source, batch)
+        (grad,) = torch.autograd.grad(pooled, source, grad_pooled)
+    into.add_(grad)
 
 
 class InceptionBlock(nn.Module):
@@ -390,77 +502,98 @@ class InceptionBlock(nn.Module):
         """``(N, C, T) -> (N, 4 * branch, T)``."""
         return self.forward_channels_last(x.transpose(1, 2).contiguous()).transpose(1, 2)
 
-    def forward_channels_last(self, x: Tensor) -> Tensor:
-        """``(N, T, C) -> (N, T, 4 * branch)``, both contiguous."""
+    def forward_channels_last(
+        self, x: Tensor, pool: bool = False, time_major: bool = False
+    ) -> Tensor:
+        """``(N, T, C) -> (N, T, 4 * branch)``, both contiguous.
+
+        With ``pool``, MaxPool(2) over time follows: ``(N, T // 2, 4 * branch)``. In training it
+        is fused into the block's last BatchNorm + ReLU, and with ``time_major`` the result is a
+        view of ``(T // 2, N, 4 * branch)`` memory (the layout the GRU reads).
+        """
         batch, steps, channels = x.shape
         rows = x.reshape(batch * steps, channels)
-        bottleneck5 = self._bottleneck(self.kernel5[0], rows)
-        bottleneck11 = self._bottleneck(self.kernel11[0], rows)
-        pooled = max_pool3_rows(rows, batch)
+        if not self.training:
+            out = self._folded_forward(x, rows).view(batch, steps, self.out_channels)
+            return max_pool_time(out, 2, 2) if pool else out
+        convs, norms = self._convs_and_norms()
         if self.single_product:
-            out = self._single_product(x, bottleneck5, bottleneck11, pooled)
+            parts = [self._single_product(x, rows)]
         else:
-            out = self._branch_products(rows, bottleneck5, bottleneck11, pooled, batch)
-        return out.view(batch, steps, self.out_channels)
+            parts = self._branch_parts(rows, batch)
+        out = batch_norm_relu(
+            parts, norms, [conv.bias for conv in convs], steps if pool else 0, time_major
+        )
+        return out if pool else out.view(batch, steps, self.out_channels)
 
     def _convs_and_norms(self) -> tuple[list[nn.Conv1d], list[nn.BatchNorm1d]]:
         """The four branch-output convs and their BatchNorms, in output-channel order."""
         layers = (self.pointwise, self.kernel5[1], self.kernel11[1], self.pooled[1])
         return [layer[0] for layer in layers], [layer[1] for layer in layers]
 
-    def _bottleneck(self, layer: nn.Sequential, rows: Tensor) -> Tensor:
-        """A 1x1 bottleneck conv + BatchNorm + ReLU on ``(M, C)`` rows: ``(M, b)``."""
-        conv, norm = layer[0], layer[1]
-        if self.training:
-            return batch_norm_relu(
-                [torch.addmm(conv.bias, rows, conv.weight.flatten(1).t())], [norm]
-            )
-        weight, bias = folded_linear(conv, norm)
-        return torch.addmm(bias, rows, weight.t()).relu_()
+    # --- training: batch statistics; convs without their biases (BatchNorm takes them) ---
 
-    def _branch_products(
-        self, rows: Tensor, bottleneck5: Tensor, bottleneck11: Tensor, pooled: Tensor, batch: int
-    ) -> Tensor:
-        """Wide input: matrix products for the pointwise and pooled 1x1 convs, channels-last
-        convs for k5 and k11, then one BatchNorm + ReLU pass writing all four branches."""
-        convs, norms = self._convs_and_norms()
-        inputs = (rows, bottleneck5, bottleneck11, pooled)
-        if self.training:
-            weights = [(conv.weight, conv.bias) for conv in convs]
-        else:
-            weights = [
-                (weight.view_as(conv.weight), bias)
-                for conv, (weight, bias) in zip(convs, map(folded_linear, convs, norms))
-            ]
-        parts = []
-        for conv, source, (weight, bias) in zip(convs, inputs, weights):
+    def _bottleneck(self, layer: nn.Sequential, pre_activation: Tensor) -> Tensor:
+        """BatchNorm + ReLU of a 1x1 bottleneck conv's bias-free output ``(M, b)``."""
+        conv, norm = layer[0], layer[1]
+        return batch_norm_relu([pre_activation], [norm], [conv.bias])
+
+    def _branch_parts(self, rows: Tensor, batch: int) -> list[Tensor]:
+        """Wide input: the four branch convs' outputs before BatchNorm, ``(M, branch)`` each.
+
+        The 1x1 convs that read the input are ``BlockInputProducts``; k5 and k11 are
+        channels-last convs over the bottlenecks."""
+        convs, _ = self._convs_and_norms()
+        pointwise, bottleneck5, bottleneck11, pooled = BlockInputProducts.apply(
+            batch,
+            rows,
+            convs[0].weight.flatten(1),
+            self.kernel5[0][0].weight.flatten(1),
+            self.kernel11[0][0].weight.flatten(1),
+            convs[3].weight.flatten(1),
+        )
+        windowed = []
+        for conv, layer, pre_activation in (
+            (convs[1], self.kernel5[0], bottleneck5),
+            (convs[2], self.kernel11[0], bottleneck11),
+        ):
+            source = self._bottleneck(layer, pre_activation)
             taps = conv.kernel_size[0]
-            if taps == 1:
-                parts.append(torch.addmm(bias, source, weight.flatten(1).t()))
-            else:
-                parts.append(
-                    rows_of(
-                        F.conv2d(
-                            as_channels_last_4d(source, batch),
-                            weight.unsqueeze(2),
-                            bias,
-                            padding=(0, taps // 2),
-                        )
+            windowed.append(
+                rows_of(
+                    F.conv2d(
+                        as_channels_last_4d(source, batch),
+                        conv.weight.unsqueeze(2),
+                        None,
+                        padding=(0, taps // 2),
                     )
                 )
-        if self.training:
-            return batch_norm_relu(parts, norms)
-        return torch.cat(parts, dim=1).relu_()
+            )
+        return [pointwise, *windowed, pooled]
 
-    def _single_product(
-        self, x: Tensor, bottleneck5: Tensor, bottleneck11: Tensor, pooled: Tensor
-    ) -> Tensor:
+    def _single_product(self, x: Tensor, rows: Tensor) -> Tensor:
         """Narrow input: every branch conv is one product over the columns
         ``[input, k5 windows of its bottleneck, k11 windows of its bottleneck, pooled input]``
-        with a block-diagonal weight; the BatchNorm + ReLU that follows covers all branches."""
+        with a block-diagonal weight, ``(M, 4 * branch)`` before BatchNorm."""
+        convs, _ = self._convs_and_norms()
+        bottleneck5, bottleneck11 = (
+            self._bottleneck(layer, rows @ layer[0].weight.flatten(1).t())
+            for layer in (self.kernel5[0], self.kernel11[0])
+        )
+        columns = self._columns(x, rows, bottleneck5, bottleneck11)
+        # The weight as a contiguous (columns, out) matrix: autograd then computes its gradient
+        # as columns^T @ grad, which MKL runs twice as fast as (grad^T @ columns)^T here.
+        weight = torch.block_diag(*[conv.weight.flatten(1) for conv in convs]).t().contiguous()
+        return columns @ weight
+
+    def _columns(
+        self, x: Tensor, rows: Tensor, bottleneck5: Tensor, bottleneck11: Tensor
+    ) -> Tensor:
+        """``(M, C + 5 b + 11 b + C)``: the single product's input columns."""
         batch, steps, _ = x.shape
-        convs, norms = self._convs_and_norms()
-        columns = torch.cat(
+        convs, _ = self._convs_and_norms()
+        pooled = max_pool3_rows(rows, batch)
+        return torch.cat(
             [
                 x,
                 time_windows(bottleneck5.view(batch, steps, -1), convs[1].kernel_size[0]),
@@ -469,14 +602,43 @@ class InceptionBlock(nn.Module):
             ],
             dim=2,
         ).view(batch * steps, -1)
-        if self.training:
-            weight = torch.block_diag(*[conv.weight.flatten(1) for conv in convs])
-            bias = torch.cat([conv.bias for conv in convs])
-            return batch_norm_relu([torch.addmm(bias, columns, weight.t())], norms)
+
+    # --- eval: running statistics, every BatchNorm folded into the conv before it ---
+
+    def _folded_forward(self, x: Tensor, rows: Tensor) -> Tensor:
+        """``(M, 4 * branch)`` after ReLU, with every BatchNorm folded into its conv."""
+        batch = x.shape[0]
+        bottleneck5, bottleneck11 = (
+            torch.addmm(bias, rows, weight.t()).relu_()
+            for weight, bias in (
+                folded_linear(layer[0], layer[1]) for layer in (self.kernel5[0], self.kernel11[0])
+            )
+        )
+        convs, norms = self._convs_and_norms()
         folded = [folded_linear(conv, norm) for conv, norm in zip(convs, norms)]
-        weight = torch.block_diag(*[w for w, _ in folded])
-        bias = torch.cat([b for _, b in folded])
-        return torch.addmm(bias, columns, weight.t()).relu_()
+        if self.single_product:
+            columns = self._columns(x, rows, bottleneck5, bottleneck11)
+            weight = torch.block_diag(*[w for w, _ in folded])
+            bias = torch.cat([b for _, b in folded])
+            return torch.addmm(bias, columns, weight.t()).relu_()
+        inputs = (rows, bottleneck5, bottleneck11, max_pool3_rows(rows, batch))
+        parts = []
+        for conv, source, (weight, bias) in zip(convs, inputs, folded):
+            taps = conv.kernel_size[0]
+            if taps == 1:
+                parts.append(torch.addmm(bias, source, weight.t()))
+            else:
+                parts.append(
+                    rows_of(
+                        F.conv2d(
+                            as_channels_last_4d(source, batch),
+                            weight.view_as(conv.weight).unsqueeze(2),
+                            bias,
+                            padding=(0, taps // 2),
+                        )
+                    )
+                )
+        return torch.cat(parts, dim=1).relu_()
 
 
 def time_windows(x: Tensor, taps: int) -> Tensor:
@@ -500,16 +662,45 @@ class InceptionStack(nn.Sequential):
         return self.forward_channels_last(x).transpose(1, 2)
 
     def forward_channels_last(self, x: Tensor) -> Tensor:
-        """``(N, C, T)`` waveforms -> ``(N, T // 4, 4 * branch)`` features."""
+        """``(N, C, T)`` waveforms -> ``(N, T // 4, 4 * branch)`` features.
+
+        In CPU training the result is a view of time-major ``(T // 4, N, C)`` memory, which the
+        GRU reads without a copy; otherwise it is contiguous.
+        """
         hidden = x.transpose(1, 2).contiguous()
-        for module in self:
+        modules = list(self)
+        index = 0
+        while index < len(modules):
+            module = modules[index]
+            following = modules[index + 1] if index + 1 < len(modules) else None
+            if isinstance(module, InceptionBlock) and module.training and _pairs(following):
+                # The pooling runs inside the block's last BatchNorm + ReLU.
+                last = index + 2 == len(modules)
+                time_major = last and hidden.device.type == "cpu"
+                hidden = module.forward_channels_last(hidden, pool=True, time_major=time_major)
+                index += 2
+                continue
             if isinstance(module, InceptionBlock):
                 hidden = module.forward_channels_last(hidden)
             else:
                 hidden = max_pool_time(
                     hidden, _single(module.kernel_size), _single(module.stride), 0
                 )
+            index += 1
         return hidden
+
+
+def _pairs(module: nn.Module | None) -> bool:
+    """Whether ``module`` is MaxPool1d(2) (stride 2, no padding, no dilation, floor mode)."""
+    return (
+        isinstance(module, nn.MaxPool1d)
+        and _single(module.kernel_size) == 2
+        and _single(module.stride) == 2
+        and _single(module.padding) == 0
+        and _single(module.dilation) == 1
+        and not module.ceil_mode
+        and not module.return_indices
+    )
 
 
 def _single(value: int | tuple[int, ...]) -> int:

@@ -50,37 +50,46 @@ class GRULayer(torch.autograd.Function):
         x, w_ih, w_hh, states, recurrent, reset_update, candidate = ctx.saved_tensors
         steps, batch, features = x.shape
         hidden = w_hh.shape[1]
-        # Gradients of the pre-activations: through W_hh h (recurrent) and through W_ih x (input).
-        # They differ only in the candidate block, where the recurrent one is scaled by r.
-        grad_recurrent = x.new_empty(steps, batch, 3 * hidden)
-        grad_input_candidate = x.new_empty(steps, batch, hidden)
-        grad_states = grad_states.contiguous()
+        # Gradients of the pre-activations in column blocks [d a_n * r, d a_r, d a_z, d a_n]:
+        # the first three are the gradient through W_hh h (gate order n, r, z), the last three
+        # the gradient through W_ih x (order r, z, n). They differ only in the candidate block,
+        # where the recurrent one is scaled by r.
+        grad_gates = x.new_empty(steps, batch, 4 * hidden)
+        grad_recurrent = grad_gates[:, :, : 3 * hidden]  # views: no copies
+        grad_projected = grad_gates[:, :, hidden:]
+        w_hh_nrz = torch.cat([w_hh[2 * hidden :], w_hh[: 2 * hidden]])
         fused = kernels.for_tensor(x)
         # Both walks also give the bias gradients: (grad_b_ih, grad_b_hh).
         walk = fused.gru_backward if fused is not None else _backward_steps
         bias_grads = walk(
-            grad_states, states, recurrent, reset_update, candidate, w_hh,
-            grad_recurrent, grad_input_candidate,
+            grad_states.contiguous(), states, recurrent, reset_update, candidate, w_hh_nrz,
+            grad_gates,
         )  # fmt: skip
         grad_x = grad_w_ih = grad_w_hh = None
         grad_b_ih = bias_grads[0] if ctx.needs_input_grad[3] else None
         grad_b_hh = bias_grads[1] if ctx.needs_input_grad[4] else None
         if ctx.needs_input_grad[2] and steps > 1:
             # The first step's previous state is zero: it contributes nothing to dW_hh.
-            grad_w_hh = grad_recurrent[1:].view(-1, 3 * hidden).t() @ states[:-1].reshape(
-                -1, hidden
+            grad_nrz = _weight_gradient(
+                grad_recurrent[1:].reshape(-1, 3 * hidden), states[:-1].reshape(-1, hidden)
             )
+            grad_w_hh = torch.cat([grad_nrz[hidden:], grad_nrz[:hidden]])
         elif ctx.needs_input_grad[2]:
             grad_w_hh = torch.zeros_like(w_hh)
-        # The input-side gradient: r and z blocks as above, the candidate block without r.
-        grad_projected = grad_recurrent
-        grad_projected[:, :, 2 * hidden :] = grad_input_candidate
-        rows_projected = grad_projected.view(steps * batch, 3 * hidden)
+        rows_projected = grad_projected.reshape(steps * batch, 3 * hidden)
         if ctx.needs_input_grad[1]:
-            grad_w_ih = rows_projected.t() @ x.reshape(steps * batch, features)
+            grad_w_ih = _weight_gradient(rows_projected, x.reshape(steps * batch, features))
         if ctx.needs_input_grad[0]:
             grad_x = (rows_projected @ w_ih).view(steps, batch, features)
         return grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+def _weight_gradient(grad_rows: Tensor, input_rows: Tensor) -> Tensor:
+    """``grad_rows^T @ input_rows`` computed as ``(input_rows^T @ grad_rows)^T``, contiguous.
+
+    The same numbers; for the GRU's shapes (K = 114,000 rows, a 128 x 384 result) MKL runs this
+    orientation about 20 % faster."""
+    return (input_rows.t() @ grad_rows).t().contiguous()
 
 
 def _forward_steps(
@@ -131,15 +140,13 @@ def _backward_steps(
     recurrent: Tensor,
     reset_update: Tensor,
     candidate: Tensor,
-    w_hh: Tensor,
-    grad_recurrent: Tensor,
-    grad_input_candidate: Tensor,
+    w_hh_nrz: Tensor,
+    grad_gates: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """The backward time loop in PyTorch ops (what the fused kernel ``gru_backward`` does).
-    Returns the bias gradients (grad_b_ih, grad_b_hh)."""
+    """The backward time loop in PyTorch ops (what the fused kernel ``gru_backward`` does):
+    fills ``grad_gates`` (T, N, 4H) = [d a_n * r, d a_r, d a_z, d a_n] and returns the bias
+    gradients (grad_b_ih, grad_b_hh)."""
     steps, batch, hidden = states.shape
-    grad_gates = states.new_empty(batch, 2 * hidden)  # dL/dr, dL/dz of one step
-    grad_reset, grad_update = grad_gates[:, :hidden], grad_gates[:, hidden:]
     grad_candidate_out = states.new_empty(batch, hidden)
     carries = (states.new_empty(batch, hidden), states.new_empty(batch, hidden))
     sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
@@ -149,8 +156,10 @@ def _backward_steps(
         update = reset_update[step, :, hidden:]
         reset = reset_update[step, :, :hidden]
         new = candidate[step]
-        grads = grad_recurrent[step]
-        grad_candidate = grad_input_candidate[step]
+        grads = grad_gates[step]
+        grad_reset_update = grads[:, hidden : 3 * hidden]  # dL/dr, dL/dz, then through sigmoid
+        grad_reset, grad_update = grads[:, hidden : 2 * hidden], grads[:, 2 * hidden : 3 * hidden]
+        grad_candidate = grads[:, 3 * hidden :]
         # h = n + z * (h_prev - n): dL/dz = dh * (h_prev - n), dL/dn = dh * (1 - z).
         if step > 0:
             torch.sub(states[step - 1], new, out=grad_update)
@@ -161,19 +170,19 @@ def _backward_steps(
         tanh_backward(grad_candidate_out, new, grad_input=grad_candidate)
         # n = tanh(a_n + r * (W_hn h + b_hn)): dL/dr = dn_pre * (W_hn h + b_hn).
         torch.mul(grad_candidate, recurrent[step], out=grad_reset)
-        sigmoid_backward(grad_gates, reset_update[step], grad_input=grads[:, : 2 * hidden])
-        torch.mul(grad_candidate, reset, out=grads[:, 2 * hidden :])
+        sigmoid_backward(grad_reset_update, reset_update[step], grad_input=grad_reset_update)
+        torch.mul(grad_candidate, reset, out=grads[:, :hidden])
         if step == 0:
             break
         # dL/dh_prev: the direct path through z * h_prev, the next output's own gradient,
         # and the path through W_hh.
         carry = carries[step % 2]  # not the buffer grad_state may live in
         torch.addcmul(grad_states[step - 1], grad_state, update, out=carry)
-        grad_state = carry.addmm_(grads, w_hh)
+        grad_state = carry.addmm_(grads[:, : 3 * hidden], w_hh_nrz)
     # b_hh receives [d a_r, d a_z, d a_n * r]; b_ih receives [d a_r, d a_z, d a_n].
-    grad_b_hh = grad_recurrent.sum((0, 1))
-    grad_b_ih = torch.cat([grad_b_hh[: 2 * hidden], grad_input_candidate.sum((0, 1))])
-    return grad_b_ih, grad_b_hh
+    sums = grad_gates.sum((0, 1))
+    grad_b_hh = torch.cat([sums[hidden : 3 * hidden], sums[:hidden]])
+    return sums[hidden:], grad_b_hh
 
 
 def _plain_configuration(gru: nn.GRU, sequence: Tensor) -> bool:

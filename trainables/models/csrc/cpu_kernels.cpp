@@ -136,23 +136,26 @@ void gru_forward(const at::Tensor& projected, const at::Tensor& w_hh, const at::
 
 // One GRU layer backward over all steps (the matching forward is gru_forward).
 // grad_states: (T, N, H) gradient of the loss with respect to every output state.
-// Outputs (preallocated): grad_recurrent (T, N, 3H), the gradient of the pre-activations through
-// W_hh h + b_hh ([d a_r, d a_z, d a_n * r]); grad_input_candidate (T, N, H), d a_n (through W_in x).
+// Output (preallocated): grad_gates (T, N, 4H), the gradients of the pre-activations in the
+// column blocks [d a_n * r, d a_r, d a_z, d a_n]. Columns 0..3H are the gradient through
+// W_hh h + b_hh (gate order n, r, z: w_hh_nrz is W_hh with its rows in that order), columns
+// H..4H the gradient through W_ih x + b_ih (gate order r, z, n, as W_ih): both are plain strided
+// views for the matrix products that follow, with no copy.
 // Returns the bias gradients (grad_b_ih (3H), grad_b_hh (3H)), summed while walking the steps.
 std::vector<at::Tensor> gru_backward(const at::Tensor& grad_states, const at::Tensor& states,
                                      const at::Tensor& recurrent, const at::Tensor& gates,
-                                     const at::Tensor& candidate, const at::Tensor& w_hh,
-                                     at::Tensor grad_recurrent, at::Tensor grad_input_candidate) {
+                                     const at::Tensor& candidate, const at::Tensor& w_hh_nrz,
+                                     at::Tensor grad_gates) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &grad_states, &states, &recurrent, &gates, &candidate, &grad_recurrent,
-           &grad_input_candidate}) {
+           &grad_states, &states, &recurrent, &gates, &candidate, &grad_gates}) {
     check_cpu_contiguous(*t, "GRU buffer");
   }
   const int64_t steps = states.size(0), batch = states.size(1), hidden = states.size(2);
+  TORCH_CHECK(grad_gates.size(2) == 4 * hidden, "grad_gates must be (T, N, 4H)");
   auto grad_state = grad_states.select(0, steps - 1).clone();  // dL/dh of the step being walked
   auto carry = at::empty_like(grad_state);
   const auto zeros = at::zeros_like(grad_state);
-  // Per-thread sums of [d a_r, d a_z, d a_n * r, d a_n] over rows and steps, in double.
+  // Per-thread sums of the four column blocks over rows and steps, in double.
   Partials bias_sums(4 * hidden);
   for (int64_t step = steps - 1; step >= 0; --step) {
     AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "gru_backward", [&] {
@@ -166,8 +169,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_states, const at::Te
       const scalar_t* g_all = gates.select(0, step).data_ptr<scalar_t>();
       const scalar_t* n_all = candidate.select(0, step).data_ptr<scalar_t>();
       const scalar_t* rec_all = recurrent.select(0, step).data_ptr<scalar_t>();
-      scalar_t* gr_all = grad_recurrent.select(0, step).data_ptr<scalar_t>();
-      scalar_t* gi_all = grad_input_candidate.select(0, step).data_ptr<scalar_t>();
+      scalar_t* out_all = grad_gates.select(0, step).data_ptr<scalar_t>();
       scalar_t* carry_all = carry.data_ptr<scalar_t>();
       at::parallel_for(0, batch, grain_rows(hidden), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> block(4 * hidden, scalar_t(0));  // this chunk's sums, this step
@@ -179,8 +181,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_states, const at::Te
           const scalar_t* rec_b = rec_all + b * hidden;
           const scalar_t* prev = prev_all + b * hidden;
           const scalar_t* next_grad = next_grad_all + b * hidden;
-          scalar_t* gr = gr_all + b * 3 * hidden;
-          scalar_t* gi = gi_all + b * hidden;
+          scalar_t* out = out_all + b * 4 * hidden;
           scalar_t* c = carry_all + b * hidden;
 _Pragma("omp simd")
           for (int64_t j = 0; j < hidden; ++j) {
@@ -189,14 +190,14 @@ _Pragma("omp simd")
             const scalar_t grad_z = d * (h_prev - n) * z * (scalar_t(1) - z);
             const scalar_t grad_n = d * (scalar_t(1) - z) * (scalar_t(1) - n * n);
             const scalar_t grad_r = grad_n * rec_b[j] * r * (scalar_t(1) - r);
-            gr[j] = grad_r;
-            gr[hidden + j] = grad_z;
-            gr[2 * hidden + j] = grad_n * r;
-            gi[j] = grad_n;
+            out[j] = grad_n * r;
+            out[hidden + j] = grad_r;
+            out[2 * hidden + j] = grad_z;
+            out[3 * hidden + j] = grad_n;
             c[j] = d * z + next_grad[j];
-            sums[j] += grad_r;
-            sums[hidden + j] += grad_z;
-            sums[2 * hidden + j] += grad_n * r;
+            sums[j] += grad_n * r;
+            sums[hidden + j] += grad_r;
+            sums[2 * hidden + j] += grad_z;
             sums[3 * hidden + j] += grad_n;
           }
         }
@@ -207,7 +208,7 @@ _Pragma("omp simd")
       });
     });
     if (step > 0) {  // dL/dh_prev = carry + (gradient of W_hh h_prev + b_hh) @ W_hh
-      carry.addmm_(grad_recurrent.select(0, step), w_hh);
+      carry.addmm_(grad_gates.select(0, step).narrow(1, 0, 3 * hidden), w_hh_nrz);
       std::swap(grad_state, carry);
     }
   }
@@ -217,9 +218,9 @@ _Pragma("omp simd")
     return at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(states.scalar_type());
   };
   // b_hh receives [d a_r, d a_z, d a_n * r]; b_ih receives [d a_r, d a_z, d a_n].
-  std::vector<double> hh(sums.begin(), sums.begin() + 3 * hidden);
-  std::vector<double> ih(sums.begin(), sums.begin() + 2 * hidden);
-  ih.insert(ih.end(), sums.begin() + 3 * hidden, sums.end());
+  std::vector<double> hh(sums.begin() + hidden, sums.begin() + 3 * hidden);
+  hh.insert(hh.end(), sums.begin(), sums.begin() + hidden);
+  std::vector<double> ih(sums.begin() + hidden, sums.end());
   return {as_tensor(ih), as_tensor(hh)};
 }
 
@@ -256,15 +257,93 @@ struct PartLayout {
 
 }  // namespace
 
+// Where MaxPool(2, stride 2) over time follows the BatchNorm + ReLU (both Inception blocks), the
+// two are fused: the forward pass writes the pooled rows while it writes the normalised ones, and
+// the backward pass routes the pooled gradient to the larger of each pair itself, so the
+// full-size gradient between the two is never written. The rows are (N, steps) sequences, and
+// the pooled tensor (N, steps / 2, C) may have any strides for its first two axes (a time-major
+// view included); its channels must be contiguous.
+namespace {
+
+// The pooled tensor's geometry: row r = n * steps + t of the (M, C) rows pools into
+// (n, t / 2); an odd last step is dropped.
+struct PoolLayout {
+  int64_t steps = 0, stride_n = 0, stride_t = 0;
+  PoolLayout(const c10::optional<at::Tensor>& pooled, int64_t steps_, int64_t rows,
+             int64_t channels) {
+    if (!pooled.has_value() || !pooled->defined()) {
+      return;
+    }
+    const auto& p = *pooled;
+    TORCH_CHECK(steps_ > 1 && rows % steps_ == 0, "pooling needs rows = N * steps, steps > 1");
+    TORCH_CHECK(p.device().is_cpu() && p.dim() == 3 && p.size(0) == rows / steps_ &&
+                    p.size(1) == steps_ / 2 && p.size(2) == channels && p.stride(2) == 1,
+                "pooled tensor must be (N, steps / 2, C) with contiguous channels");
+    steps = steps_;
+    stride_n = p.stride(0);
+    stride_t = p.stride(1);
+  }
+  bool active() const { return steps > 0; }
+  // Offset of the pooled row that row r feeds, or -1 where the pooling drops r.
+  int64_t offset(int64_t r) const {
+    const int64_t n = r / steps, t = r % steps;
+    return t / 2 < steps / 2 ? n * stride_n + (t / 2) * stride_t : -1;
+  }
+};
+
+// How row r receives its gradient before the ReLU mask: directly (kDirect), or from the pooled
+// gradient when it wins its pair, as the first (kFirst: y >= partner) or second (kSecond:
+// y > partner) row, or not at all (kNone: dropped by the pooling).
+enum class Route { kDirect, kFirst, kSecond, kNone };
+
+// Calls body(ch, gv) for the channels of one row part, gv = dL/d(pre-ReLU value) of channel ch.
+template <typename scalar_t, typename Body>
+inline void relu_grad(Route route, const scalar_t* y, const scalar_t* partner,
+                      const scalar_t* src, int64_t width, Body&& body) {
+  const scalar_t zero(0);
+  switch (route) {
+    case Route::kDirect:
+      _Pragma("omp simd")
+      for (int64_t ch = 0; ch < width; ++ch) {
+        body(ch, y[ch] > zero ? src[ch] : zero);
+      }
+      break;
+    case Route::kFirst:
+      _Pragma("omp simd")
+      for (int64_t ch = 0; ch < width; ++ch) {
+        body(ch, (y[ch] > zero) & (y[ch] >= partner[ch]) ? src[ch] : zero);
+      }
+      break;
+    case Route::kSecond:
+      _Pragma("omp simd")
+      for (int64_t ch = 0; ch < width; ++ch) {
+        body(ch, (y[ch] > zero) & (y[ch] > partner[ch]) ? src[ch] : zero);
+      }
+      break;
+    case Route::kNone:
+      _Pragma("omp simd")
+      for (int64_t ch = 0; ch < width; ++ch) {
+        body(ch, zero);
+      }
+      break;
+  }
+}
+
+}  // namespace
+
 // Training-mode BatchNorm + ReLU of the concatenation of (M, c_i) parts, written into out
-// (M, sum c_i). Returns (mean, invstd, biased variance), each (sum c_i,), in the input's dtype.
+// (M, sum c_i); with `pooled` given, also MaxPool(2) over time of out, written into pooled
+// (see PoolLayout; `steps` is the sequence length). Returns (mean, invstd, biased variance),
+// each (sum c_i,), in the input's dtype.
 std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& parts,
                                                 const at::Tensor& weight, const at::Tensor& bias,
-                                                double eps, at::Tensor out) {
+                                                double eps, at::Tensor out,
+                                                c10::optional<at::Tensor> pooled, int64_t steps) {
   check_cpu_contiguous(out, "out");
   auto mean = at::empty({out.size(1)}, out.options());
   auto invstd = at::empty_like(mean);
   auto variance = at::empty_like(mean);
+  const PoolLayout pool(pooled, steps, out.size(0), out.size(1));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "batch_norm_relu_forward", [&] {
     const PartLayout<scalar_t> layout(parts);
     const int64_t rows = layout.rows, channels = layout.total;
@@ -324,18 +403,62 @@ std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& p
       offset_term[ch] = static_cast<scalar_t>(b[ch] - m * w[ch] * inv);
     }
     scalar_t* y = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
+    if (!pool.active()) {
+      at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          for (size_t p = 0; p < layout.data.size(); ++p) {
+            const int64_t width = layout.width[p], o = layout.offset[p];
+            const scalar_t* row = layout.data[p] + r * width;
+            const scalar_t* a = scale.data() + o;
+            const scalar_t* c = offset_term.data() + o;
+            scalar_t* dst = y + r * channels + o;
+            _Pragma("omp simd")
+            for (int64_t ch = 0; ch < width; ++ch) {
+              const scalar_t v = row[ch] * a[ch] + c[ch];
+              dst[ch] = v > scalar_t(0) ? v : scalar_t(0);
+            }
+          }
+        }
+      });
+      return;
+    }
+    // Pooled: rows in pairs (t, t + 1), t even, each pair also writing its maximum; an odd last
+    // step of a sequence is normalised alone.
+    scalar_t* pooled_data = pooled->data_ptr<scalar_t>();
+    const int64_t windows = steps / 2, per_sequence = windows + steps % 2;
+    at::parallel_for(0, (rows / steps) * per_sequence, row_grain(2 * channels),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t n = unit / per_sequence, i = unit % per_sequence;
+        const int64_t r = n * steps + 2 * i;
+        const bool pair = i < windows;
+        scalar_t* pool_row = pair ? pooled_data + n * pool.stride_n + i * pool.stride_t : nullptr;
         for (size_t p = 0; p < layout.data.size(); ++p) {
           const int64_t width = layout.width[p], o = layout.offset[p];
           const scalar_t* row = layout.data[p] + r * width;
           const scalar_t* a = scale.data() + o;
           const scalar_t* c = offset_term.data() + o;
           scalar_t* dst = y + r * channels + o;
+          if (!pair) {
+            _Pragma("omp simd")
+            for (int64_t ch = 0; ch < width; ++ch) {
+              const scalar_t v = row[ch] * a[ch] + c[ch];
+              dst[ch] = v > scalar_t(0) ? v : scalar_t(0);
+            }
+            continue;
+          }
+          const scalar_t* next = row + width;
+          scalar_t* dst_next = dst + channels;
+          scalar_t* pmax = pool_row + o;
           _Pragma("omp simd")
           for (int64_t ch = 0; ch < width; ++ch) {
-            const scalar_t v = row[ch] * a[ch] + c[ch];
-            dst[ch] = v > scalar_t(0) ? v : scalar_t(0);
+            scalar_t v = row[ch] * a[ch] + c[ch];
+            scalar_t u = next[ch] * a[ch] + c[ch];
+            v = v > scalar_t(0) ? v : scalar_t(0);
+            u = u > scalar_t(0) ? u : scalar_t(0);
+            dst[ch] = v;
+            dst_next[ch] = u;
+            pmax[ch] = v >= u ? v : u;
           }
         }
       }
@@ -344,15 +467,21 @@ std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& p
   return {mean, invstd, variance};
 }
 
-// Backward of batch_norm_relu_forward: grad_out and out are (M, sum c_i). Returns the gradient
-// of every part, then grad_weight and grad_bias (sum c_i,).
-std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad_out, const at::Tensor& out,
+// Backward of batch_norm_relu_forward: out is (M, sum c_i); grad is the gradient of out (M,
+// sum c_i, contiguous) or, with steps > 0, of the pooled tensor (N, steps / 2, sum c_i, any
+// strides for its first two axes). Returns the gradient of every part, then grad_weight and
+// grad_bias (sum c_i,).
+std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad, const at::Tensor& out,
                                                  const std::vector<at::Tensor>& parts,
                                                  const at::Tensor& mean, const at::Tensor& invstd,
-                                                 const at::Tensor& weight) {
-  check_cpu_contiguous(grad_out, "grad_out");
+                                                 const at::Tensor& weight, int64_t steps) {
   check_cpu_contiguous(out, "out");
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out and out differ in shape");
+  const PoolLayout pool(steps > 0 ? c10::optional<at::Tensor>(grad) : c10::nullopt, steps,
+                        out.size(0), out.size(1));
+  if (!pool.active()) {
+    check_cpu_contiguous(grad, "grad");
+    TORCH_CHECK(grad.sizes() == out.sizes(), "grad and out differ in shape");
+  }
   std::vector<at::Tensor> results;
   for (const auto& part : parts) {
     results.push_back(at::empty_like(part));
@@ -363,9 +492,25 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad_out, con
     const PartLayout<scalar_t> layout(parts);
     const int64_t rows = layout.rows, channels = layout.total;
     TORCH_CHECK(out.size(0) == rows && out.size(1) == channels, "out shape mismatch");
-    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
     const scalar_t* y = out.data_ptr<scalar_t>();
     const scalar_t* m = mean.data_ptr<scalar_t>();
+    // Row r's gradient source (channel 0), its route and its pair partner in out.
+    auto source = [&](int64_t r, Route& route, const scalar_t*& partner) -> const scalar_t* {
+      if (!pool.active()) {
+        route = Route::kDirect;
+        return g + r * channels;
+      }
+      const int64_t at = pool.offset(r);
+      if (at < 0) {
+        route = Route::kNone;
+        return g;
+      }
+      const bool first = (r % steps) % 2 == 0;
+      route = first ? Route::kFirst : Route::kSecond;
+      partner = y + (first ? r + 1 : r - 1) * channels;
+      return g + at;
+    };
     Partials partials(channels);
     at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
       double* sg = partials.a(at::get_thread_num());
@@ -375,20 +520,20 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad_out, con
         std::fill(block_g.begin(), block_g.end(), scalar_t(0));
         std::fill(block_gc.begin(), block_gc.end(), scalar_t(0));
         for (int64_t r = r0; r < std::min(end, r0 + kSumBlock); ++r) {
+          Route route;
+          const scalar_t* partner = nullptr;
+          const scalar_t* src = source(r, route, partner);
           for (size_t p = 0; p < layout.data.size(); ++p) {
             const int64_t width = layout.width[p], o = layout.offset[p];
             const scalar_t* xr = layout.data[p] + r * width;
-            const scalar_t* gr = g + r * channels + o;
-            const scalar_t* yr = y + r * channels + o;
             const scalar_t* mp = m + o;
             scalar_t* bg = block_g.data() + o;
             scalar_t* bgc = block_gc.data() + o;
-            _Pragma("omp simd")
-            for (int64_t ch = 0; ch < width; ++ch) {
-              const scalar_t gv = yr[ch] > scalar_t(0) ? gr[ch] : scalar_t(0);
-              bg[ch] += gv;
-              bgc[ch] += gv * (xr[ch] - mp[ch]);
-            }
+            relu_grad(route, y + r * channels + o, partner ? partner + o : nullptr, src + o, width,
+                      [&](int64_t ch, scalar_t gv) {
+                        bg[ch] += gv;
+                        bgc[ch] += gv * (xr[ch] - mp[ch]);
+                      });
           }
         }
         for (int64_t ch = 0; ch < channels; ++ch) {
@@ -420,20 +565,20 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad_out, con
     }
     at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
+        Route route;
+        const scalar_t* partner = nullptr;
+        const scalar_t* src = source(r, route, partner);
         for (size_t p = 0; p < layout.data.size(); ++p) {
           const int64_t width = layout.width[p], o = layout.offset[p];
           const scalar_t* xr = layout.data[p] + r * width;
-          const scalar_t* gr = g + r * channels + o;
-          const scalar_t* yr = y + r * channels + o;
           const scalar_t* a = scale.data() + o;
           const scalar_t* c1 = k1.data() + o;
           const scalar_t* c0 = k0.data() + o;
           scalar_t* dr = grads[p] + r * width;
-          _Pragma("omp simd")
-          for (int64_t ch = 0; ch < width; ++ch) {
-            const scalar_t gv = yr[ch] > scalar_t(0) ? gr[ch] : scalar_t(0);
-            dr[ch] = gv * a[ch] + (xr[ch] * c1[ch] + c0[ch]);
-          }
+          relu_grad(route, y + r * channels + o, partner ? partner + o : nullptr, src + o, width,
+                    [&](int64_t ch, scalar_t gv) {
+                      dr[ch] = gv * a[ch] + (xr[ch] * c1[ch] + c0[ch]);
+                    });
         }
       }
     });
@@ -447,48 +592,6 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad_out, con
 // Max pooling over the time axis of channels-last (N, T, C) tensors, without index tensors: the
 // backward passes find the winner again from the input, with PyTorch's tie rule (the first
 // maximum of the window wins). NaNs are not given PyTorch's special treatment.
-
-// MaxPool(2, stride 2) backward: grad_in (N, T, C) from grad_out (N, T / 2, C) and the input.
-at::Tensor pair_max_backward(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_cpu_contiguous(grad_out, "grad_out");
-  check_cpu_contiguous(x, "x");
-  const int64_t batch = x.size(0), steps = x.size(1), channels = x.size(2);
-  const int64_t windows = steps / 2;
-  TORCH_CHECK(grad_out.size(0) == batch && grad_out.size(1) == windows &&
-                  grad_out.size(2) == channels,
-              "grad_out shape mismatch");
-  auto grad_in = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_max_backward", [&] {
-    const scalar_t* in = x.data_ptr<scalar_t>();
-    const scalar_t* g = grad_out.data_ptr<scalar_t>();
-    scalar_t* out = grad_in.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * windows, row_grain(2 * channels), [&](int64_t begin, int64_t end) {
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t n = w / windows, i = w % windows;
-        const scalar_t* first = in + (n * steps + 2 * i) * channels;
-        const scalar_t* second = first + channels;
-        const scalar_t* gw = g + w * channels;
-        scalar_t* d_first = out + (n * steps + 2 * i) * channels;
-        scalar_t* d_second = d_first + channels;
-        _Pragma("omp simd")
-        for (int64_t c = 0; c < channels; ++c) {
-          const bool first_wins = first[c] >= second[c];
-          d_first[c] = first_wins ? gw[c] : scalar_t(0);
-          d_second[c] = first_wins ? scalar_t(0) : gw[c];
-        }
-      }
-      if (steps % 2) {  // an odd last step is dropped by the pooling: no gradient
-        for (int64_t w = begin; w < end; ++w) {
-          if (w % windows == windows - 1) {
-            const int64_t n = w / windows;
-            std::fill_n(out + (n * steps + steps - 1) * channels, channels, scalar_t(0));
-          }
-        }
-      }
-    });
-  });
-  return grad_in;
-}
 
 // MaxPool(3, stride 1, padding 1) forward over (N, T, C).
 at::Tensor max_pool3_forward(const at::Tensor& x) {
@@ -518,12 +621,21 @@ at::Tensor max_pool3_forward(const at::Tensor& x) {
 // MaxPool(3, stride 1, padding 1) backward: each output's gradient goes to the first maximum of
 // its window (t - 1, t, t + 1), as in PyTorch. Written as a gather: step t collects from the
 // windows centred at t - 1, t and t + 1 that chose it, so every row is written once.
-at::Tensor max_pool3_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+// With `into` given, the gradient is added to it (and it is returned): an Inception block's input
+// also receives the gradients of its 1x1 convs, and this saves a separate addition pass.
+at::Tensor max_pool3_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                              c10::optional<at::Tensor> into) {
   check_cpu_contiguous(grad_out, "grad_out");
   check_cpu_contiguous(x, "x");
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out shape mismatch");
   const int64_t batch = x.size(0), steps = x.size(1), channels = x.size(2);
-  auto grad_in = at::empty_like(x);
+  const bool accumulate = into.has_value() && into->defined();
+  if (accumulate) {
+    check_cpu_contiguous(*into, "into");
+    TORCH_CHECK(into->numel() == x.numel() && into->scalar_type() == x.scalar_type(),
+                "into must match x");
+  }
+  auto grad_in = accumulate ? *into : at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool3_backward", [&] {
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
@@ -558,7 +670,8 @@ at::Tensor max_pool3_backward(const at::Tensor& grad_out, const at::Tensor& x) {
           const scalar_t sum_before = from_before ? gm1[c] : scalar_t(0);
           const scalar_t sum_centre = from_centre ? g0[c] : scalar_t(0);
           const scalar_t sum_after = from_after ? gp1[c] : scalar_t(0);
-          dst[c] = sum_before + sum_centre + sum_after;
+          const scalar_t total = sum_before + sum_centre + sum_after;
+          dst[c] = accumulate ? dst[c] + total : total;
         }
       }
     });
@@ -569,9 +682,10 @@ at::Tensor max_pool3_backward(const at::Tensor& grad_out, const at::Tensor& x) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_forward", &gru_forward, "GRU layer forward over all steps (CPU)");
   m.def("gru_backward", &gru_backward, "GRU layer backward over all steps (CPU)");
-  m.def("batch_norm_relu_forward", &batch_norm_relu_forward, "BatchNorm + ReLU forward (CPU)");
-  m.def("batch_norm_relu_backward", &batch_norm_relu_backward, "BatchNorm + ReLU backward (CPU)");
-  m.def("pair_max_backward", &pair_max_backward, "MaxPool(2) over time, backward (CPU)");
+  m.def("batch_norm_relu_forward", &batch_norm_relu_forward,
+        "BatchNorm + ReLU forward, optionally with MaxPool(2) over time (CPU)");
+  m.def("batch_norm_relu_backward", &batch_norm_relu_backward,
+        "BatchNorm + ReLU backward, optionally from the pooled gradient (CPU)");
   m.def("max_pool3_forward", &max_pool3_forward, "MaxPool(3, 1, 1) over time (CPU)");
   m.def("max_pool3_backward", &max_pool3_backward, "MaxPool(3, 1, 1) over time, backward (CPU)");
 }
