@@ -103,9 +103,12 @@ class BatchNormReLUConcat(torch.autograd.Function):
 
     The same function as BatchNorm1d on batch statistics followed by ReLU (and ``max_pool1d(2)``),
     for activations in channels-last layout (one row per lead and time step). On leadtune's
-    kernels, the forward pass is one statistics pass and one pass writing the output (and the
-    pooled output) straight into place; the backward pass is one pass for the per-channel sums
-    and one writing the gradients, routing a pooled gradient to the larger of each pair itself.
+    kernels, the forward pass is one statistics pass and one pass writing the output straight
+    into place (when pooling, only the pooled output: the full-size one is never stored); the
+    backward pass is one pass for the per-channel sums and one writing the gradients. It
+    recomputes the output from the parts (with the forward's own scale, offset and fused
+    multiply-add, so exactly) instead of reading it, and routes a pooled gradient to the larger
+    of each pair itself.
     Without the kernels it runs on PyTorch ops: PyTorch's BatchNorm forward, and a backward whose
     per-channel sums are cascaded ``torch.sum`` reductions (PyTorch's own channels-last backward
     sums each channel sequentially in float32 over all ``M`` rows and drifts by up to 1 %).
@@ -135,15 +138,17 @@ class BatchNormReLUConcat(torch.autograd.Function):
     ):  # type: ignore[override]
         parts = tensors[:n_parts]
         weight, bias, running_mean, running_var, conv_bias = tensors[n_parts:]
-        rows = parts[0].shape[0]
-        out = parts[0].new_empty(rows, sum(part.shape[1] for part in parts))
-        pooled = _pooled_buffer(out, steps, time_major)
+        rows, channels = parts[0].shape[0], sum(part.shape[1] for part in parts)
+        pooled = _pooled_buffer(parts[0], rows, channels, steps, time_major)
         ctx.steps, ctx.time_major = steps, time_major
-        fused = _fused_kernels(out, parts)
+        fused = _fused_kernels(parts[0], parts)
+        ctx.fused = fused is not None
         if fused is not None:
-            # One statistics pass over all parts, one pass writing ReLU(BN(x)) into ``out``.
+            # One statistics pass over all parts, one pass writing ReLU(BN(x)) (pooled: only
+            # the pooled rows; the backward pass recomputes the rest from the parts).
             parts = tuple(part.contiguous() for part in parts)
-            mean, rstd, variance = fused.batch_norm_relu_forward(
+            out = None if steps else parts[0].new_empty(rows, channels)
+            mean, rstd, variance, scale, offset = fused.batch_norm_relu_forward(
                 list(parts), weight.contiguous(), bias.contiguous(), eps, out,
                 None if pooled is None else _batch_major(pooled, time_major), steps,
             )  # fmt: skip
@@ -152,34 +157,36 @@ class BatchNormReLUConcat(torch.autograd.Function):
                 running_var.lerp_(
                     variance * (rows / (rows - 1)) if rows > 1 else variance, momentum
                 )
+            ctx.save_for_backward(mean, rstd, scale, offset, weight, *parts)
         else:
+            out = parts[0].new_empty(rows, channels)
             mean, rstd = _batch_norm_relu_ops(
                 parts, weight, bias, running_mean, running_var, momentum, eps, out
             )
             with torch.no_grad():  # the shift left out of the parts
                 running_mean.add_(conv_bias, alpha=momentum)
             if pooled is not None:
-                pairs = out.view(-1, steps, out.shape[1])[:, : steps // 2 * 2].unflatten(1, (-1, 2))
+                pairs = out.view(-1, steps, channels)[:, : steps // 2 * 2].unflatten(1, (-1, 2))
                 torch.maximum(pairs[:, :, 0], pairs[:, :, 1], out=_batch_major(pooled, time_major))
-        ctx.save_for_backward(out, mean, rstd, weight, *parts)
+            ctx.save_for_backward(mean, rstd, out, weight, *parts)
         return out if pooled is None else pooled
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        out, mean, rstd, weight, *parts = ctx.saved_tensors
         steps = ctx.steps
-        fused = _fused_kernels(out, parts)
         if steps:
             grad = _batch_major(grad, ctx.time_major)
             if grad.stride(-1) != 1:
                 grad = grad.contiguous()
         else:
             grad = grad.contiguous()
-        if fused is not None:  # one pass for the sums, one for the input gradients
-            *grad_parts, grad_weight, grad_bias = fused.batch_norm_relu_backward(
-                grad, out, parts, mean, rstd, weight.contiguous(), steps
+        if ctx.fused:  # one pass for the sums, one for the input gradients
+            mean, rstd, scale, offset, weight, *parts = ctx.saved_tensors
+            *grad_parts, grad_weight, grad_bias = kernels.load().batch_norm_relu_backward(
+                grad, parts, mean, rstd, scale, offset, weight.contiguous(), steps
             )
         else:
+            mean, rstd, out, weight, *parts = ctx.saved_tensors
             if steps:
                 grad = _pair_max_backward_ops(grad, out.view(-1, steps, out.shape[1]))
             grad_parts, grad_weight, grad_bias = _batch_norm_relu_backward_ops(
@@ -189,13 +196,15 @@ class BatchNormReLUConcat(torch.autograd.Function):
         return (None,) * 5 + (*grad_parts, grad_weight, grad_bias, None, None, grad_shift)
 
 
-def _pooled_buffer(out: Tensor, steps: int, time_major: bool) -> Tensor | None:
+def _pooled_buffer(
+    like: Tensor, rows: int, channels: int, steps: int, time_major: bool
+) -> Tensor | None:
     """The pooled output's storage: ``(N, steps // 2, C)``, or ``(steps // 2, N, C)``."""
     if not steps:
         return None
-    sequences, channels = out.shape[0] // steps, out.shape[1]
+    sequences = rows // steps
     shape = (steps // 2, sequences, channels) if time_major else (sequences, steps // 2, channels)
-    return out.new_empty(shape)
+    return like.new_empty(shape)
 
 
 def _batch_major(pooled: Tensor, time_major: bool) -> Tensor:

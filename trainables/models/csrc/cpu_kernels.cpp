@@ -258,12 +258,22 @@ struct PartLayout {
 }  // namespace
 
 // Where MaxPool(2, stride 2) over time follows the BatchNorm + ReLU (both Inception blocks), the
-// two are fused: the forward pass writes the pooled rows while it writes the normalised ones, and
-// the backward pass routes the pooled gradient to the larger of each pair itself, so the
-// full-size gradient between the two is never written. The rows are (N, steps) sequences, and
-// the pooled tensor (N, steps / 2, C) may have any strides for its first two axes (a time-major
-// view included); its channels must be contiguous.
+// two are fused: the forward pass writes only the pooled rows (the full-size output is never
+// stored), and the backward pass routes the pooled gradient to the larger of each pair itself.
+// The rows are (N, steps) sequences; the pooled tensor (N, steps / 2, C) may have any strides for
+// its first two axes (a time-major view included); its channels must be contiguous.
+//
+// The backward pass does not read the forward's output: it recomputes y = ReLU(x * scale +
+// offset) from the input with the forward's own per-channel scale and offset and the same fused
+// multiply-add (bn_relu), so the values, the ReLU mask and the pooling's choices are exactly the
+// forward's.
 namespace {
+
+template <typename scalar_t>
+inline scalar_t bn_relu(scalar_t x, scalar_t scale, scalar_t offset) {
+  const scalar_t v = std::fma(x, scale, offset);
+  return v > scalar_t(0) ? v : scalar_t(0);
+}
 
 // The pooled tensor's geometry: row r = n * steps + t of the (M, C) rows pools into
 // (n, t / 2); an odd last step is dropped.
@@ -284,70 +294,54 @@ struct PoolLayout {
     stride_t = p.stride(1);
   }
   bool active() const { return steps > 0; }
-  // Offset of the pooled row that row r feeds, or -1 where the pooling drops r.
-  int64_t offset(int64_t r) const {
-    const int64_t n = r / steps, t = r % steps;
-    return t / 2 < steps / 2 ? n * stride_n + (t / 2) * stride_t : -1;
-  }
+  int64_t windows() const { return steps / 2; }
+  // Units per sequence: the pairs, and an odd last step alone.
+  int64_t per_sequence() const { return steps / 2 + steps % 2; }
 };
 
-// How row r receives its gradient before the ReLU mask: directly (kDirect), or from the pooled
-// gradient when it wins its pair, as the first (kFirst: y >= partner) or second (kSecond:
-// y > partner) row, or not at all (kNone: dropped by the pooling).
-enum class Route { kDirect, kFirst, kSecond, kNone };
-
-// Calls body(ch, gv) for the channels of one row part, gv = dL/d(pre-ReLU value) of channel ch.
-template <typename scalar_t, typename Body>
-inline void relu_grad(Route route, const scalar_t* y, const scalar_t* partner,
-                      const scalar_t* src, int64_t width, Body&& body) {
-  const scalar_t zero(0);
-  switch (route) {
-    case Route::kDirect:
-      _Pragma("omp simd")
-      for (int64_t ch = 0; ch < width; ++ch) {
-        body(ch, y[ch] > zero ? src[ch] : zero);
-      }
-      break;
-    case Route::kFirst:
-      _Pragma("omp simd")
-      for (int64_t ch = 0; ch < width; ++ch) {
-        body(ch, (y[ch] > zero) & (y[ch] >= partner[ch]) ? src[ch] : zero);
-      }
-      break;
-    case Route::kSecond:
-      _Pragma("omp simd")
-      for (int64_t ch = 0; ch < width; ++ch) {
-        body(ch, (y[ch] > zero) & (y[ch] > partner[ch]) ? src[ch] : zero);
-      }
-      break;
-    case Route::kNone:
-      _Pragma("omp simd")
-      for (int64_t ch = 0; ch < width; ++ch) {
-        body(ch, zero);
-      }
-      break;
+// Calls body(unit, n, i) for the units [begin, end) of N sequences of `per_sequence` units each,
+// unit = n * per_sequence + i, without a division per unit.
+template <typename Body>
+inline void for_units(int64_t begin, int64_t end, int64_t per_sequence, Body&& body) {
+  int64_t n = begin / per_sequence, i = begin % per_sequence;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    body(unit, n, i);
+    if (++i == per_sequence) {
+      i = 0;
+      ++n;
+    }
   }
 }
 
 }  // namespace
 
-// Training-mode BatchNorm + ReLU of the concatenation of (M, c_i) parts, written into out
-// (M, sum c_i); with `pooled` given, also MaxPool(2) over time of out, written into pooled
-// (see PoolLayout; `steps` is the sequence length). Returns (mean, invstd, biased variance),
-// each (sum c_i,), in the input's dtype.
+// Training-mode BatchNorm + ReLU of the concatenation of (M, c_i) parts: written into `out`
+// (M, sum c_i) where given, and with `pooled` given, MaxPool(2) over time of it written into
+// pooled (see PoolLayout; `steps` is the sequence length). At least one of the two is needed.
+// Returns (mean, invstd, biased variance, scale, offset), each (sum c_i,), in the input's dtype;
+// scale and offset are what the backward pass needs to recompute the output.
 std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& parts,
                                                 const at::Tensor& weight, const at::Tensor& bias,
-                                                double eps, at::Tensor out,
+                                                double eps, c10::optional<at::Tensor> out,
                                                 c10::optional<at::Tensor> pooled, int64_t steps) {
-  check_cpu_contiguous(out, "out");
-  auto mean = at::empty({out.size(1)}, out.options());
+  TORCH_CHECK(!parts.empty(), "no parts");
+  const bool write_out = out.has_value() && out->defined();
+  const int64_t all_rows = parts[0].size(0), all_channels = weight.size(0);
+  if (write_out) {
+    check_cpu_contiguous(*out, "out");
+    TORCH_CHECK(out->size(0) == all_rows && out->size(1) == all_channels, "out shape mismatch");
+  }
+  const PoolLayout pool(pooled, steps, all_rows, all_channels);
+  TORCH_CHECK(write_out || pool.active(), "nothing to write: give out, pooled or both");
+  auto mean = at::empty({all_channels}, parts[0].options());
   auto invstd = at::empty_like(mean);
   auto variance = at::empty_like(mean);
-  const PoolLayout pool(pooled, steps, out.size(0), out.size(1));
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "batch_norm_relu_forward", [&] {
+  auto scale_out = at::empty_like(mean);
+  auto offset_out = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(parts[0].scalar_type(), "batch_norm_relu_forward", [&] {
     const PartLayout<scalar_t> layout(parts);
     const int64_t rows = layout.rows, channels = layout.total;
-    TORCH_CHECK(rows > 0 && out.size(0) == rows && out.size(1) == channels, "out shape mismatch");
+    TORCH_CHECK(rows > 0 && channels == all_channels, "parts and weight differ in channels");
     // Sums of (x - the first row) stay small, so the variance does not cancel.
     std::vector<scalar_t> shift(channels);
     for (size_t p = 0; p < layout.data.size(); ++p) {
@@ -385,12 +379,13 @@ std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& p
     });
     std::vector<double> sum, squares;
     partials.reduce(sum, squares);
-    std::vector<scalar_t> scale(channels), offset_term(channels);
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const scalar_t* b = bias.data_ptr<scalar_t>();
     scalar_t* m_out = mean.data_ptr<scalar_t>();
     scalar_t* i_out = invstd.data_ptr<scalar_t>();
     scalar_t* v_out = variance.data_ptr<scalar_t>();
+    scalar_t* scale = scale_out.data_ptr<scalar_t>();
+    scalar_t* offset_term = offset_out.data_ptr<scalar_t>();
     for (int64_t ch = 0; ch < channels; ++ch) {
       const double centred_mean = sum[ch] / rows;
       const double var = std::max(0.0, squares[ch] / rows - centred_mean * centred_mean);
@@ -402,140 +397,175 @@ std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& p
       scale[ch] = static_cast<scalar_t>(w[ch] * inv);
       offset_term[ch] = static_cast<scalar_t>(b[ch] - m * w[ch] * inv);
     }
-    scalar_t* y = out.data_ptr<scalar_t>();
+    scalar_t* y = write_out ? out->data_ptr<scalar_t>() : nullptr;
     if (!pool.active()) {
       at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           for (size_t p = 0; p < layout.data.size(); ++p) {
             const int64_t width = layout.width[p], o = layout.offset[p];
             const scalar_t* row = layout.data[p] + r * width;
-            const scalar_t* a = scale.data() + o;
-            const scalar_t* c = offset_term.data() + o;
+            const scalar_t* a = scale + o;
+            const scalar_t* c = offset_term + o;
             scalar_t* dst = y + r * channels + o;
             _Pragma("omp simd")
             for (int64_t ch = 0; ch < width; ++ch) {
-              const scalar_t v = row[ch] * a[ch] + c[ch];
-              dst[ch] = v > scalar_t(0) ? v : scalar_t(0);
+              dst[ch] = bn_relu(row[ch], a[ch], c[ch]);
             }
           }
         }
       });
       return;
     }
-    // Pooled: rows in pairs (t, t + 1), t even, each pair also writing its maximum; an odd last
-    // step of a sequence is normalised alone.
+    // Pooled: rows in pairs (t, t + 1), t even, each pair writing its maximum (and both rows,
+    // where out is wanted); an odd last step of a sequence only goes to out.
     scalar_t* pooled_data = pooled->data_ptr<scalar_t>();
-    const int64_t windows = steps / 2, per_sequence = windows + steps % 2;
+    const int64_t windows = pool.windows(), per_sequence = pool.per_sequence();
     at::parallel_for(0, (rows / steps) * per_sequence, row_grain(2 * channels),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t n = unit / per_sequence, i = unit % per_sequence;
+      for_units(begin, end, per_sequence, [&](int64_t, int64_t n, int64_t i) {
         const int64_t r = n * steps + 2 * i;
         const bool pair = i < windows;
+        if (!pair && !write_out) {
+          return;
+        }
         scalar_t* pool_row = pair ? pooled_data + n * pool.stride_n + i * pool.stride_t : nullptr;
         for (size_t p = 0; p < layout.data.size(); ++p) {
           const int64_t width = layout.width[p], o = layout.offset[p];
           const scalar_t* row = layout.data[p] + r * width;
-          const scalar_t* a = scale.data() + o;
-          const scalar_t* c = offset_term.data() + o;
-          scalar_t* dst = y + r * channels + o;
+          const scalar_t* a = scale + o;
+          const scalar_t* c = offset_term + o;
           if (!pair) {
+            scalar_t* dst = y + r * channels + o;
             _Pragma("omp simd")
             for (int64_t ch = 0; ch < width; ++ch) {
-              const scalar_t v = row[ch] * a[ch] + c[ch];
-              dst[ch] = v > scalar_t(0) ? v : scalar_t(0);
+              dst[ch] = bn_relu(row[ch], a[ch], c[ch]);
             }
             continue;
           }
           const scalar_t* next = row + width;
-          scalar_t* dst_next = dst + channels;
           scalar_t* pmax = pool_row + o;
-          _Pragma("omp simd")
-          for (int64_t ch = 0; ch < width; ++ch) {
-            scalar_t v = row[ch] * a[ch] + c[ch];
-            scalar_t u = next[ch] * a[ch] + c[ch];
-            v = v > scalar_t(0) ? v : scalar_t(0);
-            u = u > scalar_t(0) ? u : scalar_t(0);
-            dst[ch] = v;
-            dst_next[ch] = u;
-            pmax[ch] = v >= u ? v : u;
+          if (write_out) {
+            scalar_t* dst = y + r * channels + o;
+            scalar_t* dst_next = dst + channels;
+            _Pragma("omp simd")
+            for (int64_t ch = 0; ch < width; ++ch) {
+              const scalar_t v = bn_relu(row[ch], a[ch], c[ch]);
+              const scalar_t u = bn_relu(next[ch], a[ch], c[ch]);
+              dst[ch] = v;
+              dst_next[ch] = u;
+              pmax[ch] = v >= u ? v : u;
+            }
+          } else {
+            _Pragma("omp simd")
+            for (int64_t ch = 0; ch < width; ++ch) {
+              const scalar_t v = bn_relu(row[ch], a[ch], c[ch]);
+              const scalar_t u = bn_relu(next[ch], a[ch], c[ch]);
+              pmax[ch] = v >= u ? v : u;
+            }
           }
         }
-      }
+      });
     });
   });
-  return {mean, invstd, variance};
+  return {mean, invstd, variance, scale_out, offset_out};
 }
 
-// Backward of batch_norm_relu_forward: out is (M, sum c_i); grad is the gradient of out (M,
-// sum c_i, contiguous) or, with steps > 0, of the pooled tensor (N, steps / 2, sum c_i, any
-// strides for its first two axes). Returns the gradient of every part, then grad_weight and
-// grad_bias (sum c_i,).
-std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad, const at::Tensor& out,
+// Backward of batch_norm_relu_forward, from the parts and the forward's returned statistics:
+// grad is the gradient of the output (M, sum c_i, contiguous) or, with steps > 0, of the pooled
+// tensor (N, steps / 2, sum c_i, any strides for its first two axes). Returns the gradient of
+// every part, then grad_weight and grad_bias (sum c_i,).
+std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad,
                                                  const std::vector<at::Tensor>& parts,
                                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                                 const at::Tensor& scale_in,
+                                                 const at::Tensor& offset_in,
                                                  const at::Tensor& weight, int64_t steps) {
-  check_cpu_contiguous(out, "out");
+  TORCH_CHECK(!parts.empty(), "no parts");
+  const int64_t all_rows = parts[0].size(0), all_channels = weight.size(0);
   const PoolLayout pool(steps > 0 ? c10::optional<at::Tensor>(grad) : c10::nullopt, steps,
-                        out.size(0), out.size(1));
+                        all_rows, all_channels);
   if (!pool.active()) {
     check_cpu_contiguous(grad, "grad");
-    TORCH_CHECK(grad.sizes() == out.sizes(), "grad and out differ in shape");
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == all_rows && grad.size(1) == all_channels,
+                "grad must be (M, sum c_i)");
   }
   std::vector<at::Tensor> results;
   for (const auto& part : parts) {
     results.push_back(at::empty_like(part));
   }
-  auto grad_weight = at::empty({out.size(1)}, out.options());
+  auto grad_weight = at::empty({all_channels}, weight.options());
   auto grad_bias = at::empty_like(grad_weight);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "batch_norm_relu_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(parts[0].scalar_type(), "batch_norm_relu_backward", [&] {
     const PartLayout<scalar_t> layout(parts);
     const int64_t rows = layout.rows, channels = layout.total;
-    TORCH_CHECK(out.size(0) == rows && out.size(1) == channels, "out shape mismatch");
+    TORCH_CHECK(channels == all_channels, "parts and weight differ in channels");
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* y = out.data_ptr<scalar_t>();
     const scalar_t* m = mean.data_ptr<scalar_t>();
-    // Row r's gradient source (channel 0), its route and its pair partner in out.
-    auto source = [&](int64_t r, Route& route, const scalar_t*& partner) -> const scalar_t* {
-      if (!pool.active()) {
-        route = Route::kDirect;
-        return g + r * channels;
+    const scalar_t* fa = scale_in.data_ptr<scalar_t>();
+    const scalar_t* fc = offset_in.data_ptr<scalar_t>();
+    // Without pooling, a unit is one row; with pooling, a pair of rows (t, t + 1), t even, that
+    // shares one pooled gradient, or an odd last step alone, which the pooling dropped.
+    const int64_t per_sequence = pool.active() ? pool.per_sequence() : 1;
+    const int64_t units = pool.active() ? (rows / steps) * per_sequence : rows;
+    const int64_t grain = row_grain(pool.active() ? 2 * channels : channels);
+    // Calls body(r, ch, gv, p) for every row r of a unit and every channel ch of part p, with gv
+    // = dL/d(BN output before the ReLU), y recomputed exactly as the forward pass computed it.
+    auto for_unit = [&](int64_t n, int64_t i, size_t p, auto&& body) {
+      const int64_t width = layout.width[p], o = layout.offset[p];
+      const scalar_t* a = fa + o;
+      const scalar_t* c = fc + o;
+      const scalar_t zero(0);
+      if (!pool.active()) {  // n is the row
+        const scalar_t* x = layout.data[p] + n * width;
+        const scalar_t* gr = g + n * channels + o;
+        _Pragma("omp simd")
+        for (int64_t ch = 0; ch < width; ++ch) {
+          body(n, ch, bn_relu(x[ch], a[ch], c[ch]) > zero ? gr[ch] : zero);
+        }
+        return;
       }
-      const int64_t at = pool.offset(r);
-      if (at < 0) {
-        route = Route::kNone;
-        return g;
+      const int64_t r = n * steps + 2 * i;
+      if (i == pool.windows()) {  // the odd last step: no gradient reaches it
+        _Pragma("omp simd")
+        for (int64_t ch = 0; ch < width; ++ch) {
+          body(r, ch, zero);
+        }
+        return;
       }
-      const bool first = (r % steps) % 2 == 0;
-      route = first ? Route::kFirst : Route::kSecond;
-      partner = y + (first ? r + 1 : r - 1) * channels;
-      return g + at;
+      const scalar_t* x0 = layout.data[p] + r * width;
+      const scalar_t* x1 = x0 + width;
+      const scalar_t* gp = g + n * pool.stride_n + i * pool.stride_t + o;
+      _Pragma("omp simd")
+      for (int64_t ch = 0; ch < width; ++ch) {
+        const scalar_t y0 = bn_relu(x0[ch], a[ch], c[ch]);
+        const scalar_t y1 = bn_relu(x1[ch], a[ch], c[ch]);
+        const bool first = y0 >= y1;  // PyTorch's tie rule: the first maximum wins
+        body(r, ch, (y0 > zero) & first ? gp[ch] : zero);
+        body(r + 1, ch, (y1 > zero) & !first ? gp[ch] : zero);
+      }
     };
     Partials partials(channels);
-    at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
       double* sg = partials.a(at::get_thread_num());
       double* sgc = partials.b(at::get_thread_num());
       std::vector<scalar_t> block_g(channels), block_gc(channels);
-      for (int64_t r0 = begin; r0 < end; r0 += kSumBlock) {
+      for (int64_t u0 = begin; u0 < end; u0 += kSumBlock) {
         std::fill(block_g.begin(), block_g.end(), scalar_t(0));
         std::fill(block_gc.begin(), block_gc.end(), scalar_t(0));
-        for (int64_t r = r0; r < std::min(end, r0 + kSumBlock); ++r) {
-          Route route;
-          const scalar_t* partner = nullptr;
-          const scalar_t* src = source(r, route, partner);
+        for_units(u0, std::min(end, u0 + kSumBlock), per_sequence,
+                  [&](int64_t, int64_t n, int64_t i) {
           for (size_t p = 0; p < layout.data.size(); ++p) {
             const int64_t width = layout.width[p], o = layout.offset[p];
-            const scalar_t* xr = layout.data[p] + r * width;
+            const scalar_t* xp = layout.data[p];
             const scalar_t* mp = m + o;
             scalar_t* bg = block_g.data() + o;
             scalar_t* bgc = block_gc.data() + o;
-            relu_grad(route, y + r * channels + o, partner ? partner + o : nullptr, src + o, width,
-                      [&](int64_t ch, scalar_t gv) {
-                        bg[ch] += gv;
-                        bgc[ch] += gv * (xr[ch] - mp[ch]);
-                      });
+            for_unit(n, i, p, [&](int64_t r, int64_t ch, scalar_t gv) {
+              bg[ch] += gv;
+              bgc[ch] += gv * (xp[r * width + ch] - mp[ch]);
+            });
           }
-        }
+        });
         for (int64_t ch = 0; ch < channels; ++ch) {
           sg[ch] += block_g[ch];
           sgc[ch] += block_gc[ch];
@@ -563,24 +593,20 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad, const a
     for (auto& result : results) {
       grads.push_back(result.data_ptr<scalar_t>());
     }
-    at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        Route route;
-        const scalar_t* partner = nullptr;
-        const scalar_t* src = source(r, route, partner);
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      for_units(begin, end, per_sequence, [&](int64_t, int64_t n, int64_t i) {
         for (size_t p = 0; p < layout.data.size(); ++p) {
           const int64_t width = layout.width[p], o = layout.offset[p];
-          const scalar_t* xr = layout.data[p] + r * width;
+          const scalar_t* xp = layout.data[p];
           const scalar_t* a = scale.data() + o;
           const scalar_t* c1 = k1.data() + o;
           const scalar_t* c0 = k0.data() + o;
-          scalar_t* dr = grads[p] + r * width;
-          relu_grad(route, y + r * channels + o, partner ? partner + o : nullptr, src + o, width,
-                    [&](int64_t ch, scalar_t gv) {
-                      dr[ch] = gv * a[ch] + (xr[ch] * c1[ch] + c0[ch]);
-                    });
+          scalar_t* dp = grads[p];
+          for_unit(n, i, p, [&](int64_t r, int64_t ch, scalar_t gv) {
+            dp[r * width + ch] = gv * a[ch] + (xp[r * width + ch] * c1[ch] + c0[ch]);
+          });
         }
-      }
+      });
     });
   });
   results.push_back(grad_weight);
