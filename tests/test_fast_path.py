@@ -22,9 +22,11 @@ from trainables import runtime
 from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
 from trainables.models import ModelConfig, count_parameters, create_model, kernels
 from trainables.models.encoders import (
+    AttentionPooling,
     BatchNormReLUConcat,
     BlockInputProducts,
     InceptionBlock,
+    TimeMajorAttentionPooling,
     max_pool3_rows,
     max_pool_time,
 )
@@ -432,3 +434,14 @@ def test_fused_kernels_build_where_a_compiler_exists(monkeypatch: pytest.MonkeyP
     # Without this, a broken build would only show as a warning and the slower fallback.
     monkeypatch.setenv(kernels.DISABLE_VARIABLE, "1")
     assert kernels.load() is not None, kernels.failure()
+
+
+def test_time_major_attention_pooling_matches_the_module_and_gradcheck() -> None:
+    torch.manual_seed(9)
+    pooling = AttentionPooling(6).double()
+    sequence = torch.randn(7, 3, 6, dtype=torch.float64, requires_grad=True)  # (L, N, H)
+    found = pooling(sequence, time_major=True)
+    expected = pooling(sequence.transpose(0, 1).contiguous())  # the module's batch-major path
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
+    inputs = (sequence, pooling.projection.weight, pooling.score.weight)
+    assert torch.autograd.gradcheck(TimeMajorAttentionPooling.apply, inputs)

@@ -442,10 +442,15 @@ class BlockInputProducts(torch.autograd.Function):
         ]
         grad_rows = None
         if ctx.needs_input_grad[1]:
-            grad_rows = torch.zeros_like(rows)
             for g, weight in zip(grads[:3], weights[:3]):
-                if g is not None:
+                if g is None:
+                    continue
+                if grad_rows is None:
+                    grad_rows = g @ weight
+                else:
                     grad_rows.addmm_(g, weight)
+            if grad_rows is None:
+                grad_rows = torch.zeros_like(rows)
             if grads[3] is not None:
                 _max_pool3_backward_into(grads[3] @ weights[3], rows, ctx.batch, grad_rows)
         return (None, grad_rows, *grad_weights)
@@ -744,12 +749,55 @@ class AttentionPooling(nn.Module):
 
     def forward(self, sequence: Tensor, time_major: bool = False) -> Tensor:
         """``(N, L, H) -> (N, H)``, or ``(L, N, H) -> (N, H)`` with ``time_major``."""
+        if time_major and sequence.is_contiguous() and torch.is_grad_enabled():
+            # CPU training after leadtune's GRU: the gradient comes back time-major in one buffer.
+            return TimeMajorAttentionPooling.apply(
+                sequence, self.projection.weight, self.score.weight
+            )
         time_dim = 0 if time_major else 1
         weights = torch.softmax(self.score(torch.tanh(self.projection(sequence))), dim=time_dim)
         if time_major:
             # (N, 1, L) @ (N, L, H) with the batch as the middle axis of both operands.
             return torch.bmm(weights.permute(1, 2, 0), sequence.transpose(0, 1)).squeeze(1)
         return torch.bmm(weights.transpose(1, 2), sequence).squeeze(1)
+
+
+class TimeMajorAttentionPooling(torch.autograd.Function):
+    """``AttentionPooling`` of a contiguous time-major ``(L, N, H)`` sequence, for training.
+
+    ``forward(sequence, W, v) -> (N, H)``, the same numbers as the module's own forward. The
+    backward pass writes the sequence's gradient time-major in one buffer: the pooling's term,
+    then the projection's added inside its matrix product (``addmm_``), where autograd would
+    return a batch-major term, add the two in a separate pass and leave the GRU a copy to make.
+    """
+
+    @staticmethod
+    def forward(ctx, sequence: Tensor, projection: Tensor, score: Tensor) -> Tensor:  # type: ignore[override]
+        steps, batch, hidden = sequence.shape
+        rows = sequence.view(steps * batch, hidden)
+        activation = torch.tanh(rows @ projection.t())
+        weights = torch.softmax((activation @ score.t()).view(steps, batch), dim=0)
+        ctx.save_for_backward(sequence, activation, weights, projection, score)
+        # (N, 1, L) @ (N, L, H) with the batch as the middle axis of both operands.
+        return torch.bmm(weights.t().unsqueeze(1), sequence.transpose(0, 1)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        sequence, activation, weights, projection, score = ctx.saved_tensors
+        steps, batch, hidden = sequence.shape
+        rows = sequence.view(steps * batch, hidden)
+        # d out / d weights[t, n] = sequence[t, n] . grad[n]
+        grad_weights = torch.bmm(sequence.transpose(0, 1), grad.unsqueeze(2)).squeeze(2).t()
+        grad_scores = weights * (grad_weights - (weights * grad_weights).sum(0, keepdim=True))
+        grad_scores = grad_scores.reshape(steps * batch, 1)
+        grad_projected = (grad_scores * score).mul_(1 - activation * activation)
+        grad_sequence = None
+        if ctx.needs_input_grad[0]:
+            grad_sequence = weights.unsqueeze(2) * grad.unsqueeze(0)  # (L, N, H)
+            grad_sequence.view(steps * batch, hidden).addmm_(grad_projected, projection)
+        grad_projection = grad_projected.t() @ rows if ctx.needs_input_grad[1] else None
+        grad_score = grad_scores.t() @ activation if ctx.needs_input_grad[2] else None
+        return grad_sequence, grad_projection, grad_score
 
 
 class RecurrentSummary(nn.Module):
