@@ -479,10 +479,11 @@ class InceptionBlock(nn.Module):
 
     The modules and parameters are those of that description (so are the state_dict keys), but
     the computation is restructured for speed, in channels-last ``(N, T, C)`` layout: 1x1 convs
-    are matrix products over ``(N * T, C)`` rows, k5 and k11 are channels-last convs, the
-    pooling keeps cheap channels-last indices, the four branch BatchNorms + ReLUs are one
-    function writing straight into the concatenated output, and in eval mode every BatchNorm is
-    folded into the conv before it. When the block's input is narrow (the first block reads one
+    are matrix products over ``(N * T, C)`` rows (in training, those reading the block input are
+    one ``BlockInputProducts``), k5 and k11 are channels-last convs, the four branch BatchNorms
+    + ReLUs are one function writing straight into the concatenated output (with a MaxPool(2)
+    that follows fused into it, see ``forward_channels_last``), conv biases go to the BatchNorm
+    after them, and in eval mode every BatchNorm is folded into the conv before it. When the block's input is narrow (the first block reads one
     channel), the four branch convs are a single matrix product over the columns [input, k5 and
     k11 windows of the bottlenecks, pooled input] with a block-diagonal weight.
     ``trainables.models.plain_reference`` keeps the direct rendering; tests check the two agree.
@@ -667,8 +668,10 @@ class InceptionStack(nn.Sequential):
     """Inception block 1 -> MaxPool(2) -> block 2 -> MaxPool(2), run in channels-last layout.
 
     An ``nn.Sequential`` of exactly those four modules (so the state_dict keys are those of the
-    plain stack); ``forward_channels_last`` returns ``(N, T // 4, C)``, the layout the GRU reads,
-    so no transpose is needed between the convolutions and the GRU.
+    plain stack); ``forward_channels_last`` returns ``(N, T // 4, C)``. In training each block's
+    MaxPool(2) runs inside its last BatchNorm + ReLU, and on a CPU the result is written
+    time-major, the layout the GRU reads, so no transpose is needed between the convolutions and
+    the GRU.
     """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
