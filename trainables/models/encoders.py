@@ -573,17 +573,7 @@ class InceptionBlock(nn.Module):
             (convs[2], self.kernel11[0], bottleneck11),
         ):
             source = self._bottleneck(layer, pre_activation)
-            taps = conv.kernel_size[0]
-            windowed.append(
-                rows_of(
-                    F.conv2d(
-                        as_channels_last_4d(source, batch),
-                        conv.weight.unsqueeze(2),
-                        None,
-                        padding=(0, taps // 2),
-                    )
-                )
-            )
+            windowed.append(conv_rows(source, batch, conv.weight, None))
         return [pointwise, *windowed, pooled]
 
     def _single_product(self, x: Tensor, rows: Tensor) -> Tensor:
@@ -639,21 +629,20 @@ class InceptionBlock(nn.Module):
         inputs = (rows, bottleneck5, bottleneck11, max_pool3_rows(rows, batch))
         parts = []
         for conv, source, (weight, bias) in zip(convs, inputs, folded):
-            taps = conv.kernel_size[0]
-            if taps == 1:
+            if conv.kernel_size[0] == 1:
                 parts.append(torch.addmm(bias, source, weight.t()))
             else:
-                parts.append(
-                    rows_of(
-                        F.conv2d(
-                            as_channels_last_4d(source, batch),
-                            weight.view_as(conv.weight).unsqueeze(2),
-                            bias,
-                            padding=(0, taps // 2),
-                        )
-                    )
-                )
+                parts.append(conv_rows(source, batch, weight.view_as(conv.weight), bias))
         return torch.cat(parts, dim=1).relu_()
+
+
+def conv_rows(rows: Tensor, batch: int, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """'Same' Conv1d over time of ``(N * T, C)`` rows with an ``(out, C, k)`` weight (k odd),
+    run as a channels-last 2D convolution; returns ``(N * T, out)`` rows."""
+    padding = (0, weight.shape[-1] // 2)
+    return rows_of(
+        F.conv2d(as_channels_last_4d(rows, batch), weight.unsqueeze(2), bias, padding=padding)
+    )
 
 
 def time_windows(x: Tensor, taps: int) -> Tensor:
