@@ -24,7 +24,11 @@ import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 DISABLE_VARIABLE = "LEADTUNE_KERNELS"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# IEEE semantics: no -ffast-math. Under it GCC assumes no NaN or infinity ever occurs and calls
+# glibc's finite-only vector exp, which returned NaN for the GRU gates of a 30 mV electrode
+# artefact. -fno-math-errno and -fno-trapping-math change no value: errno and floating-point
+# traps are never read here.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 if platform.machine() in ("x86_64", "AMD64"):  # use 512-bit vectors where AVX-512 exists
     FLAGS.insert(2, "-mprefer-vector-width=512")
 

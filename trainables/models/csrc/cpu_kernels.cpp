@@ -24,15 +24,81 @@
 
 namespace {
 
+// Exponentials for the GRU's gates, safe on every input and vectorisable.
+//
+// The kernels are compiled with IEEE semantics (no -ffast-math): under -ffast-math GCC calls
+// glibc's vector exp for finite-only inputs, which returns NaN where exp overflows (a gate
+// pre-activation beyond about +-88, as a 30 mV electrode artefact produces), and it may assume
+// that no NaN ever arrives, hiding the ones that do. Without -ffast-math GCC does not vectorise
+// std::exp, so these loops compute exp themselves, only ever of a non-positive argument: it
+// cannot overflow, and the results are within a few units in the last place of std::exp.
+//
+// Every gate uses exp(-|x|) in (0, 1], in forms without cancellation:
+//   sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0, with e = exp(-|x|);
+//   tanh(|x|) = -m / (2 + m), with m = expm1(-2|x|) in (-1, 0], then the sign of x.
 template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+struct ExpTerms;
+
+template <>
+struct ExpTerms<float> {
+  static constexpr int kDegree = 8;  // Taylor terms r^k / k!, |r| <= ln2 / 2: error < 2e-9
+  static constexpr float kLowest = -87.33f;  // ln(smallest normal) = -87.3365
+  static constexpr int kMantissa = 23, kBias = 127;
+  using Int = int32_t;
+};
+
+template <>
+struct ExpTerms<double> {
+  static constexpr int kDegree = 14;  // error < 1e-18
+  static constexpr double kLowest = -708.39;  // ln(smallest normal) = -708.396
+  static constexpr int kMantissa = 52, kBias = 1023;
+  using Int = int64_t;
+};
+
+// 1 + r/K (1 + r/(K+1) (... (1 + r/Degree))), unrolled at compile time; r * exp_series<2> is
+// the Taylor series of exp(r) - 1 up to r^Degree / Degree!.
+template <typename T, int K, int Degree>
+inline T exp_series(T r) {
+  if constexpr (K > Degree) {
+    return T(1);
+  } else {
+    return std::fma(r * (T(1) / T(K)), exp_series<T, K + 1, Degree>(r), T(1));
+  }
+}
+
+// exp(y) - 1 and exp(y) for y <= 0; NaN stays NaN. y = n ln2 + r, exp(y) = 2^n (1 + q(r)).
+template <typename T>
+inline void expm1_and_exp_nonpositive(T y, T& expm1_out, T& exp_out) {
+  using Terms = ExpTerms<T>;
+  using Int = typename Terms::Int;
+  const T clamped = y < Terms::kLowest ? Terms::kLowest : y;  // NaN compares false: kept
+  const T n = std::floor(clamped * T(1.4426950408889634) + T(0.5));
+  // ln 2 in two parts, so that r = y - n ln2 is exact to the last bit.
+  const T r = (clamped - n * T(0.693145751953125)) - n * T(1.4286068203094172321e-6);
+  const T q = r * exp_series<T, 2, Terms::kDegree>(r);  // exp(r) - 1
+  const Int bits = (static_cast<Int>(n) + Terms::kBias) << Terms::kMantissa;
+  T scale;
+  __builtin_memcpy(&scale, &bits, sizeof(T));
+  // Below kLowest exp(y) is subnormal or zero: flushed to zero (an absolute error under the
+  // smallest normal number).
+  const T e = y < Terms::kLowest ? T(0) : scale + scale * q;
+  exp_out = e;
+  expm1_out = n == T(0) ? q : e - T(1);  // no cancellation: |y| >= ln2 / 2 when n != 0
 }
 
 template <typename T>
-inline T tanh_by_exp(T x) {
-  // tanh(x) = 2 sigmoid(2x) - 1; one exp, which the compiler vectorises.
-  return T(2) / (T(1) + std::exp(T(-2) * x)) - T(1);
+inline T sigmoid(T x) {
+  T unused, e;
+  expm1_and_exp_nonpositive(-std::fabs(x), unused, e);
+  const T s = T(1) / (T(1) + e);
+  return x >= T(0) ? s : e * s;
+}
+
+template <typename T>
+inline T safe_tanh(T x) {
+  T m, unused;
+  expm1_and_exp_nonpositive(T(-2) * std::fabs(x), m, unused);
+  return std::copysign(-m / (T(2) + m), x);
 }
 
 // Rows per parallel chunk: at least ~16k elements of work per thread.
@@ -72,6 +138,47 @@ inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 32768 / wi
 
 // Rows summed in the input's precision before each addition to the double accumulators.
 constexpr int64_t kSumBlock = 64;
+
+// Per-channel count, mean and sum of squared deviations (M2), per thread, merged with the
+// pairwise update of Chan, Golub and LeVeque: no step subtracts two large, nearly equal sums.
+struct ChannelMoments {
+  int64_t threads, width;
+  std::vector<double> counts, means, m2s;
+  explicit ChannelMoments(int64_t width_)
+      : threads(at::get_num_threads()),
+        width(width_),
+        counts(threads, 0.0),
+        means(threads * width_, 0.0),
+        m2s(threads * width_, 0.0) {}
+  static void combine(double& count, double* mean, double* m2, double other_count,
+                      const double* other_mean, const double* other_m2, int64_t width) {
+    if (other_count == 0.0) {
+      return;
+    }
+    const double total = count + other_count;
+    const double weight = other_count / total;
+    const double cross = count * other_count / total;
+    for (int64_t ch = 0; ch < width; ++ch) {
+      const double delta = other_mean[ch] - mean[ch];
+      mean[ch] += delta * weight;
+      m2[ch] += other_m2[ch] + delta * delta * cross;
+    }
+    count = total;
+  }
+  void merge(int64_t tid, double count, const double* mean, const double* m2) {
+    combine(counts[tid], means.data() + tid * width, m2s.data() + tid * width, count, mean, m2,
+            width);
+  }
+  void reduce(std::vector<double>& mean, std::vector<double>& m2) const {
+    double count = 0.0;
+    mean.assign(width, 0.0);
+    m2.assign(width, 0.0);
+    for (int64_t t = 0; t < threads; ++t) {
+      combine(count, mean.data(), m2.data(), counts[t], means.data() + t * width,
+              m2s.data() + t * width, width);
+    }
+  }
+};
 
 }  // namespace
 
@@ -121,7 +228,7 @@ void gru_forward(const at::Tensor& projected, const at::Tensor& w_hh, const at::
             const scalar_t z =
                 sigmoid((p[hidden + j] + bi[hidden + j]) + (q[hidden + j] + bh[hidden + j]));
             const scalar_t hn = q[2 * hidden + j] + bh[2 * hidden + j];
-            const scalar_t n = tanh_by_exp(p[2 * hidden + j] + bi[2 * hidden + j] + r * hn);
+            const scalar_t n = safe_tanh(p[2 * hidden + j] + bi[2 * hidden + j] + r * hn);
             g[j] = r;
             g[hidden + j] = z;
             rec[j] = hn;
@@ -255,6 +362,18 @@ struct PartLayout {
   }
 };
 
+// Calls body(row, column offset, width) for every part of the rows [r0, r1), in row order.
+template <typename scalar_t, typename Body>
+inline void for_parts_of_rows(const PartLayout<scalar_t>& layout, int64_t r0, int64_t r1,
+                              Body&& body) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (size_t p = 0; p < layout.data.size(); ++p) {
+      const int64_t w = layout.width[p];
+      body(layout.data[p] + r * w, layout.offset[p], w);
+    }
+  }
+}
+
 }  // namespace
 
 // Where MaxPool(2, stride 2) over time follows the BatchNorm + ReLU (both Inception blocks), the
@@ -263,16 +382,26 @@ struct PartLayout {
 // The rows are (N, steps) sequences; the pooled tensor (N, steps / 2, C) may have any strides for
 // its first two axes (a time-major view included); its channels must be contiguous.
 //
-// The backward pass does not read the forward's output: it recomputes y = ReLU(x * scale +
-// offset) from the input with the forward's own per-channel scale and offset and the same fused
-// multiply-add (bn_relu), so the values, the ReLU mask and the pooling's choices are exactly the
-// forward's.
+// The backward pass does not read the forward's output: it recomputes the pre-activation
+// v = x * scale + offset from the input with the forward's own per-channel scale and offset and
+// the same fused multiply-add as bn_relu, so the ReLU mask and the pooling's choices are exactly
+// the forward's.
 namespace {
 
 template <typename scalar_t>
 inline scalar_t bn_relu(scalar_t x, scalar_t scale, scalar_t offset) {
   const scalar_t v = std::fma(x, scale, offset);
-  return v > scalar_t(0) ? v : scalar_t(0);
+  return v <= scalar_t(0) ? scalar_t(0) : v;  // a NaN passes, as through PyTorch's ReLU
+}
+
+// The larger of a and b, the first on a tie; a NaN wins, as in PyTorch's max pooling.
+template <typename scalar_t>
+inline scalar_t pair_max(scalar_t a, scalar_t b) {
+  // (Written so that GCC vectorises it under IEEE semantics; a + b is NaN where either is.
+  // A pair of +inf and -inf, which only an already overflowed model produces, gives NaN.)
+  const scalar_t larger = a < b ? b : a;
+  const scalar_t sum = a + b;
+  return sum != sum ? sum : larger;
 }
 
 // The pooled tensor's geometry: row r = n * steps + t of the (M, C) rows pools into
@@ -342,43 +471,52 @@ std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& p
     const PartLayout<scalar_t> layout(parts);
     const int64_t rows = layout.rows, channels = layout.total;
     TORCH_CHECK(rows > 0 && channels == all_channels, "parts and weight differ in channels");
-    // Sums of (x - the first row) stay small, so the variance does not cancel.
-    std::vector<scalar_t> shift(channels);
-    for (size_t p = 0; p < layout.data.size(); ++p) {
-      std::copy(layout.data[p], layout.data[p] + layout.width[p], shift.begin() + layout.offset[p]);
-    }
-    Partials partials(channels);
+    // Per-channel mean and variance without cancellation, whatever the data hold (a 300 mV
+    // spike among 0.1 mV samples included): every block of rows is centred on its own mean
+    // (a first pass over the block, then a second from the cache), and the blocks are merged.
+    ChannelMoments moments(channels);
     at::parallel_for(0, rows, row_grain(channels), [&](int64_t begin, int64_t end) {
-      double* s = partials.a(at::get_thread_num());
-      double* q = partials.b(at::get_thread_num());
-      // Blocks of rows summed in the input's precision (vectorised), then added in double.
-      std::vector<scalar_t> block_s(channels), block_q(channels);
+      const int64_t tid = at::get_thread_num();
+      std::vector<scalar_t> centre(channels), block_d(channels), block_q(channels);
+      std::vector<double> block_mean(channels), block_m2(channels);
       for (int64_t r0 = begin; r0 < end; r0 += kSumBlock) {
-        std::fill(block_s.begin(), block_s.end(), scalar_t(0));
+        const int64_t r1 = std::min(end, r0 + kSumBlock);
+        const double count = static_cast<double>(r1 - r0);
+        std::fill(centre.begin(), centre.end(), scalar_t(0));
+        std::fill(block_d.begin(), block_d.end(), scalar_t(0));
         std::fill(block_q.begin(), block_q.end(), scalar_t(0));
-        for (int64_t r = r0; r < std::min(end, r0 + kSumBlock); ++r) {
-          for (size_t p = 0; p < layout.data.size(); ++p) {
-            const int64_t w = layout.width[p], o = layout.offset[p];
-            const scalar_t* row = layout.data[p] + r * w;
-            const scalar_t* k = shift.data() + o;
-            scalar_t* bs = block_s.data() + o;
-            scalar_t* bq = block_q.data() + o;
-            _Pragma("omp simd")
-            for (int64_t ch = 0; ch < w; ++ch) {
-              const scalar_t d = row[ch] - k[ch];
-              bs[ch] += d;
-              bq[ch] += d * d;
-            }
+        for_parts_of_rows(layout, r0, r1, [&](const scalar_t* row, int64_t o, int64_t w) {
+          scalar_t* c = centre.data() + o;
+          _Pragma("omp simd")
+          for (int64_t ch = 0; ch < w; ++ch) {
+            c[ch] += row[ch];
           }
-        }
+        });
         for (int64_t ch = 0; ch < channels; ++ch) {
-          s[ch] += block_s[ch];
-          q[ch] += block_q[ch];
+          centre[ch] = static_cast<scalar_t>(centre[ch] / count);
         }
+        for_parts_of_rows(layout, r0, r1, [&](const scalar_t* row, int64_t o, int64_t w) {
+          const scalar_t* c = centre.data() + o;
+          scalar_t* bd = block_d.data() + o;
+          scalar_t* bq = block_q.data() + o;
+          _Pragma("omp simd")
+          for (int64_t ch = 0; ch < w; ++ch) {
+            const scalar_t d = row[ch] - c[ch];
+            bd[ch] += d;
+            bq[ch] += d * d;
+          }
+        });
+        // The centre is rounded: the deviations' own sum corrects the mean and the M2.
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          const double d = block_d[ch];
+          block_mean[ch] = static_cast<double>(centre[ch]) + d / count;
+          block_m2[ch] = std::max(0.0, static_cast<double>(block_q[ch]) - d * d / count);
+        }
+        moments.merge(tid, count, block_mean.data(), block_m2.data());
       }
     });
-    std::vector<double> sum, squares;
-    partials.reduce(sum, squares);
+    std::vector<double> channel_mean, channel_m2;
+    moments.reduce(channel_mean, channel_m2);
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const scalar_t* b = bias.data_ptr<scalar_t>();
     scalar_t* m_out = mean.data_ptr<scalar_t>();
@@ -387,9 +525,8 @@ std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& p
     scalar_t* scale = scale_out.data_ptr<scalar_t>();
     scalar_t* offset_term = offset_out.data_ptr<scalar_t>();
     for (int64_t ch = 0; ch < channels; ++ch) {
-      const double centred_mean = sum[ch] / rows;
-      const double var = std::max(0.0, squares[ch] / rows - centred_mean * centred_mean);
-      const double m = static_cast<double>(shift[ch]) + centred_mean;
+      const double var = channel_m2[ch] / rows;
+      const double m = channel_mean[ch];
       const double inv = 1.0 / std::sqrt(var + eps);
       m_out[ch] = static_cast<scalar_t>(m);
       i_out[ch] = static_cast<scalar_t>(inv);
@@ -453,14 +590,14 @@ std::vector<at::Tensor> batch_norm_relu_forward(const std::vector<at::Tensor>& p
               const scalar_t u = bn_relu(next[ch], a[ch], c[ch]);
               dst[ch] = v;
               dst_next[ch] = u;
-              pmax[ch] = v >= u ? v : u;
+              pmax[ch] = pair_max(v, u);
             }
           } else {
             _Pragma("omp simd")
             for (int64_t ch = 0; ch < width; ++ch) {
               const scalar_t v = bn_relu(row[ch], a[ch], c[ch]);
               const scalar_t u = bn_relu(next[ch], a[ch], c[ch]);
-              pmax[ch] = v >= u ? v : u;
+              pmax[ch] = pair_max(v, u);
             }
           }
         }
@@ -509,7 +646,7 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad,
     const int64_t units = pool.active() ? (rows / steps) * per_sequence : rows;
     const int64_t grain = row_grain(pool.active() ? 2 * channels : channels);
     // Calls body(r, ch, gv, p) for every row r of a unit and every channel ch of part p, with gv
-    // = dL/d(BN output before the ReLU), y recomputed exactly as the forward pass computed it.
+    // = dL/d(BN output before the ReLU), v recomputed exactly as the forward pass computed it.
     auto for_unit = [&](int64_t n, int64_t i, size_t p, auto&& body) {
       const int64_t width = layout.width[p], o = layout.offset[p];
       const scalar_t* a = fa + o;
@@ -520,7 +657,8 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad,
         const scalar_t* gr = g + n * channels + o;
         _Pragma("omp simd")
         for (int64_t ch = 0; ch < width; ++ch) {
-          body(n, ch, bn_relu(x[ch], a[ch], c[ch]) > zero ? gr[ch] : zero);
+          const scalar_t gv = gr[ch];
+          body(n, ch, std::fma(x[ch], a[ch], c[ch]) > zero ? gv : zero);  // ReLU(v) > 0 iff v > 0
         }
         return;
       }
@@ -537,11 +675,16 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad,
       const scalar_t* gp = g + n * pool.stride_n + i * pool.stride_t + o;
       _Pragma("omp simd")
       for (int64_t ch = 0; ch < width; ++ch) {
-        const scalar_t y0 = bn_relu(x0[ch], a[ch], c[ch]);
-        const scalar_t y1 = bn_relu(x1[ch], a[ch], c[ch]);
-        const bool first = y0 >= y1;  // PyTorch's tie rule: the first maximum wins
-        body(r, ch, (y0 > zero) & first ? gp[ch] : zero);
-        body(r + 1, ch, (y1 > zero) & !first ? gp[ch] : zero);
+        // The forward's choice, pair_max(ReLU(v0), ReLU(v1)), the first on a tie (PyTorch's
+        // rule), and the ReLU's mask, from the pre-activations v (in this form GCC vectorises
+        // the loop under IEEE semantics): row 0 gets the gradient where v0 > 0 and v0 >= v1,
+        // row 1 where v1 > 0 and v1 > v0; where both are <= 0 neither does.
+        const scalar_t gv = gp[ch];
+        const scalar_t v0 = std::fma(x0[ch], a[ch], c[ch]);
+        const scalar_t v1 = std::fma(x1[ch], a[ch], c[ch]);
+        const bool second_wins = v0 < v1;
+        body(r, ch, (v0 > zero) & !second_wins ? gv : zero);
+        body(r + 1, ch, (v1 > zero) & second_wins ? gv : zero);
       }
     };
     Partials partials(channels);
@@ -617,7 +760,8 @@ std::vector<at::Tensor> batch_norm_relu_backward(const at::Tensor& grad,
 // ---------------------------------------------------------------------------------------------
 // Max pooling over the time axis of channels-last (N, T, C) tensors, without index tensors: the
 // backward passes find the winner again from the input, with PyTorch's tie rule (the first
-// maximum of the window wins). NaNs are not given PyTorch's special treatment.
+// maximum of the window wins). A NaN wins the forward maximum, as in PyTorch; the backward
+// passes give NaN windows no special treatment (their gradients are not finite anyway).
 
 // MaxPool(3, stride 1, padding 1) forward over (N, T, C).
 at::Tensor max_pool3_forward(const at::Tensor& x) {
@@ -636,7 +780,7 @@ at::Tensor max_pool3_forward(const at::Tensor& x) {
         scalar_t* dst = y + row * channels;
         _Pragma("omp simd")
         for (int64_t c = 0; c < channels; ++c) {
-          dst[c] = std::max(std::max(before[c], centre[c]), after[c]);
+          dst[c] = pair_max(pair_max(before[c], centre[c]), after[c]);
         }
       }
     });
@@ -666,7 +810,7 @@ at::Tensor max_pool3_backward(const at::Tensor& grad_out, const at::Tensor& x,
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     scalar_t* d = grad_in.data_ptr<scalar_t>();
-    // The padding: below every input (finite: the kernels are built with -ffast-math).
+    // The padding: below every finite input.
     const scalar_t lowest = std::numeric_limits<scalar_t>::lowest();
     at::parallel_for(0, batch * steps, row_grain(channels), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> padding(channels, lowest), no_grad(channels, scalar_t(0));
