@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]" --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# Build the fused CPU kernels now (about 35 s) rather than in the first training run;
 	# without a C++ compiler this warns and leadtune uses its slower PyTorch code path.
-	$(BIN)/python -c "from trainables.models import kernels; kernels.load()"
+	$(BIN)/python -c "from leadtune.trainables.lead_id.models import kernels; kernels.load()"
 	touch $(STAMP)
 
 # The main job on the bundled sample: a 6-trial smoke search, every trial in MLflow, the best

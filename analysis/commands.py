@@ -40,7 +40,7 @@ def _slug(text: str) -> str:
 
 @_mlflow_errors_as_one_line
 def run_report(args: argparse.Namespace) -> int:
-    from analysis.report import collect, find_search, write_report
+    from leadtune.analysis.report import collect, find_search, write_report
 
     search_dir = find_search(Path(args.storage_path), args.study, args.experiment)
     data = collect(search_dir, args.tracking_uri)
@@ -57,8 +57,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _prepare(source: str, cache_dir: str | None, limit: int | None, loaded: Any):
-    from trainables.data.cache import prepare_dataset
-    from trainables.data.preprocess import PreprocessConfig
+    from leadtune.trainables.data.cache import prepare_dataset
+    from leadtune.trainables.data.preprocess import PreprocessConfig
 
     return prepare_dataset(
         Path(source),
@@ -70,7 +70,7 @@ def _prepare(source: str, cache_dir: str | None, limit: int | None, loaded: Any)
 
 
 def _default_source(loaded: Any) -> str:
-    from trainables.commands import default_source
+    from leadtune.trainables.commands import default_source
 
     trained_on = loaded.card.get("data", {}).get("source") or ""
     if trained_on and (Path(trained_on) / "ptbxl_database.csv").is_file():
@@ -80,8 +80,8 @@ def _default_source(loaded: Any) -> str:
 
 @_mlflow_errors_as_one_line
 def run_evaluate(args: argparse.Namespace) -> int:
-    from analysis.evaluate import evaluate_model, format_summary, write_evaluation
-    from analysis.model_source import load_model
+    from leadtune.analysis.evaluate import evaluate_model, format_summary, write_evaluation
+    from leadtune.analysis.model_source import load_model
 
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     other = load_model(args.compare, args.tracking_uri, args.cache_dir) if args.compare else None
@@ -105,8 +105,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 @_mlflow_errors_as_one_line
 def run_export(args: argparse.Namespace) -> int:
-    from analysis.export import CARD_MARKDOWN, export_model
-    from analysis.model_source import load_model
+    from leadtune.analysis.export import CARD_MARKDOWN, export_model
+    from leadtune.analysis.model_source import load_model
 
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     card = export_model(loaded, Path(args.out), tolerance=args.tolerance, onnx=not args.no_onnx)
@@ -130,18 +130,27 @@ def run_export(args: argparse.Namespace) -> int:
 
 @_mlflow_errors_as_one_line
 def run_label(args: argparse.Namespace) -> int:
-    from analysis.label import label_paths
-    from analysis.model_source import load_model
+    from leadtune.analysis.label import SCHEMA, label_paths
+    from leadtune.analysis.model_source import load_model
 
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
+    if loaded.task != "lead_id":
+        raise ValueError(f"{args.model} is a {loaded.task} model; label needs a lead_id model")
     several = len(args.records) > 1 or any(Path(r).is_dir() for r in args.records)
-    results, summary = label_paths(args.records, loaded, out=sys.stdout, as_json=args.json)
+    exclude = tuple(int(x) if x.isdigit() else x for x in (args.exclude or []))
+    results, summary = label_paths(
+        args.records, loaded, out=sys.stdout, as_json=args.json, exclude=exclude,
+        csv_path=Path(args.csv) if args.csv else None,
+    )  # fmt: skip
     if args.json:
         objects = [r.to_json() for r in results]
+        objects += [
+            {"schema": SCHEMA, "record": name, "error": why} for name, why in summary.failed
+        ]
         print(json.dumps(objects if several else objects[0], indent=2))
     if several:
         print(summary.format(), file=sys.stderr if args.json else sys.stdout)
-    return 1 if summary.failed else 0
+    return summary.exit_code
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -235,30 +244,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     label = subparsers.add_parser(
         "label",
-        help="label the leads of WFDB records from their signals; flag suspected swaps",
-        description="Predict each channel's lead from the waveforms alone (header names are not "
-        "used), assign leads injectively (Hungarian), and flag channels whose header name "
-        "disagrees. A folder is searched recursively for *.hea.",
-        formatter_class=fmt,
+        help="label the leads of WFDB records from their signals; name suspected electrode swaps",
+        description="Predict each channel's lead from the waveforms alone (channel names are "
+        "never needed), assign leads injectively (Hungarian), and where the header names "
+        "leads, test it against the named electrode reversals (LA/RA, LA/LL, RA/LL, precordial "
+        "neighbours). A folder is searched recursively for *.hea. Exit status: 0 labelled, no "
+        "swap; 1 a swap suspected; 2 a record could not be read.",
     )
     label.add_argument(
-        "records",
-        nargs="+",
-        metavar="RECORD",
+        "records", nargs="+", metavar="RECORD",
         help="WFDB record (.hea/.dat/.mat or name) or folder",
-    )
-    label.add_argument("--model", default="models:/lead-id@champion", help=MODEL_HELP)
+    )  # fmt: skip
     label.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else runs/search/mlflow.db)",
-    )
+        "--model", default=None,
+        help=MODEL_HELP + " (default: the bundled model, else models:/lead-id@champion)",
+    )  # fmt: skip
+    label.add_argument(
+        "--exclude", action="append", metavar="NAME|INDEX",
+        help="leave out a non-ECG channel (respiration, Frank leads ...), by header name or "
+        "0-based index; repeat for several",
+    )  # fmt: skip
+    label.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow URI for models:/ and run ids (default: $MLFLOW_TRACKING_URI, else "
+        "runs/search/mlflow.db)",
+    )  # fmt: skip
     label.add_argument(
         "--cache-dir", default=None, help="dataset cache root holding the training data's manifest"
     )
     label.add_argument(
-        "--json",
-        action="store_true",
-        help="JSON on stdout: one object per record, a list for several",
-    )
+        "--json", action="store_true",
+        help="JSON on stdout (schema leadtune.label/1): one object per record, a list for several",
+    )  # fmt: skip
+    label.add_argument("--csv", default=None, metavar="FILE", help="one CSV row per record")
     label.set_defaults(func=run_label)

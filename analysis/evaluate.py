@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import metrics
+from leadtune.trainables.lead_id import metrics
 
 METHODS = ("argmax", "hungarian")
 LEAD_ORDER_NOTE = (
@@ -32,7 +32,7 @@ def predict(model: Any, signals: np.ndarray, batch_size: int = 64) -> np.ndarray
     """Log-probabilities (N, K, M) on CPU, in fp32."""
     import torch
 
-    from trainables.lead_id import predict_log_probs
+    from leadtune.trainables.lead_id.train import predict_log_probs
 
     return predict_log_probs(model, signals, torch.device("cpu"), batch_size=batch_size)
 
@@ -129,7 +129,7 @@ def evaluate_model(
     compare: Any | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(statistics as a JSON-ready dict, prediction arrays) of a loaded model on one split."""
-    from trainables.data.ptbxl import SUPERCLASSES
+    from leadtune.trainables.data.ptbxl import SUPERCLASSES
 
     started = time.perf_counter()
     notes = _check_inputs(loaded, dataset)

@@ -2,12 +2,14 @@
 
 Written to ``--out``:
 
-- ``model.torchscript.pt``: TorchScript (``torch.jit.script``, else ``torch.jit.trace``), loads
-  with ``torch.jit.load`` and no leadtune code;
-- ``model.pt2``: a ``torch.export`` program with dynamic batch and lead axes, where torch can
-  export the model (``torch.export.load(path).module()``);
-- ``model.onnx``: where the ``onnx`` package is installed and an exporter works (the dynamo
-  exporter needs ``onnxscript``; without it the TorchScript-based exporter is tried);
+- ``model.pt2`` (the primary artefact): a ``torch.export`` program with dynamic batch and lead
+  axes, ``torch.export.load(path).module()``, no leadtune code needed;
+- ``model.torchscript.pt`` (extra, for older runtimes; TorchScript is deprecated in torch):
+  ``torch.jit.script``, else ``torch.jit.trace``;
+- ``model.onnx`` (extra): where the ``onnx`` extra is installed (``pip install
+  'leadtune[onnx]'``, which brings ``onnxscript`` for torch's dynamo exporter);
+- ``leadtune-model.json`` and ``weights.pt``: the model package, so that leadtune itself loads
+  the folder (``leadtune label --model DIR``) from tensors and plain data only;
 - ``model_card.json`` and ``MODEL_CARD.md``: data fingerprint, config, metrics, lead order,
   sampling rate, preprocessing, input and output shapes, and the verification below;
 - ``sample_input.npy`` / ``sample_output.npy``: the check input and the original model's logits.
@@ -28,9 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from analysis.model_source import CARD_FILE, TORCHSCRIPT_FILE, LoadedModel
+from leadtune.analysis.model_source import CARD_FILE, LoadedModel
+from leadtune.trainables.data.preprocess import preprocess_settings
+from leadtune.trainables.model_package import PROGRAM_FILE, export_program, write_package
 
-EXPORTED_PROGRAM_FILE = "model.pt2"
+EXPORTED_PROGRAM_FILE = PROGRAM_FILE
+TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 CARD_MARKDOWN = "MODEL_CARD.md"
 DEFAULT_TOLERANCE = 1e-4
@@ -40,10 +45,15 @@ class ExportError(ValueError):
     """The export could not be written or does not reproduce the model; one line says why."""
 
 
-def sample_inputs(n_leads: int, samples: int, seed: int = 0) -> list[np.ndarray]:
-    """Check inputs in mV: (2, K, T) with every lead, and (3, K', T) with K' = K // 2 leads."""
+def sample_inputs(
+    n_leads: int, samples: int, seed: int = 0, variable_leads: bool = True
+) -> list[np.ndarray]:
+    """Check inputs in mV: (2, K, T) with every lead, and, for models that take any number of
+    leads, (3, K', T) with K' = K // 2 leads."""
     rng = np.random.default_rng(seed)
     full = (0.2 * rng.standard_normal((2, n_leads, samples))).astype(np.float32)
+    if not variable_leads:
+        return [full]
     fewer = max(1, n_leads // 2)
     part = (0.2 * rng.standard_normal((3, fewer, samples))).astype(np.float32)
     return [full, part]
@@ -90,29 +100,16 @@ def export_torchscript(model: Any, example: np.ndarray, path: Path) -> str:
     """Script the model if torch can, else trace it; returns the method used."""
     import torch
 
-    try:
-        scripted = torch.jit.script(model)
-        method = "torch.jit.script"
-    except Exception:  # scripting fails on Python constructs; tracing records one run instead
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice: it is an extra here
+        try:
+            scripted = torch.jit.script(model)
+            method = "torch.jit.script"
+        except Exception:  # scripting fails on Python constructs; tracing records one run
             scripted = torch.jit.trace(model, torch.from_numpy(example), check_trace=False)
-        method = "torch.jit.trace"
-    scripted.save(str(path))
+            method = "torch.jit.trace"
+        scripted.save(str(path))
     return method
-
-
-def export_program(model: Any, example: np.ndarray, path: Path, max_leads: int) -> None:
-    import torch
-
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    leads = torch.export.Dim("leads", min=1, max=max_leads)
-    program = torch.export.export(
-        model,
-        (torch.from_numpy(example),),
-        dynamic_shapes={"x": {0: batch, 1: leads}},
-    )
-    torch.export.save(program, str(path))
 
 
 def export_onnx(model: Any, example: np.ndarray, path: Path) -> str:
@@ -221,6 +218,7 @@ def build_card(loaded: LoadedModel) -> dict[str, Any]:
                     f"{pre['highpass_order']}, "
                     + ("zero-phase (forward-backward)" if pre["zero_phase"] else "causal (sosfilt)")
                 )
+                + (f", clipped to +-{pre['clip_mv']} mV" if pre.get("clip_mv") else "")
             ),
         },
         "input": {
@@ -252,15 +250,16 @@ def export_model(
     Raises ExportError (after writing the card) if a verified format differs by more than
     ``tolerance`` from the original, or if no TorchScript file could be written.
     """
-    if loaded.kind == "export":
-        raise ExportError(
-            f"{loaded.source} is already an exported model; copy the folder, or export from the "
-            "checkpoint or registry version it came from"
-        )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot write to --out {out_dir} ({exc.strerror or exc})") from None
     model = loaded.model.eval()
-    inputs = sample_inputs(len(loaded.leads), loaded.samples)
+    from leadtune.trainables.tasks import get_task
+
+    variable = get_task(loaded.task).variable_leads
+    inputs = sample_inputs(len(loaded.leads), loaded.samples, variable_leads=variable)
     expected = _outputs(model, inputs)
     np.save(out_dir / "sample_input.npy", inputs[0])
     np.save(out_dir / "sample_output.npy", expected[0])
@@ -268,12 +267,31 @@ def export_model(
     card = build_card(loaded)
     formats: dict[str, dict[str, Any]] = {}
 
+    pt2_path = out_dir / EXPORTED_PROGRAM_FILE
+    try:
+        import torch
+
+        export_program(model, inputs[0], pt2_path, dynamic_leads=variable)
+        program = torch.export.load(str(pt2_path)).module()
+        formats["torch_export"] = {
+            "file": pt2_path.name,
+            "method": "torch.export.export (dynamic batch"
+            + (" and lead axes)" if variable else " axis)"),
+            "load": f"torch.export.load('{pt2_path.name}').module()",
+            **check_outputs(_torch_runner(program), inputs, expected),
+        }
+    except Exception as exc:
+        pt2_path.unlink(missing_ok=True)
+        formats["torch_export"] = {"file": None, "skipped": _reason(exc)}
+
     ts_path = out_dir / TORCHSCRIPT_FILE
     try:
         method = export_torchscript(model, inputs[0], ts_path)
         import torch
 
-        reloaded = torch.jit.load(str(ts_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reloaded = torch.jit.load(str(ts_path))
         formats["torchscript"] = {
             "file": ts_path.name,
             "method": method,
@@ -281,23 +299,8 @@ def export_model(
             **check_outputs(_torch_runner(reloaded), inputs, expected),
         }
     except Exception as exc:
+        ts_path.unlink(missing_ok=True)
         formats["torchscript"] = {"file": None, "skipped": _reason(exc)}
-
-    pt2_path = out_dir / EXPORTED_PROGRAM_FILE
-    try:
-        import torch
-
-        export_program(model, inputs[0], pt2_path, len(loaded.leads))
-        program = torch.export.load(str(pt2_path)).module()
-        formats["torch_export"] = {
-            "file": pt2_path.name,
-            "method": "torch.export.export (dynamic batch and lead axes)",
-            "load": f"torch.export.load('{pt2_path.name}').module()",
-            **check_outputs(_torch_runner(program), inputs, expected),
-        }
-    except Exception as exc:
-        pt2_path.unlink(missing_ok=True)
-        formats["torch_export"] = {"file": None, "skipped": _reason(exc)}
 
     formats["onnx"] = (
         _try_onnx(model, inputs, expected, out_dir / ONNX_FILE)
@@ -308,10 +311,25 @@ def export_model(
         }
     )
 
+    write_package(
+        out_dir,
+        loaded.task,
+        loaded.config_dict(),
+        model.state_dict(),
+        {
+            "data": {**card["data"], "fs": loaded.fs},
+            "preprocessing": preprocess_settings(card["preprocessing"]),
+            "validation_metrics": card["validation_metrics"],
+            "test_metrics": card["test_metrics"],
+            "source": card["origin"],
+        },
+    )  # fmt: skip
     card["files"] = {
-        "torchscript": formats["torchscript"]["file"],
         "torch_export": formats["torch_export"]["file"],
+        "torchscript": formats["torchscript"]["file"],
         "onnx": formats["onnx"]["file"],
+        "package": "leadtune-model.json",
+        "weights": "weights.pt",
         "sample_input": "sample_input.npy",
         "sample_output": "sample_output.npy",
     }
@@ -326,22 +344,21 @@ def export_model(
         for name, entry in formats.items()
         if entry.get("max_abs_diff") is not None and not entry["max_abs_diff"] <= tolerance
     ]
-    torchscript = formats["torchscript"]
-    # TorchScript is the format `leadtune label` loads, also for records with fewer leads: it
-    # has to run on every check shape.
-    torchscript_ok = torchscript["file"] is not None and not torchscript["unsupported_shapes"]
-    card["verification"]["passed"] = not failed and torchscript_ok
+    primary = formats["torch_export"]
+    # The .pt2 program is the primary artefact: it has to run on every check shape.
+    primary_ok = primary["file"] is not None and not primary["unsupported_shapes"]
+    card["verification"]["passed"] = not failed and primary_ok
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
     (out_dir / CARD_MARKDOWN).write_text(format_card(card))
-    if torchscript["file"] is None:
+    if primary["file"] is None:
         raise ExportError(
-            f"{loaded.source}: TorchScript export failed ({torchscript['skipped']}); "
+            f"{loaded.source}: torch.export failed ({primary['skipped']}); "
             "see the model card in " + str(out_dir)
         )
-    if torchscript["unsupported_shapes"]:
+    if primary["unsupported_shapes"]:
         raise ExportError(
-            f"{out_dir / TORCHSCRIPT_FILE}: the TorchScript model fails on input shape(s) "
-            f"{torchscript['unsupported_shapes']}; do not use it (see {CARD_FILE})"
+            f"{out_dir / EXPORTED_PROGRAM_FILE}: the exported program fails on input shape(s) "
+            f"{primary['unsupported_shapes']}; do not use it (see {CARD_FILE})"
         )
     if failed:
         worst = ", ".join(f"{n} {formats[n]['max_abs_diff']:.2e}" for n in failed)
@@ -406,7 +423,7 @@ def format_card(card: dict[str, Any]) -> str:
         "",
         "```python",
         "import torch",
-        f"model = torch.jit.load('{card['files']['torchscript']}')  # no leadtune needed",
+        f"model = torch.export.load('{card['files']['torch_export']}').module()  # torch alone",
         "logits = model(signals)  # signals: float32 tensor (B, K, T) in mV",
         "```",
         "",

@@ -1,69 +1,121 @@
-"""`leadtune label`: which lead is each channel of a WFDB record, and is any of them swapped?
+"""`leadtune label`: which lead is each channel of a WFDB record, and are electrodes swapped?
 
-The model sees only the waveforms, never the header's channel names. Each record is read with the
-project's WFDB reader (any sampling rate, .dat or .mat, any channel-name spelling) and preprocessed
-exactly like the training data (resampled to the model's rate, same high-pass). The channels are
-labelled injectively by the Hungarian method over the K x M log-probabilities; a channel whose
-header names a standard lead that differs from its assignment is a suspected swap.
+The model sees only the waveforms. Channel names are never required: each record is read with
+the project's WFDB reader (any sampling rate, .dat or .mat, any channel names or none, K <= 12
+channels) and preprocessed exactly like the model's training data. The K channels are labelled
+injectively by the Hungarian method over the K x 12 log-probabilities.
+
+Where the header names standard leads, those names are only compared with the signal, as
+hypotheses (see :mod:`leadtune.trainables.lead_id.reversals`):
+
+- *identity*: the header is right;
+- each *named electrode reversal* whose leads the header names (LA/RA, LA/LL, RA/LL, precordial
+  neighbours): the channels are re-inverted and relabelled as the reversal says, and scored;
+- *other*: the best labelling of all (Hungarian), for swaps no name describes.
+
+A hypothesis' score is the summed log-probability the model gives the named channels' labels
+under it. A swap is suspected when the best hypothesis beats the identity by more than the
+model's threshold (in nats; chosen on validation data so that correct records are rarely
+flagged, and recorded with the model). A named reversal is reported when it is within
+``NAME_SLACK`` nats of the best labelling; otherwise the exchanged channels are listed.
+
+Output: a readable table, ``--json`` (schema ``leadtune.label/1``, below), and for folders a CSV
+row per record (``--csv``). Exit status: 0 all records labelled and none flagged, 1 a swap is
+suspected in at least one record, 2 at least one record could not be read.
 """
 
 from __future__ import annotations
 
+import csv
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analysis import metrics
-from analysis.model_source import LoadedModel
+from leadtune.analysis.model_source import LoadedModel
+from leadtune.trainables.lead_id import metrics
+from leadtune.trainables.lead_id.reversals import REVERSALS
+
+SCHEMA = "leadtune.label/1"
+# Nats per record by which the best hypothesis must beat the header's labelling to flag a swap,
+# where the model records none (see the bundled model's card for the value chosen on validation).
+DEFAULT_SWAP_THRESHOLD = 3.0
+# A named reversal within this many nats of the best labelling is named.
+NAME_SLACK = 1.0
+EXIT_OK, EXIT_SWAP, EXIT_UNREADABLE = 0, 1, 2
+CSV_FIELDS = (
+    "record", "status", "reversal", "margin_nats", "channels", "header_names", "assigned",
+    "probabilities", "notes", "error",
+)  # fmt: skip
 
 
 @dataclass
 class ChannelLabel:
     """One input channel: what the header calls it and what the model says it is."""
 
-    index: int
-    name: str  # as in the header
+    index: int  # position among the record's channels (as in the header)
+    header_name: str
     header_lead: str | None  # the standard lead the header name means, if any
-    predicted: str  # most probable lead on its own (argmax)
-    predicted_probability: float
-    assigned: str  # Hungarian assignment (no lead used twice in the record)
-    assigned_probability: float
+    assigned_lead: str  # Hungarian assignment (no lead used twice in the record)
+    probability: float  # of the assigned lead
+    margin: float  # probability of the assigned lead minus the best other lead's
+    argmax_lead: str  # most probable lead on its own
+
+
+@dataclass
+class Verdict:
+    status: str  # agrees | swap_suspected | no_header_leads
+    reversal: str | None = None  # a named reversal's key, e.g. "LA-RA"
+    reversal_name: str | None = None
+    margin_nats: float | None = None  # best hypothesis minus the header's (identity) score
+    threshold_nats: float | None = None
+    exchanged: list[list[str]] = field(default_factory=list)  # header lead -> assigned lead
+    scores: dict[str, float] = field(default_factory=dict)  # every hypothesis tested
 
 
 @dataclass
 class RecordLabels:
     record: str
-    fs_original: int
+    fs_original: float
     fs: int
     samples: int
     channels: list[ChannelLabel]
     probabilities: list[dict[str, float]]  # per channel, the probability of every lead
-    suspected_swaps: list[dict[str, Any]]
-    swap_pairs: list[list[str]]  # header leads exchanged pairwise (2-cycles of the assignment)
+    verdict: Verdict
     notes: list[str] = field(default_factory=list)
 
     @property
     def assignment(self) -> list[str]:
-        return [c.assigned for c in self.channels]
+        return [c.assigned_lead for c in self.channels]
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "schema": SCHEMA,
             "record": self.record,
-            "channel_names": [c.name for c in self.channels],
-            "assignment": self.assignment,
-            "predicted": [c.predicted for c in self.channels],
-            "probabilities": self.probabilities,
-            "suspected_swaps": self.suspected_swaps,
-            "swap_pairs": self.swap_pairs,
             "fs_original": self.fs_original,
             "fs": self.fs,
             "samples": self.samples,
             "channels": [asdict(c) for c in self.channels],
+            "probabilities": self.probabilities,
+            "verdict": asdict(self.verdict),
             "notes": self.notes,
+        }
+
+    def csv_row(self) -> dict[str, Any]:
+        v = self.verdict
+        return {
+            "record": self.record,
+            "status": v.status,
+            "reversal": v.reversal or "",
+            "margin_nats": "" if v.margin_nats is None else f"{v.margin_nats:.3f}",
+            "channels": len(self.channels),
+            "header_names": " ".join(c.header_name or "-" for c in self.channels),
+            "assigned": " ".join(self.assignment),
+            "probabilities": " ".join(f"{c.probability:.3f}" for c in self.channels),
+            "notes": " | ".join(self.notes),
+            "error": "",
         }
 
 
@@ -76,104 +128,168 @@ def windows(signal: np.ndarray, samples: int) -> np.ndarray:
     return np.stack([signal[:, i * samples : (i + 1) * samples] for i in range(count)])
 
 
-def suspected_swaps(
-    names: list[str], header_leads: list[str | None], assigned: list[str]
-) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Channels whose header names a standard lead other than their assignment, and 2-cycles.
+def log_probabilities(loaded: LoadedModel, signal: np.ndarray) -> np.ndarray:
+    """(K, M) log-probabilities of a (K, T) signal; a record longer than the 10 s the model was
+    trained on is cut into 10 s windows whose log-probabilities are averaged (renormalised)."""
+    from leadtune.analysis.evaluate import predict
 
-    Channels without a standard header name cannot contradict the header and are never flagged.
-    """
-    swaps = [
-        {"channel": i, "name": name, "header_lead": lead, "assigned": got}
-        for i, (name, lead, got) in enumerate(zip(names, header_leads, assigned))
-        if lead is not None and lead != got
-    ]
-    by_header = {s["header_lead"]: s["assigned"] for s in swaps}
-    pairs = sorted(
-        {tuple(sorted((a, b))) for a, b in by_header.items() if by_header.get(b) == a and a != b}
+    parts = windows(signal, loaded.samples)
+    log_probs = predict(loaded.model, np.ascontiguousarray(parts, dtype=np.float32))
+    return metrics.log_softmax(log_probs.mean(axis=0))
+
+
+def judge(
+    loaded: LoadedModel,
+    signal: np.ndarray,
+    header_leads: list[str | None],
+    log_probs: np.ndarray,
+    assigned: np.ndarray,
+    threshold: float,
+) -> Verdict:
+    """Compare the header's labelling with the named reversals and the best labelling."""
+    leads = list(loaded.leads)
+    named = [i for i, lead in enumerate(header_leads) if lead in leads]
+    names = [header_leads[i] for i in named]
+    if not named or len(set(names)) != len(names):
+        return Verdict(status="no_header_leads")
+
+    def score(table: np.ndarray, labels: list[str | None]) -> float:
+        return float(sum(table[i, leads.index(labels[i])] for i in named))
+
+    scores = {"identity": score(log_probs, header_leads)}
+    best_labels = [leads[j] for j in assigned]
+    scores["other"] = score(log_probs, best_labels)
+    present = set(names)
+    for reversal in REVERSALS:
+        if not set(reversal.leads) <= present:
+            continue
+        labels, signs = reversal.undo(header_leads)
+        if any(label not in leads for label in (labels[i] for i in named)):
+            continue
+        table = log_probs
+        if (signs < 0).any():  # re-invert: the model must look again
+            table = log_probabilities(loaded, signal * signs[:, None])
+        scores[reversal.key] = score(table, labels)
+    best = max(scores, key=scores.get)
+    margin = scores[best] - scores["identity"]
+    if best == "identity" or margin <= threshold:
+        return Verdict("agrees", margin_nats=round(margin, 3), threshold_nats=threshold,
+                       scores=_rounded(scores))  # fmt: skip
+    named_best = max(
+        (key for key in scores if key not in ("identity", "other")),
+        key=scores.get,
+        default=None,
     )
-    return swaps, [list(p) for p in pairs]
+    reversal = None
+    if named_best is not None and scores[named_best] >= scores[best] - NAME_SLACK:
+        reversal = next(r for r in REVERSALS if r.key == named_best)
+        margin = scores[named_best] - scores["identity"]
+    exchanged = [
+        [header_leads[i], best_labels[i]] for i in named if header_leads[i] != best_labels[i]
+    ]
+    return Verdict(
+        status="swap_suspected",
+        reversal=reversal.key if reversal else None,
+        reversal_name=reversal.name if reversal else None,
+        margin_nats=round(margin, 3),
+        threshold_nats=threshold,
+        exchanged=exchanged,
+        scores=_rounded(scores),
+    )
+
+
+def _rounded(scores: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in scores.items()}
+
+
+def swap_threshold(loaded: LoadedModel) -> float:
+    value = (loaded.card.get("labelling") or {}).get("swap_threshold_nats")
+    return float(value) if value is not None else DEFAULT_SWAP_THRESHOLD
 
 
 def label_signal(
-    loaded: LoadedModel, signal: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(log-probabilities (K, M), argmax (K,), Hungarian (K,), notes) for one (K, T) signal.
-
-    A record longer than the 10 s the model was trained on is cut into 10 s windows whose
-    log-probabilities are averaged (the average is renormalised).
-    """
-    from analysis.evaluate import predict
-
-    notes = []
-    parts = windows(signal, loaded.samples)
-    if signal.shape[1] < loaded.samples:
-        notes.append(
-            f"record is {signal.shape[1] / loaded.fs:.1f} s long, shorter than the 10 s the model "
-            "was trained on; labels may be less reliable"
+    loaded: LoadedModel,
+    signal: np.ndarray,
+    header_names: list[str],
+    header_leads: list[str | None],
+    threshold: float | None = None,
+) -> tuple[list[ChannelLabel], np.ndarray, Verdict]:
+    """Label the channels of one (K, T) signal and judge its header; (channels, probabilities
+    (K, M), verdict)."""
+    leads = list(loaded.leads)
+    if signal.shape[0] > len(leads):
+        raise ValueError(
+            f"{signal.shape[0]} channels but the model labels {len(leads)} leads; choose the "
+            "ECG channels with --exclude NAME or INDEX (e.g. respiration or Frank leads)"
         )
-    elif len(parts) > 1:
-        notes.append(
-            f"record cut into {len(parts)} windows of 10 s (remainder dropped); "
-            "their log-probabilities are averaged"
+    log_probs = log_probabilities(loaded, signal)
+    probs = np.exp(log_probs)
+    assigned = metrics.hungarian_assign(log_probs)
+    channels = []
+    for i, j in enumerate(assigned):
+        others = np.delete(probs[i], j)
+        channels.append(
+            ChannelLabel(
+                index=i,
+                header_name=header_names[i],
+                header_lead=header_leads[i],
+                assigned_lead=leads[j],
+                probability=float(probs[i, j]),
+                margin=float(probs[i, j] - others.max()) if len(others) else 1.0,
+                argmax_lead=leads[int(np.argmax(log_probs[i]))],
+            )
         )
-    log_probs = predict(loaded.model, np.ascontiguousarray(parts, dtype=np.float32))
-    mean = metrics.log_softmax(log_probs.mean(axis=0))
-    return mean, metrics.argmax_assign(mean), metrics.hungarian_assign(mean), notes
+    verdict = judge(
+        loaded, signal, header_leads, log_probs, assigned,
+        swap_threshold(loaded) if threshold is None else threshold,
+    )  # fmt: skip
+    return channels, probs, verdict
 
 
-def label_record(path: str | Path, loaded: LoadedModel) -> RecordLabels:
+def label_record(
+    path: str | Path, loaded: LoadedModel, exclude: tuple[str | int, ...] = ()
+) -> RecordLabels:
     """Read, preprocess and label one record; RecordError/ValueError for unusable input."""
-    from trainables.data.preprocess import PreprocessConfig
-    from trainables.data.records import RecordError, read_record
+    from leadtune.trainables.data.preprocess import PreprocessConfig
+    from leadtune.trainables.data.records import read_record
 
     preprocess = PreprocessConfig(**loaded.preprocess)
-    n_labels = len(loaded.leads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # non-standard channels are kept on purpose
-        record = read_record(path, preprocess, keep_nonstandard=True)
-    signal, names, header_leads = record.signal, list(record.channel_names), list(record.leads)
+    record = read_record(path, preprocess, require_leads=False, exclude=exclude)
+    names = list(record.channel_names)
+    header_leads = [lead if lead in loaded.leads else None for lead in record.leads]
     notes = []
-    if len(names) > n_labels:
-        # More channels than lead labels (e.g. extra Frank leads): keep the standard ones the
-        # model knows. Header names only choose the channels here; they never enter prediction.
-        keep = [i for i, lead in enumerate(header_leads) if lead in loaded.leads]
-        dropped = [names[i] for i in range(len(names)) if i not in keep]
-        if len(keep) > n_labels or not keep:
-            raise RecordError(
-                f"{record.path}: {len(names)} channels but the model knows {n_labels} leads; "
-                "remove the extra channels from the record"
-            )
-        signal = signal[keep]
-        names = [names[i] for i in keep]
-        header_leads = [header_leads[i] for i in keep]
-        notes.append(f"ignored channel(s) {', '.join(dropped)}: more channels than lead labels")
-    log_probs, argmax, hungarian, window_notes = label_signal(loaded, signal)
-    probs = np.exp(log_probs)
-    leads = loaded.leads
-    channels = [
-        ChannelLabel(
-            index=i,
-            name=names[i],
-            header_lead=header_leads[i],
-            predicted=leads[argmax[i]],
-            predicted_probability=float(probs[i, argmax[i]]),
-            assigned=leads[hungarian[i]],
-            assigned_probability=float(probs[i, hungarian[i]]),
+    if record.signal.shape[1] < loaded.samples:
+        notes.append(
+            f"record is {record.signal.shape[1] / loaded.fs:.1f} s long, shorter than the 10 s "
+            "the model was trained on; labels may be less reliable"
         )
-        for i in range(len(names))
-    ]
-    swaps, pairs = suspected_swaps(names, header_leads, [c.assigned for c in channels])
+    elif record.signal.shape[1] >= 2 * loaded.samples:
+        notes.append(
+            f"record cut into {record.signal.shape[1] // loaded.samples} windows of 10 s "
+            "(remainder dropped); their log-probabilities are averaged"
+        )
+    flat = [names[i] or str(i) for i, is_flat in enumerate(record.flat) if is_flat]
+    if flat:
+        notes.append(
+            f"flat channel(s) {', '.join(flat)}: no signal (a disconnected electrode; a flat II "
+            "or III can also mean a right-leg electrode reversal); their labels mean little"
+        )
+    if len(set(filter(None, header_leads))) < len(list(filter(None, header_leads))):
+        notes.append("the header names a lead twice: its names are not compared with the signal")
+    if record.fs_original != loaded.fs:
+        notes.append(f"resampled from {record.fs_original:g} Hz to the model's {loaded.fs} Hz")
+    channels, probs, verdict = label_signal(loaded, record.signal, names, header_leads)
     return RecordLabels(
         record=str(record.path),
         fs_original=record.fs_original,
         fs=record.fs,
-        samples=int(signal.shape[1]),
+        samples=int(record.signal.shape[1]),
         channels=channels,
-        probabilities=[{lead: round(float(p), 6) for lead, p in zip(leads, row)} for row in probs],
-        suspected_swaps=swaps,
-        swap_pairs=pairs,
-        notes=notes + window_notes,
+        probabilities=[
+            {lead: round(float(p), 6) for lead, p in zip(loaded.leads, row)} for row in probs
+        ],
+        verdict=verdict,
+        notes=notes,
     )
 
 
@@ -185,34 +301,39 @@ def find_records(folder: Path) -> list[Path]:
 def format_record(result: RecordLabels) -> str:
     """A readable table for one record."""
     lines = [
-        f"{result.record}  ({len(result.channels)} channels, {result.fs_original} Hz read, "
+        f"{result.record}  ({len(result.channels)} channels, {result.fs_original:g} Hz read, "
         f"{result.fs} Hz model input)",
-        f"  {'ch':>2}  {'header':<8} {'predicted':<9} {'p':>6}   {'assigned':<8} {'p':>6}",
+        f"  {'ch':>2}  {'header':<8} {'lead':<5} {'p':>6} {'margin':>7}",
     ]
     for c in result.channels:
         flag = (
-            "  <- header says " + (c.header_lead or "")
-            if c.header_lead
-            not in (
-                None,
-                c.assigned,
-            )
+            f"  <- header says {c.header_lead}"
+            if c.header_lead not in (None, c.assigned_lead)
             else ""
         )
         lines.append(
-            f"  {c.index:>2}  {c.name:<8} {c.predicted:<9} {c.predicted_probability:>6.3f}   "
-            f"{c.assigned:<8} {c.assigned_probability:>6.3f}{flag}"
+            f"  {c.index:>2}  {c.header_name or '-':<8} {c.assigned_lead:<5} "
+            f"{c.probability:>6.3f} {c.margin:>7.3f}{flag}"
         )
-    if result.swap_pairs:
-        pairs = ", ".join(f"{a}<->{b}" for a, b in result.swap_pairs)
-        lines.append(f"  suspected swap(s): {pairs}")
-    elif result.suspected_swaps:
+    v = result.verdict
+    if v.status == "no_header_leads":
+        lines.append("  the header names no standard leads (or names one twice): nothing compared")
+    elif v.status == "agrees":
         lines.append(
-            "  suspected mislabelled channel(s): "
-            + ", ".join(f"{s['name']} looks like {s['assigned']}" for s in result.suspected_swaps)
+            f"  the header agrees with the signal (no hypothesis beats it by more than "
+            f"{v.threshold_nats:g} nats)"
+        )
+    elif v.reversal:
+        lines.append(
+            f"  SWAP SUSPECTED: {v.reversal_name} (log-likelihood {v.margin_nats:.1f} nats above "
+            "the header's labelling)"
         )
     else:
-        lines.append("  no suspected swap: the assignment agrees with the header")
+        pairs = ", ".join(f"{a}->{b}" for a, b in v.exchanged)
+        lines.append(
+            f"  SWAP SUSPECTED: channels labelled {pairs} (no named reversal fits; "
+            f"{v.margin_nats:.1f} nats above the header's labelling)"
+        )
     for note in result.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -226,20 +347,32 @@ class LabelSummary:
 
     def format(self) -> str:
         lines = [
-            f"summary: {self.read} record(s) read, {len(self.with_swaps)} with suspected swaps, "
-            f"{len(self.failed)} failed"
+            f"summary: {self.read} record(s) labelled, {len(self.with_swaps)} with a suspected "
+            f"swap, {len(self.failed)} could not be read"
         ]
-        lines += [f"  swaps: {name}" for name in self.with_swaps]
-        lines += [f"  failed: {name}: {reason}" for name, reason in self.failed]
+        lines += [f"  swap: {name}" for name in self.with_swaps]
+        lines += [f"  unreadable: {name}: {reason}" for name, reason in self.failed]
         return "\n".join(lines)
+
+    @property
+    def exit_code(self) -> int:
+        if self.failed:
+            return EXIT_UNREADABLE
+        return EXIT_SWAP if self.with_swaps else EXIT_OK
 
 
 def label_paths(
-    paths: list[str | Path], loaded: LoadedModel, out=sys.stdout, as_json: bool = False
+    paths: list[str | Path],
+    loaded: LoadedModel,
+    out=sys.stdout,
+    as_json: bool = False,
+    exclude: tuple[str | int, ...] = (),
+    csv_path: Path | None = None,
 ) -> tuple[list[RecordLabels], LabelSummary]:
-    """Label records and folders. A single record that fails raises; with several records (or a
-    folder) a failure is reported and skipped. Text goes to ``out`` as each record is done."""
-    from trainables.data.records import RecordError
+    """Label records and folders. A single record that cannot be read raises; with several
+    records (or a folder) it is reported, counted and skipped, and the rest are labelled.
+    Text goes to ``out`` as each record is done; ``csv_path`` gets one row per record."""
+    from tqdm import tqdm
 
     targets: list[Path] = []
     folder_mode = len(paths) > 1
@@ -253,21 +386,34 @@ def label_paths(
             targets.extend(found)
         else:
             targets.append(path)
-    results, summary = [], LabelSummary()
-    for target in targets:
+    results, summary, rows = [], LabelSummary(), []
+    progress = tqdm(
+        targets, desc="labelling", unit="rec", file=sys.stderr,
+        disable=not folder_mode or len(targets) < 5 or not sys.stderr.isatty(),
+    )  # fmt: skip
+    for target in progress:
         try:
-            result = label_record(target, loaded)
-        except (RecordError, ValueError, OSError) as exc:
+            result = label_record(target, loaded, exclude)
+        except Exception as exc:  # one bad record must not lose the others
             if not folder_mode:
                 raise
-            reason = " ".join(str(exc).split())
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             summary.failed.append((str(target), reason))
-            print(f"leadtune: error: {reason}", file=sys.stderr)
+            rows.append({**dict.fromkeys(CSV_FIELDS, ""), "record": str(target),
+                         "status": "unreadable", "error": reason})  # fmt: skip
+            if not as_json:
+                print(f"leadtune: error: {reason}", file=sys.stderr)
             continue
         summary.read += 1
-        if result.suspected_swaps:
+        if result.verdict.status == "swap_suspected":
             summary.with_swaps.append(result.record)
         results.append(result)
+        rows.append(result.csv_row())
         if not as_json:
             print(format_record(result) + "\n", file=out, flush=True)
+    if csv_path is not None:
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
     return results, summary

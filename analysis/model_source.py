@@ -1,16 +1,25 @@
-"""Resolving a MODEL argument: registry URI, MLflow run id, checkpoint, or exported folder.
+"""Resolving a MODEL argument: the bundled model, a registry URI, an MLflow run, a model package,
+a checkpoint, or an exported folder.
 
-Every delivery command (`evaluate`, `export`, `label`) names its model the same way and gets the
-same :class:`LoadedModel` back from :func:`load_model`:
+Every delivery command (``evaluate``, ``export``, ``label``) names its model the same way and gets
+the same :class:`LoadedModel` back from :func:`load_model`:
 
+- ``bundled`` (the default where it ships): the lead-identification model inside leadtune;
 - ``models:/lead-id@champion`` or ``models:/lead-id/3``: a registered version (MLflow registry);
-- ``runs:/<run id>/model`` or a bare 32-character run id: the model logged in that run;
+- ``runs:/<run id>/model`` or a bare 32-character run id: the model package of that run;
+- a model package folder (``leadtune-model.json``), e.g. one downloaded from the registry;
 - a leadtune checkpoint folder (holding ``checkpoint.pt``) or the ``.pt`` file itself;
-- a folder written by ``leadtune export`` (``model_card.json`` + TorchScript).
+- a folder written by ``leadtune export`` (it holds a model package too).
 
-What the model expects (lead order, sampling rate, preprocessing) comes from the checkpoint, the
-registry tags or the model card; where a fact is not recorded anywhere, the data layer's default
-is used and :attr:`LoadedModel.notes` says so.
+Whatever the source, leadtune reads tensors and plain data only: the weights with
+``torch.load(weights_only=True)``, the task and config as JSON, and the task's spec rebuilds the
+model. Nothing a user passes can run code when loaded. Versions registered by leadtune before
+0.2 were pickled modules: they are refused with a one-line error that says how to re-register
+them (their trial checkpoint is used instead where it is still on this machine).
+
+What the model expects (lead order, sampling rate, preprocessing) comes from the package, the
+checkpoint or the dataset manifest; where a fact is not recorded anywhere, the data layer's
+default is used and :attr:`LoadedModel.notes` says so.
 """
 
 from __future__ import annotations
@@ -18,15 +27,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CHECKPOINT_FILE = "checkpoint.pt"
+from leadtune.search.tracking import check_tracking_uri
+from leadtune.trainables.data.preprocess import preprocess_settings
+from leadtune.trainables.model_package import PACKAGE_FILE, is_package
+from leadtune.trainables.training import CHECKPOINT_FILE
+
 CARD_FILE = "model_card.json"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-DEFAULT_MODEL = "models:/lead-id@champion"
+BUNDLED = "bundled"
+REGISTRY_DEFAULT = "models:/lead-id@champion"
 DEFAULT_FS = 100
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _DEFAULT_TRACKING_DB = Path("runs/search/mlflow.db")
@@ -38,16 +50,17 @@ class ModelSourceError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A lead-identification model ready for inference, with what it expects as input."""
+    """A model ready for inference, with what it expects as input."""
 
-    model: Any  # torch module in eval mode: (B, K, T) mV -> logits (B, K, M)
-    config: Any  # LeadIdConfig, or the config dict of an exported model
-    leads: tuple[str, ...]  # output classes, and the lead order the model was trained on
+    model: Any  # torch module in eval mode: (B, K, T) mV -> outputs
+    task: str
+    config: Any  # the task's config object
+    leads: tuple[str, ...]  # the lead order the model was trained on
     fs: int
     fingerprint: str  # of the training data ("unknown" if not recorded)
     card: dict[str, Any]  # everything known about the model (metrics, tags, data, files)
     source: str  # the MODEL argument as given
-    kind: str = "checkpoint"  # registry | run | checkpoint | export
+    kind: str = "checkpoint"  # bundled | registry | run | package | checkpoint | export
     checkpoint: Path | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)  # PreprocessConfig fields
     preprocess_origin: str = ""
@@ -59,9 +72,18 @@ class LoadedModel:
         return 10 * self.fs
 
     def config_dict(self) -> dict[str, Any]:
-        if isinstance(self.config, dict):
-            return dict(self.config)
         return self.config.to_dict()
+
+
+def bundled_model_dir() -> Path:
+    from leadtune.bundled import model_dir
+
+    return model_dir()
+
+
+def default_model() -> str:
+    """The bundled model where it ships, else the registry's lead-ID champion."""
+    return BUNDLED if is_package(bundled_model_dir()) else REGISTRY_DEFAULT
 
 
 def default_tracking_uri(given: str | None) -> str | None:
@@ -76,63 +98,40 @@ def default_tracking_uri(given: str | None) -> str | None:
     return None
 
 
-def check_tracking_uri(uri: str | None, what: str) -> str:
-    """Fail fast (one line) on a missing database or a server that does not answer."""
-    if not uri:
-        raise ModelSourceError(
-            f"{what} needs an MLflow tracking URI; pass --tracking-uri (e.g. "
-            "sqlite:///runs/search/mlflow.db or http://host:5000)"
-        )
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        if not db.is_file():
-            raise ModelSourceError(
-                f"MLflow database {db} not found (from --tracking-uri {uri}); run `leadtune "
-                "search` first or pass the database the search wrote"
-            )
-    elif uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
-                ok = response.status == 200
-        except OSError as exc:
-            raise ModelSourceError(
-                f"MLflow registry at {uri} unreachable ({type(exc).__name__}: {exc}); start the "
-                "server or pass another --tracking-uri"
-            ) from None
-        if not ok:
-            raise ModelSourceError(f"MLflow server at {uri} is not healthy; check the server")
-    return uri
-
-
 def load_model(
     spec: str | Path | None,
     tracking_uri: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Resolve MODEL (registry URI, run id, checkpoint or exported folder) and load it on CPU.
-
-    ``cache_dir`` is a dataset cache root to search (besides the default one) for the manifest
-    that records the training data's preprocessing.
-    """
-    text = str(spec or DEFAULT_MODEL)
+    """Resolve MODEL and load it on the CPU (see the module's docstring for the forms)."""
+    text = str(spec or default_model())
     roots = [Path(cache_dir)] if cache_dir else []
+    if text == BUNDLED:
+        folder = bundled_model_dir()
+        if not is_package(folder):
+            raise ModelSourceError(
+                f"no bundled model in this installation ({folder}); pass a model, e.g. "
+                f"{REGISTRY_DEFAULT} with --tracking-uri"
+            )
+        return _from_package(folder, text, "bundled", roots)
     if text.startswith("models:/"):
         return _load_registered(text, tracking_uri, roots)
-    if text.startswith("runs:/") or _RUN_ID.match(text) and not Path(text).exists():
+    if text.startswith("runs:/") or (_RUN_ID.match(text) and not Path(text).exists()):
         return _load_run(text, tracking_uri, roots)
     path = Path(text)
-    if path.is_dir() and (path / CARD_FILE).is_file():
-        return _load_export(path, text)
+    if path.is_dir() and is_package(path):
+        kind = "export" if (path / CARD_FILE).is_file() else "package"
+        return _from_package(path, text, kind, roots)
     if path.is_file() or (path.is_dir() and (path / CHECKPOINT_FILE).is_file()):
         return _load_checkpoint(path, text, roots)
     if path.is_dir():
         raise ModelSourceError(
-            f"{path}: neither a leadtune checkpoint folder (no {CHECKPOINT_FILE}) nor an exported "
-            f"model (no {CARD_FILE}); pass a trial's checkpoint folder or a `leadtune export` folder"
+            f"{path}: not a leadtune checkpoint folder (no {CHECKPOINT_FILE}), model package (no "
+            f"{PACKAGE_FILE}) or exported model; pass one of those"
         )
     raise ModelSourceError(
         f"unknown model {text!r}: not a file or folder, a run id or a models:/ URI; use e.g. "
-        f"{DEFAULT_MODEL}, models:/lead-id/3, a checkpoint folder or an exported folder"
+        f"bundled, {REGISTRY_DEFAULT}, a checkpoint folder or an exported folder"
     )
 
 
@@ -140,7 +139,7 @@ def load_model(
 
 
 def default_preprocess(fs: int) -> dict[str, Any]:
-    from trainables.data.preprocess import PreprocessConfig
+    from leadtune.trainables.data.preprocess import PreprocessConfig
 
     return PreprocessConfig(fs=fs).to_dict()
 
@@ -151,7 +150,7 @@ def find_preprocess(fingerprint: str, fs: int, cache_roots: list[Path] | None = 
     The dataset cache manifest records the settings; it is looked up by fingerprint under the
     cache roots. Without one, the data layer's defaults at the model's rate are returned.
     """
-    from trainables.data.cache import MANIFEST_FILE, default_cache_root
+    from leadtune.trainables.data.cache import MANIFEST_FILE, default_cache_root
 
     roots = [Path(r) for r in (cache_roots or [])] + [default_cache_root()]
     for root in roots:
@@ -164,47 +163,45 @@ def find_preprocess(fingerprint: str, fs: int, cache_roots: list[Path] | None = 
                 return dict(manifest["settings"]["preprocess"]), f"dataset manifest {manifest_file}"
     return (
         default_preprocess(fs),
-        "defaults of the data layer (trainables/data/preprocess.py PreprocessConfig); no dataset "
-        f"cache manifest with fingerprint {fingerprint[:12]} was found",
+        "defaults of the data layer (PreprocessConfig); no dataset cache manifest with "
+        f"fingerprint {fingerprint[:12]} was found",
     )
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
+def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    return {
+        key: float(value)
+        for key, value in values.items()
+        if key.startswith(prefix)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    }
 
 
-def _from_checkpoint_state(state: dict[str, Any]) -> tuple[int, str, str]:
-    data = state.get("data") or {}
-    return (
-        int(data.get("fs", DEFAULT_FS)),
-        str(data.get("fingerprint", "unknown")),
-        str(data.get("source", "")),
-    )
+# -- checkpoints and packages --------------------------------------------------------------------
 
 
 def _load_checkpoint(path: Path, source: str, cache_roots: list[Path]) -> LoadedModel:
-    from trainables.lead_id import load_model_from_checkpoint
+    from leadtune.trainables.tasks import load_trained_model
 
-    try:
-        model, config, state = load_model_from_checkpoint(path)
-    except (KeyError, RuntimeError, EOFError) as exc:
-        raise ModelSourceError(
-            f"{path}: not a readable leadtune checkpoint ({type(exc).__name__}: {exc}); pass the "
-            "checkpoint folder of a trial"
-        ) from None
-    fs, fingerprint, data_source = _from_checkpoint_state(state)
+    model, config, state = load_trained_model(path)  # CheckpointError is a one-line ValueError
+    data = state.get("data") or {}
+    fs, fingerprint = int(data.get("fs", DEFAULT_FS)), str(data.get("fingerprint", "unknown"))
     preprocess, origin = find_preprocess(fingerprint, fs, cache_roots)
     folder = path if path.is_dir() else path.parent
     card = {
         "source": source,
         "kind": "checkpoint",
+        "task": state.get("task", "lead_id"),
         "checkpoint": str(folder.resolve()),
         "epoch": state.get("epoch"),
         "validation_metrics": _numbers(state.get("metrics") or {}, prefix="val_"),
         "test_metrics": {},
-        "data": {"fingerprint": fingerprint, "fs": fs, "source": data_source},
+        "data": {"fingerprint": fingerprint, "fs": fs, "source": data.get("source", "")},
     }
     return LoadedModel(
         model=model,
+        task=card["task"],
         config=config,
         leads=tuple(config.leads),
         fs=fs,
@@ -218,47 +215,45 @@ def _load_checkpoint(path: Path, source: str, cache_roots: list[Path]) -> Loaded
     )
 
 
-def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out = {}
-    for key, value in values.items():
-        if (
-            key.startswith(prefix)
-            and isinstance(value, (int, float))
-            and not isinstance(value, bool)
-        ):
-            out[key] = float(value)
-    return out
+def _from_package(
+    folder: Path, source: str, kind: str, cache_roots: list[Path], card: dict | None = None
+) -> LoadedModel:
+    from leadtune.trainables.model_package import load_package
 
-
-# -- exported folders ----------------------------------------------------------------------------
-
-
-def _load_export(folder: Path, source: str) -> LoadedModel:
-    import torch
-
-    try:
-        card = json.loads((folder / CARD_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"{folder / CARD_FILE}: unreadable model card ({exc})") from None
-    file = folder / card.get("files", {}).get("torchscript", TORCHSCRIPT_FILE)
-    if not file.is_file():
-        raise ModelSourceError(
-            f"{file}: TorchScript model named in {CARD_FILE} not found; re-run `leadtune export`"
-        )
-    model = torch.jit.load(str(file), map_location="cpu")
-    model.eval()
-    pre = card.get("preprocessing", {})
+    model, config, manifest = load_package(folder)
+    data = manifest.get("data") or {}
+    fs = int(data.get("fs", DEFAULT_FS))
+    fingerprint = str(data.get("fingerprint", "unknown"))
+    if manifest.get("preprocessing"):
+        preprocess = dict(manifest["preprocessing"])
+        origin = f"model package {folder / PACKAGE_FILE}"
+    else:
+        preprocess, origin = find_preprocess(fingerprint, fs, cache_roots)
+    card = {
+        "source": source,
+        "kind": kind,
+        "task": manifest["task"],
+        "package": str(folder),
+        "epoch": manifest.get("epoch"),
+        "validation_metrics": dict(manifest.get("validation_metrics") or {}),
+        "test_metrics": dict(manifest.get("test_metrics") or {}),
+        "data": {"fingerprint": fingerprint, "fs": fs, "source": data.get("source", "")},
+        **(card or {}),
+    }
+    checkpoint = (manifest.get("source") or {}).get("checkpoint")
     return LoadedModel(
         model=model,
-        config=dict(card.get("config", {})),
-        leads=tuple(card["leads"]),
-        fs=int(card["sampling_rate_hz"]),
-        fingerprint=str(card.get("data", {}).get("fingerprint", "unknown")),
+        task=manifest["task"],
+        config=config,
+        leads=tuple(config.leads),
+        fs=fs,
+        fingerprint=fingerprint,
         card=card,
         source=source,
-        kind="export",
-        preprocess={k: pre[k] for k in ("fs", "highpass_hz", "highpass_order", "zero_phase")},
-        preprocess_origin=f"model card {folder / CARD_FILE} ({pre.get('origin', 'unknown')})",
+        kind=kind,
+        checkpoint=Path(checkpoint) if checkpoint and Path(checkpoint).exists() else None,
+        preprocess=preprocess_settings(preprocess),
+        preprocess_origin=origin,
     )
 
 
@@ -266,7 +261,18 @@ def _load_export(folder: Path, source: str) -> LoadedModel:
 
 
 def _client(tracking_uri: str | None, what: str):
-    uri = check_tracking_uri(default_tracking_uri(tracking_uri), what)
+    uri = default_tracking_uri(tracking_uri)
+    if not uri:
+        raise ModelSourceError(
+            f"{what} needs an MLflow tracking URI; pass --tracking-uri (e.g. "
+            "sqlite:///runs/search/mlflow.db or http://host:5000)"
+        )
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ModelSourceError(
+            f"MLflow database {uri[len('sqlite:///') :]} not found (from --tracking-uri {uri}); "
+            "run `leadtune search` first or pass the database the search wrote"
+        )
+    check_tracking_uri(uri, "--tracking-uri")
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -329,75 +335,53 @@ def proxied_local_path(artifact_uri: str, tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / relative
 
 
-def _local_artifact_path(artifact_uri: str, tracking_uri: str) -> str:
+def _download(artifact_uri: str, tracking_uri: str) -> Path:
+    """A local folder holding the artifacts at ``artifact_uri``."""
     local = proxied_local_path(artifact_uri, tracking_uri)
-    if local is None:
-        return artifact_uri
-    if local.exists():
-        return str(local)
-    raise ModelSourceError(
-        f"the model's files are served by an MLflow server ({artifact_uri}) and not found under "
-        f"{local.parent}; pass --tracking-uri http://HOST:PORT of that server"
-    )
-
-
-def _model_artifact_uri(model_uri: str, tracking_uri: str) -> str:
-    """Where the logged model's files are (download URI), resolved for local proxied stores."""
-    try:
-        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
-        location = ModelsArtifactRepository.get_underlying_uri(model_uri)
-    except Exception:  # older MLflow: fall back to letting load_model resolve it
-        return model_uri
-    return _local_artifact_path(location, tracking_uri)
-
-
-def _load_pytorch(uri: str, config: Any) -> Any:
-    """The logged model's weights in a freshly built leadtune model (eval mode).
-
-    MLflow 3 logs PyTorch models by default as ``torch.export`` programs traced on one input
-    example, which then accept only that example's shape (batch 1, all leads) and refuse
-    ``eval()``. The weights are the same either way, so they are moved into a model built from
-    the recorded config, which takes any batch size and K <= M leads.
-    """
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-
-    from trainables.models import create_model
+    if local is not None:
+        if local.exists():
+            return local
+        raise ModelSourceError(
+            f"the model's files are served by an MLflow server ({artifact_uri}) and not found "
+            f"under {local.parent}; pass --tracking-uri http://HOST:PORT of that server"
+        )
+    if artifact_uri.startswith("file://"):
+        folder = Path(artifact_uri[len("file://") :])
+        if not folder.is_dir():
+            raise ModelSourceError(f"the model's files are gone from {folder}")
+        return folder
+    import mlflow
 
     try:
-        logged = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except (MlflowException, OSError) as exc:
-        message = " ".join(str(exc).split())[:300]
-        raise ModelSourceError(f"cannot load the model at {uri} ({message})") from None
-    model = create_model(config.model_config())
-    try:
-        model.load_state_dict(logged.state_dict())
-    except RuntimeError as exc:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri))
+    except Exception as exc:
         message = " ".join(str(exc).split())[:200]
         raise ModelSourceError(
-            f"the model at {uri} does not match its recorded leadtune config ({message})"
+            f"cannot fetch the model's files at {artifact_uri} ({message})"
         ) from None
-    model.eval()
-    return model
 
 
-def _config_from(values: dict[str, Any]):
-    from trainables.lead_id import LeadIdConfig
-
-    return LeadIdConfig.from_dict(values)
-
-
-def _checkpoint_state(path: str | None) -> dict[str, Any] | None:
-    """The checkpoint dict, if the folder a registry tag names is still on this machine."""
-    if not path:
-        return None
-    file = Path(path) / CHECKPOINT_FILE
-    if not file.is_file():
-        return None
-    import torch
-
-    return torch.load(file, map_location="cpu", weights_only=False)
+def _from_mlflow(folder: Path, tags: dict[str, str], source: str, kind: str,
+                 cache_roots: list[Path], card: dict[str, Any]) -> LoadedModel:  # fmt: skip
+    """The package in ``folder``, or, for a version registered before packages, its checkpoint."""
+    if is_package(folder):
+        return _from_package(folder, source, kind, cache_roots, card)
+    checkpoint = tags.get("leadtune.checkpoint")
+    if checkpoint and (Path(checkpoint) / CHECKPOINT_FILE).is_file():
+        loaded = _load_checkpoint(Path(checkpoint), source, cache_roots)
+        loaded.kind = kind
+        loaded.card.update(card)
+        loaded.notes.append(
+            f"{source} was registered before leadtune 0.2 as a pickled module, which leadtune "
+            f"does not unpickle; its trial checkpoint {checkpoint} was loaded instead"
+        )
+        return loaded
+    raise ModelSourceError(
+        f"{source} was registered before leadtune 0.2 as a pickled module, which leadtune does "
+        "not load (unpickling can run code), and its trial checkpoint is not on this machine; "
+        "re-register it with `leadtune promote --study STUDY --storage-path PATH` where the "
+        "search's checkpoints are"
+    )
 
 
 def _load_registered(
@@ -406,30 +390,19 @@ def _load_registered(
     client, uri = _client(tracking_uri, f"model {uri_text}")
     version = _registry_version(client, uri_text, uri)
     tags = dict(version.tags)
-    model_uri = f"models:/{version.name}/{version.version}"
     card = {
-        "source": uri_text,
-        "kind": "registry",
         "registered_model": version.name,
         "version": str(version.version),
         "run_id": version.run_id,
         "tracking_uri": uri,
         "tags": tags,
-        "test_metrics": {
-            k[len("leadtune.") :]: float(v)
-            for k, v in tags.items()
-            if k.startswith("leadtune.test_")
-        },
-        "validation_metrics": {},
     }
     if tags.get("leadtune.val_metric"):
-        card["validation_metrics"][tags["leadtune.val_metric"]] = float(
-            tags.get("leadtune.val_value", "nan")
-        )
-    return _with_run_facts(
-        _model_artifact_uri(model_uri, uri), card, tags.get("leadtune.config"), tags.get("leadtune.checkpoint"),
-        tags.get("leadtune.data_fingerprint"), uri_text, "registry", cache_roots,
-    )  # fmt: skip
+        card["selected_on"] = {
+            tags["leadtune.val_metric"]: float(tags.get("leadtune.val_value", "nan"))
+        }
+    folder = _download(version.source, uri)
+    return _from_mlflow(folder, tags, uri_text, "registry", cache_roots, card)
 
 
 def _load_run(text: str, tracking_uri: str | None, cache_roots: list[Path]) -> LoadedModel:
@@ -445,99 +418,6 @@ def _load_run(text: str, tracking_uri: str | None, cache_roots: list[Path]) -> L
             f"unknown model: no MLflow run {run_id} at {uri}; check the run id and --tracking-uri"
         ) from None
     tags = dict(run.data.tags)
-    versions = client.search_model_versions(f"run_id = '{run_id}'")
-    version_tags = dict(versions[-1].tags) if versions else {}
-    model_uri = f"runs:/{run_id}/{artifact or 'model'}"
-    if versions and not artifact:
-        # MLflow 3 logs models outside the run's artifact folder; the version knows where.
-        model_uri = f"models:/{versions[-1].name}/{versions[-1].version}"
-    card = {
-        "source": text,
-        "kind": "run",
-        "run_id": run_id,
-        "tracking_uri": uri,
-        "tags": {**tags, **version_tags},
-        "validation_metrics": _numbers(run.data.metrics, prefix="val_"),
-        "test_metrics": _numbers(run.data.metrics, prefix="test_"),
-    }
-    config_json = version_tags.get("leadtune.config")
-    if config_json is None and run.data.params:
-        config_json = json.dumps(_params_as_config(run.data.params))
-    return _with_run_facts(
-        _model_artifact_uri(model_uri, uri), card, config_json,
-        version_tags.get("leadtune.checkpoint") or tags.get("leadtune.checkpoint"),
-        version_tags.get("leadtune.data_fingerprint"), text, "run", cache_roots,
-    )  # fmt: skip
-
-
-def _params_as_config(params: dict[str, str]) -> dict[str, Any]:
-    """MLflow params (strings) back to LeadIdConfig values."""
-    import ast
-    import dataclasses
-
-    from trainables.lead_id import LeadIdConfig
-
-    known = {f.name for f in dataclasses.fields(LeadIdConfig)}
-    out: dict[str, Any] = {}
-    for key, raw in params.items():
-        if key not in known:
-            continue
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
-
-
-def _with_run_facts(
-    model_uri: str,
-    card: dict[str, Any],
-    config_json: str | None,
-    checkpoint: str | None,
-    fingerprint: str | None,
-    source: str,
-    kind: str,
-    cache_roots: list[Path],
-) -> LoadedModel:
-    notes = []
-    state = _checkpoint_state(checkpoint)
-    if state is not None:
-        config = _config_from(state["config"])
-        fs, state_fingerprint, data_source = _from_checkpoint_state(state)
-        fingerprint = fingerprint or state_fingerprint
-        card["validation_metrics"] = {
-            **_numbers(state.get("metrics") or {}, prefix="val_"),
-            **card["validation_metrics"],
-        }
-        card["epoch"] = state.get("epoch")
-    elif config_json:
-        config = _config_from(json.loads(config_json))
-        fs, data_source = DEFAULT_FS, ""
-        notes.append(
-            f"checkpoint {checkpoint or '(not recorded)'} not on this machine: sampling rate "
-            f"assumed {DEFAULT_FS} Hz (the data layer's default)"
-        )
-    else:
-        raise ModelSourceError(
-            f"model {source}: no leadtune.config tag and no reachable checkpoint; it was not "
-            "logged by `leadtune search`/`promote` and cannot be used here"
-        )
-    fingerprint = fingerprint or "unknown"
-    preprocess, origin = find_preprocess(fingerprint, fs, cache_roots)
-    model = _load_pytorch(model_uri, config)
-    card["checkpoint"] = checkpoint
-    card["data"] = {"fingerprint": fingerprint, "fs": fs, "source": data_source}
-    return LoadedModel(
-        model=model,
-        config=config,
-        leads=tuple(config.leads),
-        fs=fs,
-        fingerprint=fingerprint,
-        card=card,
-        source=source,
-        kind=kind,
-        checkpoint=Path(checkpoint) if checkpoint and state is not None else None,
-        preprocess=preprocess,
-        preprocess_origin=origin,
-        notes=notes,
-    )
+    folder = _download(f"{run.info.artifact_uri}/{artifact or 'model'}", uri)
+    card = {"run_id": run_id, "tracking_uri": uri, "tags": tags}
+    return _from_mlflow(folder, tags, text, "run", cache_roots, card)

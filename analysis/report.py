@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STATE_FILE = "leadtune_search.json"
+from leadtune.search.state import STATE_FILE
+
 CURVE_METRICS = ("val_loss", "val_lead_accuracy")
 # Below this many finished trials, importances say little; the report says so.
 FEW_TRIALS = 10
@@ -119,7 +120,7 @@ def _finite(value: Any) -> float | None:
 
 def collect(search_dir: Path, tracking_uri: str | None) -> SearchData:
     """Read the search state, its MLflow child runs and its Optuna study."""
-    from analysis.model_source import check_tracking_uri
+    from leadtune.search.tracking import check_tracking_uri
 
     search_dir = Path(search_dir)
     state = json.loads((search_dir / STATE_FILE).read_text())
@@ -575,7 +576,7 @@ def _log_to_parent(data: SearchData, out_dir: Path) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from analysis.model_source import proxied_local_path
+    from leadtune.analysis.model_source import proxied_local_path
 
     client = MlflowClient(data.tracking_uri)
     run_id = data.state["parent_run_id"]

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from leadtune import __version__
 
 # Order is the order shown in --help: the path the data takes.
 COMMAND_MODULES = (
-    "trainables.data.commands",  # leadtune data prepare|summary
-    "trainables.models.commands",  # leadtune models
-    "trainables.commands",  # leadtune train
-    "trainables.bench",  # leadtune bench
-    "search.commands",  # leadtune search, leadtune promote
-    "analysis.commands",  # leadtune report, evaluate, export, label
+    "leadtune.trainables.data.commands",  # leadtune data prepare|summary
+    "leadtune.trainables.lead_id.models.commands",  # leadtune models
+    "leadtune.trainables.commands",  # leadtune train
+    "leadtune.bench",  # leadtune bench
+    "leadtune.search.commands",  # leadtune search, leadtune promote
+    "leadtune.analysis.commands",  # leadtune report, evaluate, export, label
 )
 
 
@@ -39,14 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party output a leadtune user cannot act on: MLflow's "View run at http://..." links (they
+# point at a server leadtune stops when the command ends; the summary names the durable URI),
+# and its INFO lines about table creation and registry waits.
+QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def quiet_third_party_output() -> None:
+    import logging
+
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for logger in ("mlflow", "alembic"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     if argv is None:
-        from trainables import runtime
+        from leadtune.trainables import runtime
 
         # glibc reads its allocator settings at start-up: heavy commands restart once with them.
         if runtime.should_reexec(args.command):

@@ -1,49 +1,68 @@
 """Promotion: the best trial of a finished search becomes a registered model version.
 
-The best trial is chosen on the validation metric only. Its best checkpoint is evaluated once on
-the test split, logged with ``mlflow.pytorch.log_model`` into the trial's MLflow run, registered,
-and given the alias ``champion`` only if it beats the current champion on validation.
+The best trial is chosen on the validation metric only, by the rule every part of leadtune uses:
+a trial's value is the best epoch's value of the searched metric, and that epoch's checkpoint is
+the one promoted. It is evaluated once on the test split, written into the trial's MLflow run as a
+model package (task, config, tensors-only weights, and a ``torch.export`` program; see
+:mod:`leadtune.trainables.model_package`), registered under the task's name, and given the alias
+``champion`` only if it beats the current champion on the same validation metric and data.
+An interrupted search promotes nothing.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from search.tracking import STATE_TAG, TRIAL_TAG
+from leadtune.search import state as search_state
+from leadtune.search.results import load_results, summarise_trials, trial_runs
+from leadtune.search.tracking import TASK_TAG
 
 CHAMPION = "champion"
+MODEL_ARTIFACT = "model"
 
 
 def _log(message: str) -> None:
     print(f"[leadtune] {message}", file=sys.stderr, flush=True)
 
 
-def best_trial(experiment_path: Path, metric: str, mode: str) -> tuple[str, Path, float, dict]:
-    """(trial id, best checkpoint folder, its validation metric, trial config) of a search."""
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(str(experiment_path), default_metric=metric, default_mode=mode)
-    trial = analysis.get_best_trial(metric, mode, scope="all", filter_nan_and_inf=True)
-    if trial is None:
-        raise ValueError(f"no trial of {experiment_path} reported {metric!r}; nothing to promote")
-    checkpoint = analysis.get_best_checkpoint(trial, metric, mode)
-    if checkpoint is None:
-        raise ValueError(f"trial {trial.trial_id} of {experiment_path} kept no checkpoint")
-    frame = analysis.trial_dataframes.get(trial.path)
-    if frame is not None and metric in frame:
-        values = frame[metric].dropna()
-        value = float(values.min() if mode == "min" else values.max())
-    else:
-        value = float(trial.last_result[metric])
-    return trial.trial_id, Path(checkpoint.path), value, dict(trial.config)
-
-
 def better(new: float, old: float, mode: str) -> bool:
     return new < old if mode == "min" else new > old
+
+
+def task_of(saved: dict[str, Any]) -> str:
+    """The task of a search (searches written before tasks were recorded: their space's)."""
+    if saved.get("task"):
+        return saved["task"]
+    from leadtune.spaces import get_space
+
+    return get_space(saved["space"]).task
+
+
+def best_trial(search_dir: Path, saved: dict[str, Any], spec: Any, client: Any) -> dict[str, Any]:
+    metric, mode = saved["metric"], saved["mode"]
+    rows = summarise_trials(
+        load_results(search_dir),
+        metric,
+        mode,
+        spec,
+        saved.get("trials", {}),
+        budget_spent=False,
+        runs=trial_runs(client, saved["experiment_id"], saved["parent_run_id"]),
+    )
+    ranked = [
+        r
+        for r in rows
+        if r["state"] in search_state.SUCCESSFUL_TRIAL_STATES
+        and r["value"] is not None
+        and r["best_checkpoint"]
+    ]
+    if not ranked:
+        raise ValueError(f"no trial of {search_dir} ended with a checkpoint; nothing to promote")
+    return (min if mode == "min" else max)(ranked, key=lambda r: r["value"])
 
 
 def promote_best(
@@ -53,174 +72,212 @@ def promote_best(
     register_name: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate, log, register and (maybe) crown the best model of a search. Returns the decision."""
-    import mlflow
-    import mlflow.pytorch
-    import torch
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
+    """Evaluate, register and (maybe) crown the best model of a search. Returns the decision."""
     from mlflow.tracking import MlflowClient
 
-    from search.tuner import STATE_FILE
-    from spaces import get_space
-    from trainables.registry import DataRequest, get_trainable
+    from leadtune.trainables.tasks import DataRequest, get_task
 
-    state_file = Path(experiment_path) / STATE_FILE
-    if not state_file.exists():
-        raise FileNotFoundError(f"{experiment_path} is not a leadtune search (no {STATE_FILE})")
-    state = json.loads(state_file.read_text())
-    metric, mode = state["metric"], state["mode"]
-    register_name = register_name or state.get("register_name", "lead-id")
-    spec = get_trainable(get_space(state["space"]).trainable)
-    client = MlflowClient(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-
-    trial_id, checkpoint, val_value, config = best_trial(Path(experiment_path), metric, mode)
-    _log(f"best trial {trial_id}: {metric} = {val_value:.5f} (checkpoint {checkpoint})")
-
-    runs = client.search_runs(
-        [state["experiment_id"]],
-        filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' "
-        f"and tags.`mlflow.parentRunId` = '{state['parent_run_id']}'",
-        max_results=1,
-    )
-    if not runs:
+    search_dir = Path(experiment_path)
+    saved = search_state.read_state(search_dir)
+    if saved.get("status") != search_state.FINISHED:
         raise ValueError(
-            f"no MLflow run for trial {trial_id} in experiment {state['experiment_id']}"
+            f"search {search_dir} has not finished (status {saved.get('status')!r}); finish it "
+            "with `leadtune search --resume` before promoting"
         )
-    run_id = runs[0].info.run_id
-
-    existing = [
-        v
-        for v in client.search_model_versions(f"name = '{register_name}'")
-        if v.run_id == run_id and v.tags.get("leadtune.checkpoint") == str(checkpoint)
-    ] if _model_exists(client, register_name) else []  # fmt: skip
+    spec = get_task(task_of(saved))
+    metric, mode = saved["metric"], saved["mode"]
+    register_name = register_name or saved.get("register_name") or spec.register_name
+    client = MlflowClient(tracking_uri)
+    best = best_trial(search_dir, saved, spec, client)
+    checkpoint, val_value = Path(best["best_checkpoint"]), float(best["value"])
+    _log(
+        f"best trial {best['trial_id']}: {metric} = {val_value:.5f} at epoch "
+        f"{best['best_epoch']} (checkpoint {checkpoint})"
+    )
+    run_id = best.get("run_id")
+    if not run_id:
+        raise ValueError(f"no MLflow run for trial {best['trial_id']} of {search_dir}")
 
     if dataset is None:
         _, dataset = spec.load_data(
-            DataRequest(source=Path(state["data_source"]), limit=state.get("data_limit"))
+            DataRequest(source=Path(saved["data_source"]), limit=saved.get("data_limit"))
         )
-    fingerprint = getattr(dataset, "fingerprint", "unknown")
-    if fingerprint != state.get("data_fingerprint"):
+    fingerprint = str(getattr(dataset, "fingerprint", "unknown"))
+    if fingerprint != saved.get("data_fingerprint"):
         raise ValueError(
-            f"the data at {state['data_source']} (fingerprint {fingerprint}) is not what the "
-            f"search used ({state.get('data_fingerprint')}); pass the same --source and --limit"
+            f"the data at {saved['data_source']} (fingerprint {fingerprint[:12]}) is not what the "
+            f"search used ({str(saved.get('data_fingerprint'))[:12]}); pass the same data"
         )
 
-    if existing:
-        version = existing[0]
+    version = _registered_version(client, register_name, run_id, checkpoint)
+    if version is not None:
         test_metrics = {
             k[len("leadtune.") :]: float(v)
             for k, v in version.tags.items()
             if k.startswith("leadtune.test_")
         }
-        _log(f"trial {trial_id} is already registered as {register_name} v{version.version}")
+        _log(
+            f"trial {best['trial_id']} is already registered as {register_name} v{version.version}"
+        )
     else:
         _log("evaluating the best checkpoint once on the test split ...")
         test_metrics = spec.evaluate(checkpoint, dataset, "test")
-        model, model_config, example = spec.load_model(checkpoint)
-        with torch.no_grad():
-            output = model(torch.from_numpy(example)).numpy()
-        signature = infer_signature(example, output)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({k: float(v) for k, v in test_metrics.items()})
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=signature,
-                input_example=example,
-                # pickle keeps the module whole (any batch size and lead count); MLflow 3's
-                # default "pt2" would freeze the input shape to the example's (1, 12, T).
-                serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-            )
-        version = mlflow.register_model(info.model_uri, register_name)
-        tags = {
-            "leadtune.study": state["study"],
-            "leadtune.trial_id": trial_id,
-            "leadtune.search_run_id": state["parent_run_id"],
-            "leadtune.data_fingerprint": fingerprint,
-            "leadtune.checkpoint": str(checkpoint),
-            "leadtune.val_metric": metric,
-            "leadtune.val_mode": mode,
-            "leadtune.val_value": repr(val_value),
-            "leadtune.config": json.dumps(model_config, default=str),
-        }
-        tags.update({f"leadtune.{k}": repr(float(v)) for k, v in test_metrics.items()})
-        for key, value in tags.items():
-            client.set_model_version_tag(register_name, version.version, key, value)
-        client.set_tag(run_id, STATE_TAG + ".promoted", f"{register_name}/{version.version}")
-
-    try:
-        champion = client.get_model_version_by_alias(register_name, CHAMPION)
-    except MlflowException:
-        champion = None
-
-    if champion is None:
-        move, reason = True, "there was no champion yet"
-    elif champion.version == version.version:
-        move, reason = False, f"v{version.version} already is the champion"
-    elif force:
-        move, reason = True, "forced (--force)"
-    elif champion.tags.get("leadtune.val_metric") != metric:
-        move, reason = (
-            False,
-            (
-                f"the champion v{champion.version} was chosen on "
-                f"{champion.tags.get('leadtune.val_metric')!r}, not {metric!r}: not comparable "
-                "(use --force to move the alias)"
-            ),
+        version = register_checkpoint(
+            client, spec, register_name, run_id, checkpoint, test_metrics,
+            {
+                "leadtune.study": saved["study"],
+                "leadtune.trial_id": best["trial_id"],
+                "leadtune.optuna_trial": str(best.get("optuna_trial")),
+                "leadtune.search_run_id": saved["parent_run_id"],
+                "leadtune.data_fingerprint": fingerprint,
+                "leadtune.checkpoint": str(checkpoint),
+                "leadtune.epoch": str(best["best_epoch"]),
+                "leadtune.val_metric": metric,
+                "leadtune.val_mode": mode,
+                "leadtune.val_value": repr(val_value),
+            },
+        )  # fmt: skip
+    with search_state.file_lock(
+        search_dir.parents[1] / f".{saved['study']}.lock", f"study {saved['study']}"
+    ):
+        move, reason = champion_decision(
+            client, register_name, version, metric, mode, val_value, fingerprint, force
         )
-    elif champion.tags.get("leadtune.data_fingerprint") != fingerprint:
-        move, reason = (
-            False,
-            (
-                f"the champion v{champion.version} was validated on other data "
-                f"({champion.tags.get('leadtune.data_fingerprint')}): not comparable "
-                "(use --force to move the alias)"
-            ),
-        )
-    else:
-        old = float(champion.tags.get("leadtune.val_value", "nan"))
-        if math.isnan(old) or better(val_value, old, mode):
-            move = True
-            reason = f"{metric} {val_value:.5f} beats the champion v{champion.version}'s {old:.5f}"
-        else:
-            move = False
-            reason = (
-                f"{metric} {val_value:.5f} does not beat the champion v{champion.version}'s "
-                f"{old:.5f}"
-            )
-    if move:
-        client.set_registered_model_alias(register_name, CHAMPION, version.version)
-
-    decision = {
+        if move:
+            client.set_registered_model_alias(register_name, CHAMPION, version.version)
+    _log(
+        f"registered {register_name} v{version.version}; champion "
+        f"{'moved to it' if move else 'unchanged'}: {reason}"
+    )
+    return {
+        "task": spec.name,
         "registered_model": register_name,
         "version": str(version.version),
         "model_uri": f"models:/{register_name}/{version.version}",
         "champion_uri": f"models:/{register_name}@{CHAMPION}",
         "alias_moved": move,
         "reason": reason,
-        "trial_id": trial_id,
+        "trial_id": best["trial_id"],
+        "optuna_trial": best.get("optuna_trial"),
         "run_id": run_id,
         "checkpoint": str(checkpoint),
+        "epoch": best["best_epoch"],
         "val_metric": metric,
         "val_value": val_value,
         "test_metrics": test_metrics,
-        "config": config,
+        "config": best["config"],
     }
-    _log(
-        f"registered {register_name} v{version.version}; champion "
-        f"{'moved to it' if move else 'unchanged'}: {reason}"
-    )
-    return decision
 
 
-def _model_exists(client: Any, name: str) -> bool:
+def _registered_version(client: Any, name: str, run_id: str, checkpoint: Path) -> Any:
+    """The version this checkpoint was registered as before (promote run twice), if any."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
-        return True
+        versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
-        return False
+        return None
+    for version in versions:
+        if version.run_id == run_id and version.tags.get("leadtune.checkpoint") == str(checkpoint):
+            return version
+    return None
+
+
+def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoint: Path,
+              test_metrics: dict[str, Any], tags: dict[str, str]) -> Any:  # fmt: skip
+    """Write the model package into the trial's run and register it as a new version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from leadtune.trainables.model_package import write_package
+    from leadtune.trainables.tasks import load_trained_model
+
+    model, config, state = load_trained_model(checkpoint)
+    data = state.get("data") or {}
+    example = spec.example_input(config, int(data.get("fs", 100)))
+    with tempfile.TemporaryDirectory(prefix="leadtune-package-") as tmp:
+        package = write_package(
+            Path(tmp) / MODEL_ARTIFACT,
+            spec.name,
+            config.to_dict(),
+            model.state_dict(),
+            {
+                "data": data,
+                "epoch": state.get("epoch"),
+                "validation_metrics": _numbers(state.get("metrics") or {}, "val_"),
+                "test_metrics": {k: v for k, v in test_metrics.items() if _is_number(v)},
+                "source": {"checkpoint": str(checkpoint), "run_id": run_id, **tags},
+            },
+            program_of=(model, example),
+            dynamic_leads=spec.variable_leads,
+        )
+        client.log_artifacts(run_id, str(package), MODEL_ARTIFACT)
+    client.log_batch(run_id, metrics=_metrics(test_metrics))
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    try:
+        client.create_registered_model(
+            name, description=f"leadtune {spec.name} models; load with leadtune.analysis.load_model"
+        )
+    except MlflowException:
+        pass  # it exists
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags}
+    )
+    for key, value in test_metrics.items():
+        if _is_number(value):
+            client.set_model_version_tag(
+                name, version.version, f"leadtune.{key}", repr(float(value))
+            )
+    client.set_tag(run_id, "leadtune.promoted", f"{name}/{version.version}")
+    mlflow.set_tracking_uri(client.tracking_uri)
+    return client.get_model_version(name, version.version)
+
+
+def champion_decision(client: Any, name: str, version: Any, metric: str, mode: str,
+                      value: float, fingerprint: str, force: bool) -> tuple[bool, str]:  # fmt: skip
+    """Whether ``version`` becomes the champion, and why (one sentence)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return True, "there was no champion yet"
+    if champion.version == version.version:
+        return False, f"v{version.version} already is the champion"
+    if force:
+        return True, "forced (--force)"
+    if champion.tags.get("leadtune.val_metric") != metric:
+        return False, (
+            f"the champion v{champion.version} was chosen on "
+            f"{champion.tags.get('leadtune.val_metric')!r}, not {metric!r}: not comparable "
+            "(use --force to move the alias)"
+        )
+    if champion.tags.get("leadtune.data_fingerprint") != fingerprint:
+        return False, (
+            f"the champion v{champion.version} was validated on other data "
+            f"({str(champion.tags.get('leadtune.data_fingerprint'))[:12]}): not comparable "
+            "(use --force to move the alias)"
+        )
+    old = float(champion.tags.get("leadtune.val_value", "nan"))
+    if math.isnan(old) or better(value, old, mode):
+        return True, f"{metric} {value:.5f} beats the champion v{champion.version}'s {old:.5f}"
+    return False, (
+        f"{metric} {value:.5f} does not beat the champion v{champion.version}'s {old:.5f}"
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if k.startswith(prefix) and _is_number(v)}
+
+
+def _metrics(values: dict[str, Any]) -> list:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items() if _is_number(v)]

@@ -1,11 +1,17 @@
-"""MLflow for searches: a local tracking server when none is given, one parent run per search,
-one child run per trial (kept across resumes), and the Tune callback that writes them.
+"""MLflow for searches: the local tracking server (tied to the driver's life), one parent run per
+search, one child run per trial (kept across resumes), and the Tune callback that writes them.
+
+Names: a trial's child run logs its per-epoch metrics under the task's names (``val_loss``,
+``val_lead_accuracy`` ...; step = epoch); the search's parent run logs the best trial's figures
+as ``search_best_<metric>``, so the two never share a name in MLflow's chart view. Bookkeeping
+(epoch, checkpoint flags, node ids) goes to tags, not metrics.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,12 +21,54 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
-
 TRIAL_TAG = "leadtune.trial_id"
 STATE_TAG = "leadtune.state"
-SEARCH_TAG = "leadtune.search_dir"
+OPTUNA_TAG = "leadtune.optuna_trial"
+TASK_TAG = "leadtune.task"
 TRACKING_URI_ENV = "LEADTUNE_MLFLOW_TRACKING_URI"
+PARENT_METRIC_PREFIX = "search_best_"
+
+
+# -- the tracking URI ----------------------------------------------------------------------------
+
+
+def check_tracking_uri(uri: str | None, what: str) -> str:
+    """Fail fast (one line) on a missing database or a server that does not answer."""
+    if not uri:
+        raise ValueError(
+            f"{what} needs an MLflow tracking URI; pass --tracking-uri (e.g. "
+            "sqlite:///runs/search/mlflow.db or http://host:5000)"
+        )
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir():
+            raise ValueError(f"MLflow database folder {folder} (from {uri}) does not exist")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                ok = response.status == 200
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ValueError(
+                f"MLflow server at {uri} does not answer ({reason}); start it or pass another "
+                "--tracking-uri"
+            ) from None
+        if not ok:
+            raise ValueError(f"MLflow server at {uri} is not healthy; check the server")
+    elif "://" not in uri:
+        raise ValueError(
+            f"tracking URI {uri!r} has no scheme; use sqlite:///ABSOLUTE/PATH/mlflow.db, "
+            "http://host:5000 or postgresql://..."
+        )
+    return uri
+
+
+def sqlite_uri(path: Path) -> str:
+    """``sqlite:///`` URI of a database file, absolute whatever the path given."""
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+# -- the local server ----------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -31,7 +79,13 @@ def _free_port() -> int:
 
 @dataclass
 class MlflowServer:
-    """An ``mlflow server`` on 127.0.0.1 backed by SQLite, started and stopped by leadtune."""
+    """An ``mlflow server`` on 127.0.0.1 backed by SQLite, started and stopped by leadtune.
+
+    It runs under a small watchdog process (``python -m leadtune.search.tracking``) in its own
+    process group: the watchdog ends the whole group when the driver that started it exits, even
+    when the driver is killed and runs no cleanup. Servers of concurrent searches on one database
+    start one after another (a lock beside the database), so two never migrate it at once.
+    """
 
     db_path: Path
     artifacts: Path
@@ -43,23 +97,35 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 90.0) -> MlflowServer:
+    def start(self, timeout_s: float = 120.0) -> MlflowServer:
+        from leadtune.search.state import file_lock
+
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or _free_port()
         self.log_path = self.db_path.parent / "mlflow-server.log"
-        command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.db_path.resolve()}",
-            # Artifacts as plain file URIs (not proxied through the server), so the registered
-            # model still loads through the SQLite database after this server has stopped.
-            "--default-artifact-root", self.artifacts.resolve().as_uri(), "--no-serve-artifacts",
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
-        self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with file_lock(
+            self.db_path.with_name(self.db_path.name + ".lock"),
+            f"another MLflow server to finish setting up {self.db_path}",
+        ):
+            self.port = self.port or _free_port()
+            command = [
+                sys.executable, "-m", "leadtune.search.tracking", str(os.getpid()), "--",
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", sqlite_uri(self.db_path),
+                # Artifacts as plain file URIs (not proxied through the server), so registered
+                # models still load through the SQLite database after this server has stopped.
+                "--default-artifact-root", self.artifacts.resolve().as_uri(),
+                "--no-serve-artifacts",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            ]  # fmt: skip
+            log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            self._wait_healthy(timeout_s)
+        return self
+
+    def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -70,7 +136,7 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
-                        return self
+                        return
             except OSError:
                 time.sleep(0.5)
         self.stop()
@@ -80,12 +146,49 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self.process.terminate()  # the watchdog ends the server's whole process group
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process = None
+
+
+def _watch(parent: int, command: list[str]) -> int:
+    """Run ``command`` in a new process group; end the group when ``parent`` exits or when this
+    watchdog is asked to stop. Returns the command's exit code."""
+    child = subprocess.Popen(command, start_new_session=True)
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while child.poll() is None and not stopping:
+        if os.getppid() != parent:  # the driver is gone (re-parented to init)
+            break
+        time.sleep(0.5)
+    if child.poll() is None:
+        _end_group(child)
+    return child.returncode or 0
+
+
+def _end_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # whatever of the group is left
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+# -- experiments and runs ------------------------------------------------------------------------
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
@@ -100,12 +203,21 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location_for(tracking_uri))
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location_for(tracking_uri)
+            )
+        except MlflowException:  # created meanwhile by a concurrent search
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
 
 
 def flat_params(config: dict[str, Any]) -> dict[str, str]:
@@ -123,137 +235,17 @@ def finite_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class MlflowTrialCallback(Callback):
-    """One MLflow child run per Tune trial, under the search's parent run.
-
-    A trial's run is found again by its trial id, so a resumed search continues the same run
-    instead of adding a duplicate. Metrics are logged per epoch with ``step = epoch``.
-    """
-
-    # Tune's own bookkeeping, not worth a metric series each.
-    SKIP = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "iterations_since_restore",
-            "time_since_restore", "timesteps_total", "episodes_total", "timesteps_since_restore",
-            "training_iteration", "done"}  # fmt: skip
-
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, metric: str):
-        self._tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.metric = metric
-        self._runs: dict[str, str] = {}
-        self._client: Any = None
-
-    @property
-    def tracking_uri(self) -> str:
-        # A resumed search may talk to a freshly started server on another port: the driver
-        # names the current one in the environment, the pickled callback keeps the old one.
-        return os.environ.get(TRACKING_URI_ENV, self._tracking_uri)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
-
-    def run_id_for(self, trial: Any) -> str:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' "
-            f"and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=trial.trial_id if not getattr(trial, "trial_name", None) else str(trial),
-                tags={
-                    "mlflow.parentRunId": self.parent_run_id,
-                    TRIAL_TAG: trial.trial_id,
-                    STATE_TAG: "running",
-                    "leadtune.trial_dir": str(getattr(trial, "local_path", "") or ""),
-                },
-            )
-            run_id = run.info.run_id
-            config = {k: v for k, v in trial.config.items()}
-            self.client.log_batch(run_id, params=_params(config))
-        self._runs[trial.trial_id] = run_id
-        return run_id
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self.client.set_tag(self.run_id_for(trial), STATE_TAG, "running")
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
-        from mlflow.entities import Metric
-
-        run_id = self.run_id_for(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        values = {k: v for k, v in finite_metrics(result).items() if k not in self.SKIP}
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(values.items())]
-        )
-
-    def _finish(self, trial: Any, state: str, status: str) -> None:
-        run_id = self.run_id_for(trial)
-        tags = {STATE_TAG: state}
-        checkpoint = getattr(trial, "checkpoint", None)
-        if checkpoint is not None:
-            tags["leadtune.checkpoint"] = str(checkpoint.path)
-        if getattr(trial, "local_path", None):
-            tags["leadtune.trial_dir"] = str(trial.local_path)
-        self.client.log_batch(run_id, tags=_tags(tags))
-        self.client.set_terminated(run_id, status=status)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        last = trial.last_result or {}
-        planned = int(trial.config.get("epochs", 0) or 0)
-        if last.get("early_stopped"):
-            state = "early_stopped_patience"
-        elif planned and int(last.get("epoch", planned)) < planned:
-            state = "early_stopped_scheduler"
-        else:
-            state = "completed"
-        self._finish(trial, state, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._finish(trial, "failed", "FAILED")
-
-
-def _params(config: dict[str, Any]) -> list:
-    from mlflow.entities import Param
-
-    return [Param(k, v) for k, v in flat_params(config).items()]
-
-
-def _tags(tags: dict[str, str]) -> list:
-    from mlflow.entities import RunTag
-
-    return [RunTag(k, v) for k, v in tags.items()]
-
-
 def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parents[1],
-            capture_output=True,
-            text=True,
-            timeout=5,
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
         )
         commit = out.stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=root,
             capture_output=True,
             text=True,
             timeout=5,
@@ -261,3 +253,7 @@ def git_commit() -> str:
         return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+if __name__ == "__main__":  # the server's watchdog: python -m leadtune.search.tracking PID -- CMD
+    sys.exit(_watch(int(sys.argv[1]), sys.argv[3:]))

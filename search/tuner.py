@@ -1,98 +1,114 @@
 """Running a search: a Ray Tune ``Tuner`` driven by a persistent Optuna (TPE) study, with ASHA,
 checkpoints, failure retries, MLflow parent/child runs, resume, and promotion at the end.
 
-Nothing here knows about ECGs: the task comes from :func:`trainables.registry.get_trainable`
-and the space from :func:`spaces.get_space`.
+Nothing here knows a task: the task's :class:`~leadtune.trainables.tasks.TaskSpec` supplies the
+training function, the data and the metrics to show; the space comes from ``leadtune.spaces``.
+
+One rule ranks trials everywhere: a trial's value is the best value of the searched metric over
+its epochs (``best_<metric>``, the epoch whose checkpoint is promoted). Tune's scheduler, the
+Optuna study, the trial table, MLflow and the registry all use that number.
+
+:func:`run_search` reads top to bottom: plan (settings, space, task, study; every check that
+needs no Ray), the search folder and its run lock, the tracking server, the data, the parent run,
+Ray and its resources, the Tuner, the fit, and the conclusion (trial table, status, Optuna and
+MLflow bookkeeping, promotion).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.registry import DataRequest
+from leadtune.search import state as search_state
+from leadtune.search.results import finite, summarise_trials, trial_runs
+from leadtune.search.settings import SearchSettings, check_storage_and_urls
+from leadtune.search.study import check_space, training_config
+from leadtune.search.tracking import TRACKING_URI_ENV, sqlite_uri
 
-STATE_FILE = "leadtune_search.json"
 FAULT_ENV = "LEADTUNE_INJECT_FAULT"  # "EPOCH:MARKER_FILE": crash once after EPOCH (tests)
+BEST_FILE = "leadtune_best.json"  # a trial's running best, kept with each checkpoint
 
 
-@dataclass
-class SearchSettings:
-    space: str = "lead_id"
-    study: str | None = None  # default: the space's name
-    trials: int = 20
-    epochs: int | None = None  # default: the space's fixed value, else the trainable's
-    max_concurrent: int = 1
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    scheduler: str = "asha"  # asha | fifo
-    max_failures: int = 1
-    time_budget_s: float | None = None
-    address: str | None = None  # None: local Ray; "auto": join the running cluster
-    storage_path: str = "runs/search"
-    tracking_uri: str | None = None  # None: start a local mlflow server on SQLite
-    optuna_storage: str | None = None  # None: sqlite under storage_path
-    seed: int = 0
-    metric: str | None = None  # default: the space's
-    mode: str | None = None
-    keep_checkpoints: int = 2
-    resume: bool = False
-    register_name: str = "lead-id"
-    promote: bool = True
-    overrides: dict[str, Any] = field(default_factory=dict)  # fixed trial settings
-    data: DataRequest = field(default_factory=lambda: DataRequest(source=Path(".")))
-
-    def validate(self) -> None:
-        if self.trials < 1:
-            raise ValueError(f"--trials must be at least 1, got {self.trials}")
-        if self.max_concurrent < 1:
-            raise ValueError(f"--max-concurrent must be at least 1, got {self.max_concurrent}")
-        if self.cpus_per_trial <= 0:
-            raise ValueError("--cpus-per-trial must be positive")
-        if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial % 1):
-            raise ValueError("--gpus-per-trial must be a fraction in (0, 1] or a whole number")
-        if self.scheduler not in ("asha", "fifo"):
-            raise ValueError(f"--scheduler must be asha or fifo, got {self.scheduler!r}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError("--epochs must be at least 1")
-        if "://" in self.storage_path:
-            raise ValueError(
-                f"--storage-path {self.storage_path} is a URI; use a folder on a shared "
-                "filesystem (NFS/EFS) mounted on every node"
-            )
-        if self.mode not in (None, "min", "max"):
-            raise ValueError(f"--mode must be min or max, got {self.mode!r}")
+def _log(message: str) -> None:
+    print(f"[leadtune] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
 class SearchOutcome:
     study: str
+    task: str
     experiment_path: Path
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     metric: str
     mode: str
+    status: str
     trials: list[dict[str, Any]]
     best: dict[str, Any] | None
     promotion: dict[str, Any] | None = None
+    durable_tracking_uri: str = ""
 
 
-def _trial_entry(config: dict[str, Any], data: Any = None, trainable_name: str = "lead_id"):
+# -- what each trial runs ------------------------------------------------------------------------
+
+
+def _trial_entry(config: dict[str, Any], data: Any = None, task: str = "", metric: str = "",
+                 mode: str = "min") -> None:  # fmt: skip
     """What every Tune trial runs: the task's training function, reporting through Tune."""
     import ray
 
-    from trainables.lead_id import TuneReporter
-    from trainables.registry import get_trainable
+    from leadtune.trainables.tasks import get_task
+    from leadtune.trainables.training import TuneReporter
 
-    reporter = SearchReporter(TuneReporter(), node_id=ray.get_runtime_context().get_node_id())
+    reporter = SearchReporter(TuneReporter(), ray.get_runtime_context().get_node_id(), metric, mode)
     # Nothing is returned: Tune would take a returned dict as one more result (logged twice).
-    get_trainable(trainable_name).train(config, data, reporter=reporter)
+    get_task(task).train(training_config(config), data, reporter=reporter)
+
+
+class SearchReporter:
+    """Adds to each report the trial's running best of the searched metric (``best_<metric>``,
+    kept with the checkpoint so that a restored trial continues it), the Ray node id, and the
+    tests' fault hook."""
+
+    def __init__(self, inner: Any, node_id: str, metric: str, mode: str):
+        self.inner, self.node_id = inner, node_id
+        self.metric, self.mode = metric, mode
+        self.best: float | None = None
+        fault = os.environ.get(FAULT_ENV, "")
+        self.fault_epoch, _, marker = fault.partition(":")
+        self.fault_marker = Path(marker) if marker else None
+
+    def latest_checkpoint(self):
+        path = self.inner.latest_checkpoint()
+        if path is not None and (Path(path) / BEST_FILE).is_file():
+            self.best = json.loads((Path(path) / BEST_FILE).read_text())["best"]
+        return path
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        value = metrics.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            if self.best is None or (
+                value < self.best if self.mode == "min" else value > self.best
+            ):
+                self.best = float(value)
+        (Path(checkpoint_dir) / BEST_FILE).write_text(json.dumps({"best": self.best}))
+        extra = {f"best_{self.metric}": self.best, "trial_node_id": self.node_id}
+        self.inner.report({**metrics, **extra}, checkpoint_dir)
+        if (
+            self.fault_marker is not None
+            and str(metrics.get("epoch")) == self.fault_epoch
+            and not self.fault_marker.exists()
+        ):
+            self.fault_marker.write_text("fault injected\n")
+            raise RuntimeError(f"injected fault after epoch {self.fault_epoch} ({FAULT_ENV})")
 
 
 class _TrialName:
@@ -105,207 +121,255 @@ class _TrialName:
         return f"{self.prefix}_{trial.trial_id}"
 
 
-class SearchReporter:
-    """Adds the Ray node id to each report (trial placement), and the test fault hook."""
-
-    def __init__(self, inner: Any, node_id: str):
-        self.inner = inner
-        self.node_id = node_id
-        fault = os.environ.get(FAULT_ENV, "")
-        self.fault_epoch, _, marker = fault.partition(":")
-        self.fault_marker = Path(marker) if marker else None
-
-    def latest_checkpoint(self):
-        return self.inner.latest_checkpoint()
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        self.inner.report({**metrics, "trial_node_id": self.node_id}, checkpoint_dir)
-        if (
-            self.fault_marker is not None
-            and str(metrics.get("epoch")) == self.fault_epoch
-            and not self.fault_marker.exists()
-        ):
-            self.fault_marker.write_text("fault injected\n")
-            raise RuntimeError(f"injected fault after epoch {self.fault_epoch} ({FAULT_ENV})")
+# -- planning: every check that needs no Ray -------------------------------------------------------
 
 
-def _log(message: str) -> None:
-    print(f"[leadtune] {message}", file=sys.stderr, flush=True)
+@dataclass
+class SearchPlan:
+    settings: SearchSettings
+    space: Any
+    spec: Any
+    study: str
+    metric: str
+    mode: str
+    root: Path
+    optuna_storage: str
+    fixed: dict[str, Any]
+    register_name: str
+    previous: dict[str, Any] = field(default_factory=dict)
+    search_dir: Path | None = None
+
+    @property
+    def objective(self) -> str:
+        """What Tune and Optuna rank trials by: the best epoch's value of the metric."""
+        return f"best_{self.metric}"
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.previous)
 
 
-def latest_unfinished(study_dir: Path) -> Path | None:
-    candidates = sorted(p.parent for p in study_dir.glob(f"*/{STATE_FILE}"))
-    for path in reversed(candidates):
-        state = json.loads((path / STATE_FILE).read_text())
-        if state.get("status") != "finished":
-            return path
-    return None
-
-
-def _write_state(path: Path, **values: Any) -> dict[str, Any]:
-    file = path / STATE_FILE
-    state = json.loads(file.read_text()) if file.exists() else {}
-    state.update(values)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    os.replace(tmp, file)
-    return state
-
-
-def prepare_study(optuna_storage: str, study: str, mode: str, initial_points, seed: int):
-    """Create (or load) the Optuna study; queue the space's initial points only when it is new."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    created = optuna.create_study(
-        study_name=study,
-        storage=optuna_storage,
-        direction="minimize" if mode == "min" else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        load_if_exists=True,
-    )
-    if not created.trials:
-        for point in initial_points:
-            created.enqueue_trial(dict(point))
-    return created
-
-
-def run_search(settings: SearchSettings) -> SearchOutcome:
-    """Run (or resume) a search and promote its best model; returns where everything is."""
+def plan_search(settings: SearchSettings) -> SearchPlan:
+    """Resolve the space, task, study and settings, and check them all before any work."""
     settings.validate()
-    from spaces import get_space
-    from trainables.registry import get_trainable
+    from leadtune.spaces import get_space
+    from leadtune.trainables.tasks import get_task
 
     space = get_space(settings.space)
-    spec = get_trainable(space.trainable)
+    spec = get_task(space.task)
     study = settings.study or space.name
-    metric = settings.metric or space.metric
-    mode = settings.mode or space.mode
     root = Path(settings.storage_path).resolve()
-    study_dir = root / study
-    optuna_storage = settings.optuna_storage or f"sqlite:///{root / 'optuna.db'}"
-
+    optuna_storage = settings.optuna_storage or sqlite_uri(root / "optuna.db")
+    check_storage_and_urls(settings, root, optuna_storage)
+    plan = SearchPlan(
+        settings=settings,
+        space=space,
+        spec=spec,
+        study=study,
+        metric=settings.metric or space.metric,
+        mode=settings.mode or space.mode,
+        root=root,
+        optuna_storage=optuna_storage,
+        fixed={},
+        register_name=settings.register_name or spec.register_name,
+    )
     if settings.resume:
-        experiment_path = latest_unfinished(study_dir)
-        if experiment_path is None:
-            raise ValueError(
-                f"no unfinished search of study {study!r} under {study_dir}; "
-                "run without --resume to start one"
-            )
-        previous = json.loads((experiment_path / STATE_FILE).read_text())
-    else:
-        experiment_path = study_dir / time.strftime("search-%Y%m%d-%H%M%S")
-        previous = {}
-    root.mkdir(parents=True, exist_ok=True)
-
+        plan.search_dir = _search_to_resume(plan)
+        plan.previous = search_state.read_state(plan.search_dir)
+        plan.fixed = plan.previous["fixed"]  # a resumed search keeps its settings
+        plan.metric, plan.mode = plan.previous["metric"], plan.previous["mode"]
+        plan.register_name = settings.register_name or plan.previous["register_name"]
+        return plan
     fixed = {**space.fixed, **settings.overrides}
     if settings.epochs is not None:
         fixed["epochs"] = settings.epochs
     fixed.setdefault("seed", settings.seed)
     fixed.setdefault("num_threads", max(1, int(settings.cpus_per_trial)))
-    if previous:
-        fixed = previous["fixed"]  # a resumed search keeps its settings
+    plan.fixed = fixed
+    from leadtune.search.study import SpaceWithFixed
 
-    server = None
-    tracking_uri = settings.tracking_uri or previous.get("tracking_uri_given")
-    if tracking_uri is None:
-        from search.tracking import MlflowServer
-
-        _log("starting a local MLflow tracking server (SQLite) ...")
-        server = MlflowServer(db_path=root / "mlflow.db", artifacts=root / "mlartifacts").start()
-        tracking_uri = server.uri
-    try:
-        return _run(
-            settings, space, spec, study, metric, mode, root, experiment_path, previous,
-            fixed, tracking_uri, optuna_storage,
-        )  # fmt: skip
-    finally:
-        if server is not None:
-            server.stop()
+    check_space(SpaceWithFixed(space.define, fixed), fixed, spec.config_from_dict)
+    if settings.address is None:  # a local Ray gets this machine's cores and GPUs, no more
+        check_resources(settings, local_resources())
+    return plan
 
 
-def _run(
-    settings, space, spec, study, metric, mode, root, experiment_path, previous, fixed,
-    tracking_uri, optuna_storage,
-) -> SearchOutcome:  # fmt: skip
-    import mlflow
-    import ray
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+def local_resources() -> dict[str, float]:
+    import torch
 
-    from search.tracking import (
-        TRACKING_URI_ENV,
-        MlflowTrialCallback,
-        ensure_experiment,
-        flat_params,
-        git_commit,
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def _search_to_resume(plan: SearchPlan) -> Path:
+    study_dir = plan.root / plan.study
+    if plan.settings.experiment:
+        path = Path(plan.settings.experiment).resolve()
+        if search_state.read_state(path).get("status") == search_state.FINISHED:
+            raise ValueError(f"search {path} has finished; there is nothing to resume")
+        return path
+    path = search_state.latest_unfinished(study_dir)
+    if path is None:
+        running = [p for p in search_state.searches(study_dir) if search_state.is_running(p)]
+        hint = f" ({running[-1]} is running now)" if running else ""
+        raise ValueError(
+            f"no unfinished search of study {plan.study!r} under {study_dir}{hint}; "
+            "run without --resume to start one"
+        )
+    return path
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def run_search(settings: SearchSettings) -> SearchOutcome:
+    """Run (or resume) a search and promote its best model; returns where everything is."""
+    plan = plan_search(settings)
+    if plan.search_dir is None:
+        plan.search_dir = search_state.new_search_dir(plan.root / plan.study)
+    with search_state.run_lock(plan.search_dir):
+        server = None
+        tracking_uri = settings.tracking_uri or plan.previous.get("tracking_uri_given")
+        if tracking_uri is None:
+            from leadtune.search.tracking import MlflowServer
+
+            _log("starting a local MLflow tracking server (SQLite) ...")
+            server = MlflowServer(
+                db_path=plan.root / "mlflow.db", artifacts=plan.root / "mlartifacts"
+            ).start()
+            tracking_uri = server.uri
+        try:
+            outcome = _execute(plan, tracking_uri)
+        finally:
+            if server is not None:
+                server.stop()
+    outcome.durable_tracking_uri = (
+        sqlite_uri(plan.root / "mlflow.db") if server is not None else tracking_uri
     )
+    return outcome
+
+
+def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
+    import mlflow
+    from mlflow.tracking import MlflowClient
 
     os.environ[TRACKING_URI_ENV] = tracking_uri
-    # The classic reporter gives one compact, sorted trial table instead of a box per result.
+    # The classic reporter: one compact trial table every 20 s instead of a box per result.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, study, tracking_uri)
 
-    _log(f"loading data from {settings.data.source} ...")
-    data, dataset = spec.load_data(settings.data)
-    fingerprint = getattr(dataset, "fingerprint", "unknown")
-
-    if previous.get("parent_run_id"):
-        parent_run_id = previous["parent_run_id"]
-        client.update_run(parent_run_id, status="RUNNING")
-    else:
-        parent = client.create_run(
-            experiment_id,
-            run_name=experiment_path.name,
-            tags={
-                "leadtune.kind": "search",
-                "leadtune.space": space.name,
-                "leadtune.study": study,
-                "leadtune.data_fingerprint": fingerprint,
-                "leadtune.git_commit": git_commit(),
-                "leadtune.experiment_path": str(experiment_path),
-                "leadtune.optuna_storage": optuna_storage,
-                "mlflow.note.content": space.description,
-            },
+    _log(f"loading data from {plan.settings.data.source} ...")
+    data, dataset = plan.spec.load_data(plan.settings.data)
+    fingerprint = str(getattr(dataset, "fingerprint", "unknown"))
+    if plan.resumed and fingerprint != plan.previous.get("data_fingerprint"):
+        raise ValueError(
+            f"the data at {plan.settings.data.source} (fingerprint {fingerprint[:12]}) is not "
+            f"what the search used ({str(plan.previous.get('data_fingerprint'))[:12]}); resume "
+            "with the same --source and --limit"
         )
-        parent_run_id = parent.info.run_id
-        search_params = {
-            k: v for k, v in asdict(settings).items() if k not in ("overrides", "data", "resume")
-        }
-        search_params.update({f"fixed.{k}": v for k, v in fixed.items()})
-        search_params.update(
-            {"data.source": settings.data.source, "data.limit": settings.data.limit}
-        )
-        for key, value in flat_params(search_params).items():
-            client.log_param(parent_run_id, key, value)
-        client.log_text(parent_run_id, _space_source(space), "space.py")
-    _write_state(
-        experiment_path,
-        status="running",
-        study=study,
-        space=space.name,
-        metric=metric,
-        mode=mode,
-        fixed=fixed,
+    experiment_id, parent_run_id = _parent_run(plan, client, tracking_uri, fingerprint)
+    search_state.write_state(
+        plan.search_dir,
+        status=search_state.RUNNING,
+        task=plan.spec.name,
+        study=plan.study,
+        space=plan.space.name,
+        metric=plan.metric,
+        mode=plan.mode,
+        objective=plan.objective,
+        trials_requested=plan.previous.get("trials_requested", plan.settings.trials),
+        time_budget_s=plan.previous.get("time_budget_s", plan.settings.time_budget_s),
+        fixed=plan.fixed,
         parent_run_id=parent_run_id,
         experiment_id=experiment_id,
-        tracking_uri_given=settings.tracking_uri,
-        optuna_storage=optuna_storage,
-        data_source=str(settings.data.source),
-        data_limit=settings.data.limit,
+        tracking_uri_given=plan.previous.get("tracking_uri_given", plan.settings.tracking_uri),
+        optuna_storage=plan.optuna_storage,
+        data_source=str(Path(plan.settings.data.source).resolve()),
+        data_limit=plan.settings.data.limit,
         data_fingerprint=fingerprint,
-        register_name=settings.register_name,
+        register_name=plan.register_name,
+        driver_pid=os.getpid(),
     )
+    started = time.perf_counter()
+    try:
+        _start_ray(plan)
+        tuner = _build_tuner(plan, data, tracking_uri, experiment_id, parent_run_id)
+        _log(
+            f"search {plan.study} ({plan.spec.name}): {plan.settings.trials} trial(s), up to "
+            f"{plan.settings.max_concurrent} at once; MLflow experiment {experiment_id}, parent "
+            f"run {parent_run_id}"
+        )
+        grid = tuner.fit()
+    except BaseException:
+        # The search itself broke (not a trial): leave it resumable and say so in MLflow.
+        client.set_terminated(parent_run_id, "FAILED")
+        search_state.write_state(plan.search_dir, status=search_state.INTERRUPTED)
+        raise
+    outcome = _conclude(plan, grid, client, tracking_uri, experiment_id, parent_run_id, started)
+    if outcome.status == search_state.FINISHED and outcome.best and plan.settings.promote:
+        from leadtune.search.promote import promote_best
 
+        outcome.promotion = promote_best(
+            tracking_uri=tracking_uri,
+            experiment_path=plan.search_dir,
+            dataset=dataset,
+            register_name=plan.register_name,
+        )
+    return outcome
+
+
+def _parent_run(plan: SearchPlan, client: Any, tracking_uri: str, fingerprint: str):
+    """(experiment id, parent run id): the resumed search's, or a new parent run."""
+    from leadtune.search.tracking import TASK_TAG, ensure_experiment, flat_params, git_commit
+
+    if plan.resumed:
+        parent = plan.previous["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+        return plan.previous["experiment_id"], parent
+    with search_state.file_lock(plan.root / f".{plan.study}.lock", f"study {plan.study}"):
+        experiment_id = ensure_experiment(client, plan.study, tracking_uri)
+    parent = client.create_run(
+        experiment_id,
+        run_name=plan.search_dir.name,
+        tags={
+            "leadtune.kind": "search",
+            TASK_TAG: plan.spec.name,
+            "leadtune.space": plan.space.name,
+            "leadtune.study": plan.study,
+            "leadtune.data_fingerprint": fingerprint,
+            "leadtune.experiment_path": str(plan.search_dir),
+            "leadtune.optuna_storage": plan.optuna_storage,
+            "mlflow.source.git.commit": git_commit(),
+            "mlflow.source.name": "leadtune search",
+            "mlflow.note.content": plan.space.description,
+        },
+    )
+    settings = {
+        k: v
+        for k, v in asdict(plan.settings).items()
+        if k not in ("overrides", "data", "resume", "experiment")
+    }
+    settings.update({f"fixed.{k}": v for k, v in plan.fixed.items()})
+    settings.update(
+        {"data.source": plan.settings.data.source, "data.limit": plan.settings.data.limit}
+    )
+    for key, value in flat_params(settings).items():
+        client.log_param(parent.info.run_id, key, value)
+    client.log_text(parent.info.run_id, _space_source(plan.space), "space.py")
+    return experiment_id, parent.info.run_id
+
+
+def _start_ray(plan: SearchPlan) -> None:
+    """Join the cluster (``--address``) or start a local Ray with token authentication (its
+    servers listen on the machine's network; without the token nobody can use them)."""
+    import ray
+
+    from leadtune.trainables.runtime import ray_runtime_env
+
+    settings = plan.settings
     if not ray.is_initialized():
-        from trainables.runtime import ray_runtime_env
-
+        if settings.address is None and not os.environ.get("RAY_AUTH_MODE"):
+            enable_ray_token_auth()
         ray.init(
             address=settings.address,
             include_dashboard=False,
@@ -314,208 +378,197 @@ def _run(
             log_to_driver=False,
             runtime_env=ray_runtime_env(settings.gpus_per_trial),  # allocator env, GPU share
         )
+    check_resources(settings, ray.cluster_resources())
+
+
+def enable_ray_token_auth() -> None:
+    """Token authentication for a local Ray: a random token in this process's environment,
+    which the Ray processes it starts (and their workers) inherit. Ray reads its settings when
+    imported, so they are re-read here."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    from ray._raylet import Config  # Ray's own way to refresh them (it does this itself)
+
+    Config.initialize("")
+
+
+def check_resources(settings: SearchSettings, available: dict[str, float]) -> None:
+    """A trial that needs more than the cluster has can never start: say so now (a local Ray
+    cannot grow; a cluster with an autoscaler may, so there it is a warning)."""
+    wanted = {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}
+    short = {k: v for k, v in wanted.items() if v > available.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    have = ", ".join(f"{available.get(k, 0.0):g} {k}" for k in short)
+    need = ", ".join(f"{v:g} {k}" for k, v in short.items())
+    if settings.address is None:
+        flag = "--gpus-per-trial" if "GPU" in short else "--cpus-per-trial"
+        raise ValueError(
+            f"each trial asks for {need}, but this machine has {have}; lower {flag} or join a "
+            "cluster that has them (--address)"
+        )
+    _log(
+        f"warning: each trial asks for {need}, the cluster has {have} now; trials wait until "
+        "the autoscaler adds such nodes (Ctrl-C to stop; the search stays resumable)"
+    )
+
+
+def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: str,
+                 parent_run_id: str):  # fmt: skip
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from leadtune.search.callback import MlflowTrialCallback
+    from leadtune.search.study import SpaceWithFixed, make_searcher, open_study
+
+    settings = plan.settings
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_entry, data=data, trainable_name=space.trainable),
+        tune.with_parameters(
+            _trial_entry, data=data, task=plan.spec.name, metric=plan.metric, mode=plan.mode
+        ),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    callback = MlflowTrialCallback(tracking_uri, experiment_id, parent_run_id, metric)
+    if plan.resumed:
+        _log(f"resuming {plan.search_dir}")
+        return tune.Tuner.restore(
+            str(plan.search_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    with search_state.file_lock(plan.root / f".{plan.study}.lock", f"study {plan.study}"):
+        _, seed = open_study(
+            plan.optuna_storage, plan.study, plan.mode, plan.space.initial_points, settings.seed
+        )
+    searcher = make_searcher(
+        SpaceWithFixed(plan.space.define, plan.fixed), plan.objective, plan.mode,
+        plan.optuna_storage, plan.study, seed, plan.search_dir.name,
+    )  # fmt: skip
+    scheduler = (
+        ASHAScheduler(max_t=int(plan.fixed.get("epochs", 30)), grace_period=1, reduction_factor=2)
+        if settings.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    callback = MlflowTrialCallback(
+        tracking_uri, experiment_id, parent_run_id, plan.search_dir, plan.spec.name, plan.metric
+    )
     reporter = tune.CLIReporter(
         metric_columns={
             "epoch": "epoch",
-            metric: metric,
-            "val_lead_accuracy": "lead_acc",
-            "val_set_accuracy": "set_acc",
+            plan.objective: plan.objective,
+            **{column.key: column.label for column in plan.spec.table_metrics},
         },
         # only parameters every trial has: the reporter fails on conditional ones (depth, heads)
-        parameter_columns=["encoder", "context", "d_model", "lr", "batch_size"],
+        parameter_columns=list(plan.space.table_params or plan.spec.table_params),
         max_report_frequency=20,
         sort_by_metric=True,
     )
-
-    if settings.resume:
-        _log(f"resuming {experiment_path}")
-        tuner = tune.Tuner.restore(
-            str(experiment_path), trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        prepare_study(optuna_storage, study, mode, space.initial_points, settings.seed)
-        import optuna
-
-        searcher = OptunaSearch(
-            space=space.define,
-            metric=metric,
-            mode=mode,
-            sampler=optuna.samplers.TPESampler(seed=settings.seed),
-            study_name=study,
-            storage=optuna.storages.RDBStorage(optuna_storage),
-        )
-        scheduler = (
-            ASHAScheduler(max_t=int(fixed.get("epochs", 30)), grace_period=1, reduction_factor=2)
-            if settings.scheduler == "asha"
-            else FIFOScheduler()
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=dict(fixed),
-            tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
-                scheduler=scheduler,
-                metric=metric,
-                mode=mode,
-                num_samples=settings.trials,
-                time_budget_s=settings.time_budget_s,
-                trial_name_creator=_TrialName(space.trainable),
-                trial_dirname_creator=_TrialName(space.trainable),
+    return tune.Tuner(
+        trainable,
+        param_space=dict(plan.fixed),
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+            scheduler=scheduler,
+            metric=plan.objective,
+            mode=plan.mode,
+            num_samples=settings.trials,
+            time_budget_s=settings.time_budget_s,
+            trial_name_creator=_TrialName(plan.spec.name),
+            trial_dirname_creator=_TrialName(plan.spec.name),
+        ),
+        run_config=tune.RunConfig(
+            name=plan.search_dir.name,
+            storage_path=str(plan.search_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=settings.keep_checkpoints,
+                checkpoint_score_attribute=plan.metric,  # each epoch's own value
+                checkpoint_score_order=plan.mode,
             ),
-            run_config=tune.RunConfig(
-                name=experiment_path.name,
-                storage_path=str(experiment_path.parent),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=settings.keep_checkpoints,
-                    checkpoint_score_attribute=metric,
-                    checkpoint_score_order=mode,
-                ),
-                callbacks=[callback],
-                progress_reporter=reporter,
-                verbose=1,
-            ),
-        )
-    _log(
-        f"search {study}: {settings.trials} trial(s), up to {settings.max_concurrent} at once; "
-        f"MLflow {tracking_uri} (experiment {experiment_id}, parent run {parent_run_id})"
+            callbacks=[callback],
+            progress_reporter=reporter,
+            verbose=1,
+        ),
     )
-    started = time.perf_counter()
-    try:
-        grid = tuner.fit()
-    except BaseException:
-        # The search itself broke (not a trial): leave it resumable and say so in MLflow.
-        client.set_terminated(parent_run_id, "FAILED")
-        _write_state(experiment_path, status="interrupted")
-        raise
+
+
+# -- the conclusion --------------------------------------------------------------------------------
+
+
+def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, experiment_id: str,
+              parent_run_id: str, started: float) -> SearchOutcome:  # fmt: skip
+    """Trial table, the search's status, and the bookkeeping in Optuna, MLflow and the state
+    file, whatever way the fit ended."""
+    from leadtune.search.study import fail_orphaned_trials
+
     wall = time.perf_counter() - started
-
-    trials = summarise_trials(grid, metric, mode)
-    finished = [t for t in trials if t["state"] != "failed" and t.get(metric) is not None]
-    interrupted = any(t["state"] in ("pending", "running", "paused") for t in trials)
-    best = None
-    if finished:
-        best = (
-            min(finished, key=lambda t: t[metric])
-            if mode == "min"
-            else max(finished, key=lambda t: t[metric])
-        )
-        client.log_batch(
-            parent_run_id,
-            metrics=_best_metrics(best),
-            tags=_tags({"leadtune.best_trial": best["trial_id"]}),
-        )
-    client.log_metric(parent_run_id, "search_wall_seconds", wall)
-    client.log_metric(
-        parent_run_id, "trial_seconds_total", sum(t.get("seconds") or 0 for t in trials)
+    saved = search_state.read_state(plan.search_dir)
+    budget = saved.get("time_budget_s")
+    budget_spent = budget is not None and saved.get("wall_seconds", 0) + wall >= budget
+    runs = trial_runs(client, experiment_id, parent_run_id)
+    trials = summarise_trials(
+        grid, plan.metric, plan.mode, plan.spec, saved.get("trials", {}), budget_spent, runs
     )
-    failed = [t for t in trials if t["state"] == "failed"]
-    status = "interrupted" if interrupted or grid.num_terminated < len(trials) else "finished"
-    if failed:
-        status = "finished_with_errors" if status == "finished" else status
-    client.set_terminated(parent_run_id, "FINISHED" if status == "finished" else "KILLED")
-    _write_state(
-        experiment_path,
-        status="finished" if status == "finished" else status,
-        wall_seconds=wall,
+    unfinished = [t for t in trials if t["state"] == "unfinished"]
+    missing = saved.get("trials_requested", plan.settings.trials) - len(trials)
+    finished = not unfinished and (missing <= 0 or budget_spent)
+    status = search_state.FINISHED if finished else search_state.INTERRUPTED
+
+    alive = {t["optuna_trial"] for t in unfinished if t["optuna_trial"] is not None}
+    orphans = fail_orphaned_trials(plan.optuna_storage, plan.study, plan.search_dir.name, alive)
+    if orphans:
+        _log(f"failed Optuna trial(s) {orphans}: asked for, but no Tune trial will run them")
+    for trial in unfinished:
+        if trial.get("run_id"):
+            client.set_tag(trial["run_id"], "leadtune.state", "interrupted")
+            client.set_terminated(trial["run_id"], "KILLED")
+
+    ranked = [t for t in trials if t["state"] in search_state.SUCCESSFUL_TRIAL_STATES]
+    ranked = [t for t in ranked if t.get("value") is not None]
+    best = None
+    if ranked:
+        pick = min if plan.mode == "min" else max
+        best = pick(ranked, key=lambda t: t["value"])
+        client.log_batch(parent_run_id, metrics=_search_metrics(best, plan.metric))
+        client.set_tag(parent_run_id, "leadtune.best_trial", best["trial_id"])
+    client.log_metric(parent_run_id, "search_wall_seconds", saved.get("wall_seconds", 0) + wall)
+    client.set_tag(parent_run_id, "leadtune.status", status)
+    client.set_terminated(parent_run_id, "FINISHED" if finished else "KILLED")
+    search_state.write_state(
+        plan.search_dir,
+        status=status,
+        wall_seconds=saved.get("wall_seconds", 0) + wall,
         best_trial=best["trial_id"] if best else None,
     )
-    outcome = SearchOutcome(
-        study=study,
-        experiment_path=experiment_path,
+    if not finished:
+        _log(
+            f"search interrupted: {len(unfinished)} trial(s) unfinished"
+            + (f", {missing} not started" if missing > 0 else "")
+            + f"; nothing promoted. Finish it with: leadtune search --study {plan.study} "
+            f"--storage-path {plan.settings.storage_path} --resume"
+        )
+    return SearchOutcome(
+        study=plan.study,
+        task=plan.spec.name,
+        experiment_path=plan.search_dir,
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
         parent_run_id=parent_run_id,
-        metric=metric,
-        mode=mode,
+        metric=plan.metric,
+        mode=plan.mode,
+        status=status,
         trials=trials,
         best=best,
     )
-    if best and settings.promote and status in ("finished", "finished_with_errors"):
-        from search.promote import promote_best
-
-        outcome.promotion = promote_best(
-            tracking_uri=tracking_uri,
-            experiment_path=experiment_path,
-            dataset=dataset,
-            register_name=settings.register_name,
-        )
-    return outcome
 
 
-def summarise_trials(grid: Any, metric: str, mode: str) -> list[dict[str, Any]]:
-    """One row per trial: id, state, config, last metrics, best checkpoint, duration."""
-    rows = []
-    for result in grid:
-        metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        planned = int((result.config or {}).get("epochs", 0) or 0)
-        if result.error is not None:
-            state = "failed"
-        elif not metrics:
-            state = "pending"
-        elif metrics.get("early_stopped"):
-            state = "early_stopped_patience"
-        elif planned and int(metrics.get("epoch", planned)) < planned:
-            state = "early_stopped_scheduler" if metrics.get("done", True) else "paused"
-        else:
-            state = "completed"
-        best_checkpoint = None
-        if result.best_checkpoints:
-            pairs = [
-                (c, m.get(metric)) for c, m in result.best_checkpoints if m.get(metric) is not None
-            ]
-            if pairs:
-                pick = min if mode == "min" else max
-                best_checkpoint = pick(pairs, key=lambda p: p[1])[0].path
-        row = {
-            "trial_id": trial_id,
-            "state": state,
-            "config": result.config,
-            "epoch": metrics.get("epoch"),
-            metric: _best_value(result, metric, mode),
-            "val_lead_accuracy": metrics.get("val_lead_accuracy"),
-            "val_set_accuracy": metrics.get("val_set_accuracy"),
-            "seconds": metrics.get("time_total_s"),
-            "node_id": metrics.get("trial_node_id"),
-            "best_checkpoint": best_checkpoint,
-            "path": result.path,
-            "error": str(result.error).splitlines()[0] if result.error else None,
-        }
-        rows.append(row)
-    return rows
-
-
-def _best_value(result: Any, metric: str, mode: str) -> float | None:
-    frame = result.metrics_dataframe
-    if frame is None or metric not in getattr(frame, "columns", ()):
-        return (result.metrics or {}).get(metric)
-    series = frame[metric].dropna()
-    if series.empty:
-        return None
-    return float(series.min() if mode == "min" else series.max())
-
-
-def _best_metrics(best: dict[str, Any]) -> list:
+def _search_metrics(best: dict[str, Any], metric: str) -> list:
     from mlflow.entities import Metric
 
+    from leadtune.search.tracking import PARENT_METRIC_PREFIX
+
     now = int(time.time() * 1000)
-    return [
-        Metric(f"best_{key}", float(value), now, 0)
-        for key, value in best.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"
-    ]
-
-
-def _tags(values: dict[str, str]) -> list:
-    from mlflow.entities import RunTag
-
-    return [RunTag(k, str(v)) for k, v in values.items()]
+    values = {metric: best["value"]}
+    values.update({k: v for k, v in best.items() if k.startswith("val_") and finite(v)})
+    return [Metric(PARENT_METRIC_PREFIX + k, float(v), now, 0) for k, v in values.items()]
 
 
 def _space_source(space: Any) -> str:
@@ -525,18 +578,3 @@ def _space_source(space: Any) -> str:
         return inspect.getsource(inspect.getmodule(space.define))
     except (OSError, TypeError):
         return repr(space)
-
-
-def latest_finished_or_given(storage_path: Path, study: str, given: str | None) -> Path:
-    """The search folder named by --experiment, else the study's newest search."""
-    if given:
-        path = Path(given)
-        if not (path / STATE_FILE).exists():
-            raise FileNotFoundError(f"{path} is not a leadtune search folder (no {STATE_FILE})")
-        return path
-    found = sorted(p.parent for p in (Path(storage_path) / study).glob(f"*/{STATE_FILE}"))
-    if not found:
-        raise FileNotFoundError(
-            f"no search of study {study!r} under {storage_path}; pass --storage-path and --study"
-        )
-    return found[-1]

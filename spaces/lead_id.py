@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spaces.registry import SearchSpace, register_space
+from leadtune.spaces.registry import SearchSpace, register_space
 
 ENCODERS = ("cnn", "inception", "gru", "cnn_gru", "inception_gru")
 CONTEXTS = ("none", "deepsets", "sab", "isab")
@@ -62,20 +62,22 @@ def suggest_optimisation(trial: Any, batch_sizes: tuple[int, ...]) -> dict[str, 
     }
 
 
-def lead_id_space(trial: Any) -> dict[str, Any] | None:
-    suggest_architecture(trial, d_choices=(32, 64, 128, 256), max_depth=8)
-    suggest_optimisation(trial, batch_sizes=(16, 32, 38, 64, 128))
-    return None
+def lead_id_space(trial: Any) -> dict[str, Any]:
+    return {
+        **suggest_architecture(trial, d_choices=(32, 64, 128, 256), max_depth=8),
+        **suggest_optimisation(trial, batch_sizes=(16, 32, 38, 64, 128)),
+    }
 
 
-def smoke_space(trial: Any) -> dict[str, Any] | None:
+def smoke_space(trial: Any) -> dict[str, Any]:
     # Tiny models (encoders at 1/8 width, fixed below): a 2-epoch trial on 96 records takes
     # seconds on one CPU core. The GRU-only encoder is left out: 1000 sequential steps per lead.
-    suggest_architecture(
-        trial, d_choices=(16, 32), max_depth=2, encoders=("cnn", "inception", "cnn_gru")
-    )
-    suggest_optimisation(trial, batch_sizes=(16, 32))
-    return None
+    return {
+        **suggest_architecture(
+            trial, d_choices=(16, 32), max_depth=2, encoders=("cnn", "inception", "cnn_gru")
+        ),
+        **suggest_optimisation(trial, batch_sizes=(16, 32)),
+    }
 
 
 register_space(

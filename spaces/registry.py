@@ -24,7 +24,10 @@ class SearchSpace:
     initial_points: tuple[dict[str, Any], ...] = ()
     metric: str = "val_loss"
     mode: str = "min"
-    trainable: str = "lead_id"
+    task: str = "lead_id"  # the task whose trainable the trials run (leadtune.trainables.tasks)
+    # Config fields shown in the live trial table (only those every trial of the space has;
+    # empty: the task's defaults).
+    table_params: tuple[str, ...] = ()
 
 
 SPACES: dict[str, SearchSpace] = {}

@@ -65,8 +65,9 @@ def delivery_env(tmp_path_factory) -> DeliveryEnv:
 
 
 def _build(root: Path) -> DeliveryEnv:
-    from trainables.data.cache import prepare_dataset
-    from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
+    from leadtune.trainables.data.cache import prepare_dataset
+    from leadtune.trainables.lead_id.train import LeadIdData, train_lead_id
+    from leadtune.trainables.training import LocalReporter
 
     seconds = {}
     started = time.perf_counter()
@@ -104,21 +105,18 @@ def register_like_promote(
     """A search-shaped MLflow record of one trained model, registered as lead-id@champion.
 
     Parent run tagged leadtune.kind=search, one child run with per-epoch metrics (step = epoch)
-    and params, the model logged with mlflow.pytorch.log_model(name="model") into the child run,
-    registered with the tags search/promote.py sets, and given the alias champion.
+    and params, and the model registered by promotion's own code
+    (:func:`leadtune.search.promote.register_checkpoint`: a model package in the child run),
+    with the alias champion.
     """
-    import mlflow
-    import mlflow.pytorch
-    import torch
     from mlflow.entities import Metric
-    from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    from trainables.lead_id import evaluate_checkpoint
-    from trainables.lead_id_spec import load_model
+    from leadtune.search.promote import register_checkpoint
+    from leadtune.trainables.lead_id.train import evaluate_checkpoint
+    from leadtune.trainables.tasks import get_task
 
     client = MlflowClient(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
     db_dir = Path(tracking_uri[len("sqlite:///") :]).parent
     experiment_id = client.create_experiment(
         "delivery", artifact_location=(db_dir / "mlartifacts").as_uri()
@@ -127,14 +125,12 @@ def register_like_promote(
         experiment_id,
         tags={"leadtune.kind": "search", "leadtune.study": "delivery"},
     )
-    model, config, example = load_model(checkpoint)
     child = client.create_run(
         experiment_id,
         tags={
             "mlflow.parentRunId": parent.info.run_id,
             "leadtune.trial_id": "trial0",
             "leadtune.state": "completed",
-            "leadtune.checkpoint": str(checkpoint),
         },
     )
     run_id = child.info.run_id
@@ -147,37 +143,51 @@ def register_like_promote(
             if k.startswith("val_") and isinstance(v, float)
         ],
     )
-    for key, value in config.items():
+    for key, value in TINY_CONFIG.items():
         client.log_param(run_id, key, str(value))
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-        )
-    version = mlflow.register_model(info.model_uri, REGISTERED)
     test_metrics = evaluate_checkpoint(checkpoint, dataset, "test")
     last = history[-1]
-    tags = {
-        "leadtune.study": "delivery",
-        "leadtune.trial_id": "trial0",
-        "leadtune.search_run_id": parent.info.run_id,
-        "leadtune.data_fingerprint": dataset.fingerprint,
-        "leadtune.checkpoint": str(checkpoint),
-        "leadtune.val_metric": "val_loss",
-        "leadtune.val_mode": "min",
-        "leadtune.val_value": repr(float(last["val_loss"])),
-        "leadtune.config": json.dumps(config, default=str),
-    }
-    tags.update({f"leadtune.{k}": repr(float(v)) for k, v in test_metrics.items()})
-    for key, value in tags.items():
-        client.set_model_version_tag(REGISTERED, version.version, key, value)
+    version = register_checkpoint(
+        client, get_task("lead_id"), REGISTERED, run_id, checkpoint, test_metrics,
+        {
+            "leadtune.study": "delivery",
+            "leadtune.trial_id": "trial0",
+            "leadtune.search_run_id": parent.info.run_id,
+            "leadtune.data_fingerprint": dataset.fingerprint,
+            "leadtune.checkpoint": str(checkpoint),
+            "leadtune.val_metric": "val_loss",
+            "leadtune.val_mode": "min",
+            "leadtune.val_value": repr(float(last["val_loss"])),
+        },
+    )  # fmt: skip
     client.set_registered_model_alias(REGISTERED, "champion", version.version)
     return run_id, str(version.version)
+
+
+def register_pickled_like_before(
+    tracking_uri: str, checkpoint: Path, name: str, tagged: Path | None = None
+) -> str:
+    """A version the way leadtune registered models before model packages: a pickled module
+    (``mlflow.pytorch.log_model``), tagged with its trial checkpoint (or ``tagged``). Returns
+    the version."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from leadtune.trainables.tasks import load_trained_model
+
+    client = MlflowClient(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = client.get_experiment_by_name("delivery")
+    run = client.create_run(experiment.experiment_id, tags={"leadtune.trial_id": "old"})
+    model, _, _ = load_trained_model(checkpoint)
+    with mlflow.start_run(run_id=run.info.run_id):
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
+    version = mlflow.register_model(info.model_uri, name)
+    client.set_model_version_tag(
+        name, version.version, "leadtune.checkpoint", str(tagged or checkpoint)
+    )
+    return str(version.version)
 
 
 def write_wfdb_copy(
@@ -247,8 +257,9 @@ def trained_subset_model() -> tuple[Path, Any]:
     """(checkpoint folder, prepared subset) of SUBSET_CONFIG, training it if not cached yet."""
     import hashlib
 
-    from trainables.data.cache import default_cache_root, prepare_dataset
-    from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
+    from leadtune.trainables.data.cache import default_cache_root, prepare_dataset
+    from leadtune.trainables.lead_id.train import LeadIdData, train_lead_id
+    from leadtune.trainables.training import LocalReporter
 
     dataset = prepare_dataset(SUBSET, progress=False)
     key = hashlib.sha256(

@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
+from leadtune import bench
 from leadtune.cli import main
-from trainables import bench
-from trainables.lead_id import LeadIdData
+from leadtune.trainables.lead_id.train import LeadIdData
 
 TINY = ["--d-model", "16", "--width", "0.125", "--depth", "1", "--heads", "2", "--samples", "200"]
 

@@ -60,7 +60,7 @@ def test_train_runs_writes_checkpoints_and_resumes(tmp_path, capsys):
 
 
 def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path):
-    from trainables.commands import config_from_args
+    from leadtune.trainables.commands import config_from_args
 
     config = tmp_path / "train.yaml"
     config.write_text("train:\n  lr: 0.002\n  encoder: gru\n  epochs: 4\n")

@@ -14,17 +14,17 @@ import pytest
 import wfdb
 from scipy.signal import resample_poly
 
-from trainables.data.cache import (
+from leadtune.trainables.data.cache import (
     PreparedDataset,
     _shrink_npy,
     dataset_cache_dir,
     prepare_dataset,
     signals_fingerprint,
 )
-from trainables.data.leads import LEADS
-from trainables.data.preprocess import PreprocessConfig
-from trainables.data.ptbxl import SUPERCLASSES, DatasetError, SplitConfig, load_database
-from trainables.data.records import read_record
+from leadtune.trainables.data.leads import LEADS
+from leadtune.trainables.data.preprocess import PreprocessConfig
+from leadtune.trainables.data.ptbxl import SUPERCLASSES, DatasetError, SplitConfig, load_database
+from leadtune.trainables.data.records import read_record
 
 
 def _copy_ptbxl(sample: Path, dest: Path, ids: list[int], records: bool = True) -> Path:
@@ -168,7 +168,7 @@ def test_too_many_bad_records_raise_and_leave_no_cache(ptbxl_sample, tmp_path):
 
 
 def test_interrupted_build_leaves_nothing(ptbxl_sample, tmp_path, monkeypatch):
-    import trainables.data.cache as cache
+    import leadtune.trainables.data.cache as cache
 
     calls = []
 

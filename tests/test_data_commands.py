@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from trainables.data import commands
-from trainables.data.ptbxl import DatasetError
+from leadtune.trainables.data import commands
+from leadtune.trainables.data.ptbxl import DatasetError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def test_help_shows_defaults(capsys):
 
 def test_module_imports_no_heavy_packages():
     code = (
-        "import sys, trainables.data.commands; "
+        "import sys, leadtune.trainables.data.commands; "
         "print(sorted(m for m in ('numpy', 'pandas', 'wfdb', 'torch') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

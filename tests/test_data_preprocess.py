@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import signal as sps
 
-from trainables.data.leads import LEADS, canonical_lead, lead_index
-from trainables.data.preprocess import PreprocessConfig, highpass, preprocess, resample
+from leadtune.trainables.data.leads import LEADS, canonical_lead, lead_index
+from leadtune.trainables.data.preprocess import PreprocessConfig, highpass, preprocess, resample
 
 
 @pytest.mark.parametrize(

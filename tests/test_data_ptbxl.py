@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainables.data.ptbxl import (
+from leadtune.trainables.data.ptbxl import (
     SUPERCLASSES,
     DatasetError,
     SplitConfig,

@@ -10,9 +10,9 @@ import wfdb
 from scipy.signal import resample_poly
 from wfdb.io.convert.matlab import wfdb_to_mat
 
-from trainables.data.leads import LEADS
-from trainables.data.preprocess import PreprocessConfig, highpass
-from trainables.data.records import RecordError, read_record
+from leadtune.trainables.data.leads import LEADS
+from leadtune.trainables.data.preprocess import PreprocessConfig, highpass
+from leadtune.trainables.data.records import RecordError, read_record
 
 RAW = PreprocessConfig(highpass_hz=None)
 MIXED_CASE = ["i", "II", "iii", "avr", "AVL", "aVf", "v1", "V2", "v3", "V4", "v5", "V6"]
@@ -122,20 +122,46 @@ def test_challenge_style_v4_mat(record_1, tmp_path):
     np.testing.assert_allclose(record.signal, original.T, atol=1e-6)
 
 
-def test_nonstandard_channel_is_dropped_with_warning(record_1, tmp_path):
+def test_nonstandard_channels_are_dropped_for_the_cache_and_kept_for_labelling(record_1, tmp_path):
     original, _ = wfdb.rdsamp(str(record_1))
     extra = np.column_stack([original, original[:, 0] * 0.5])
     _write(tmp_path / "extra", 100, list(LEADS) + ["VX"], extra)
-    with pytest.warns(UserWarning, match="VX"):
-        record = read_record(tmp_path / "extra", RAW)
+    record = read_record(tmp_path / "extra", RAW)  # the cache orders leads by name
     assert record.signal.shape == (12, 1000) and record.leads == list(LEADS)
     np.testing.assert_allclose(record.signal, original.T, atol=1e-6)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kept = read_record(tmp_path / "extra", RAW, keep_nonstandard=True)
+        kept = read_record(tmp_path / "extra", RAW, require_leads=False)
     assert kept.leads == list(LEADS) + [None] and kept.channel_names[-1] == "VX"
     np.testing.assert_allclose(kept.signal[-1], original[:, 0] * 0.5, atol=1e-3)
+    fewer = read_record(tmp_path / "extra", RAW, require_leads=False, exclude=("vx", 0))
+    assert fewer.channel_names == list(LEADS[1:]) and fewer.channel_indices == list(range(1, 12))
+
+
+def test_channel_names_are_not_needed_for_labelling(record_1, tmp_path):
+    original, _ = wfdb.rdsamp(str(record_1))
+    for case, names in {
+        "neutral": [f"ch{i}" for i in range(12)],
+        "empty": [""] * 12,
+        "repeated": ["II"] * 12,
+    }.items():
+        # wfdb writes unique names only: write neutral ones, then edit the header's name fields
+        _write(tmp_path / case, 100, [f"ch{i}" for i in range(12)], original)
+        header = (tmp_path / case).with_suffix(".hea")
+        lines = header.read_text().splitlines()
+        lines[1:13] = [
+            line.rsplit(" ", 1)[0] + (f" {name}" if name else "")
+            for line, name in zip(lines[1:13], names)
+        ]
+        header.write_text("\n".join(lines) + "\n")
+        record = read_record(tmp_path / case, RAW, require_leads=False)
+        assert record.signal.shape == (12, 1000) and record.channel_names == names
+        np.testing.assert_allclose(record.signal, original.T, atol=1e-6)
+    with pytest.raises(RecordError, match="no such channel"):
+        read_record(tmp_path / "neutral", RAW, require_leads=False, exclude=("resp",))
+    with pytest.raises(RecordError, match="channels 0..11"):
+        read_record(tmp_path / "neutral", RAW, require_leads=False, exclude=(12,))
 
 
 def test_fewer_than_12_leads(record_1, tmp_path):
@@ -199,7 +225,7 @@ def test_unsupported_format(copied):
 
 def test_unreadable_header(copied):
     copied.with_suffix(".hea").write_text("this is not a header\n")
-    assert str(copied.with_suffix(".hea")) in _raises_naming(copied, "not a readable WFDB header")
+    assert str(copied.with_suffix(".hea")) in _raises_naming(copied, "gives no channel count")
 
 
 def test_no_standard_lead(copied):

@@ -14,7 +14,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import chi2
 
 from leadtune.cli import main
-from trainables.lead_id import load_model_from_checkpoint, predict_log_probs
+from leadtune.trainables.lead_id.train import predict_log_probs
+from leadtune.trainables.tasks import load_trained_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +50,7 @@ def test_predictions_are_the_checkpoints_on_the_test_split_in_fixed_order(env, e
     _, result, saved = evaluated
     rows = env.dataset.indices("test")
     assert saved["ecg_ids"].tolist() == env.dataset.ecg_ids[rows].tolist()
-    model, config, _ = load_model_from_checkpoint(env.checkpoint)
+    model, config, _ = load_trained_model(env.checkpoint)
     assert tuple(config.leads) == tuple(env.dataset.leads)  # so the identity order is LEADS
     direct = predict_log_probs(
         model, np.ascontiguousarray(env.dataset.signals[rows]), torch.device("cpu")
@@ -109,7 +110,7 @@ def test_table1_per_superclass_counts_and_wilson_intervals(evaluated):
 
 def test_mcnemar_against_the_epoch_one_model(env, evaluated):
     _, result, saved = evaluated
-    other, _, _ = load_model_from_checkpoint(env.first_checkpoint)
+    other, _, _ = load_trained_model(env.first_checkpoint)
     rows = env.dataset.indices("test")
     other_lp = predict_log_probs(
         other, np.ascontiguousarray(env.dataset.signals[rows]), torch.device("cpu")
@@ -150,7 +151,7 @@ def test_model_errors_are_one_line(env, tmp_path, capsys):
         (["models:/lead-id@champion", "--tracking-uri", empty], "leadtune search"),
         (["models:/other@champion", "--tracking-uri", env.tracking_uri], "unknown model"),
         (["models:/lead-id/9", "--tracking-uri", env.tracking_uri], "no version 9"),
-        (["models:/lead-id@champion", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+        (["models:/lead-id@champion", "--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
         (
             ["models:/lead-id@champion", "--tracking-uri", f"sqlite:///{tmp_path}/no.db"],
             "not found",

@@ -1,7 +1,7 @@
 """The fast path computes what the plain rendering of the reference computes.
 
 The fast encoder (channels-last, fused Inception branches, its own BatchNorm backward) is
-compared with :mod:`trainables.models.plain_reference` after copying the weights: in float64
+compared with :mod:`leadtune.trainables.lead_id.models.plain_reference` after copying the weights: in float64
 outputs, gradients and BatchNorm statistics agree to rounding; in float32 the outputs agree
 within float32 tolerance. The building blocks are checked against PyTorch's own modules, and the
 data-on-device training path against the host path.
@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 import wfdb
 
-from trainables import runtime
-from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
-from trainables.models import ModelConfig, count_parameters, create_model, kernels
-from trainables.models.encoders import (
+from leadtune.trainables import runtime
+from leadtune.trainables.lead_id.models import ModelConfig, count_parameters, create_model, kernels
+from leadtune.trainables.lead_id.models.encoders import (
     AttentionPooling,
     BatchNormReLUConcat,
     BlockInputProducts,
@@ -30,11 +29,13 @@ from trainables.models.encoders import (
     max_pool3_rows,
     max_pool_time,
 )
-from trainables.models.plain_reference import (
+from leadtune.trainables.lead_id.models.plain_reference import (
     PlainInceptionBlock,
     copy_weights,
     create_plain_model,
 )
+from leadtune.trainables.lead_id.train import LeadIdData, train_lead_id
+from leadtune.trainables.training import LocalReporter
 
 SMALL = ModelConfig(d_model=16, width=0.25, depth=1, heads=2)
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ptbxl-sample"
@@ -395,7 +396,7 @@ def test_bad_gpu_memory_fraction_is_reported(monkeypatch) -> None:
 def test_gru_layers_equal_nn_gru_outputs_and_gradients_in_float64(
     steps: int, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainables.models.recurrent import (
+    from leadtune.trainables.lead_id.models.recurrent import (
         gru_inference,
         gru_layers,
         use_gru_inference,

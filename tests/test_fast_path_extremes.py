@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 import wfdb
 
-from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
-from trainables.models import ModelConfig, create_model, kernels
-from trainables.models.encoders import BatchNormReLUConcat, max_pool3_rows
-from trainables.models.plain_reference import copy_weights, create_plain_model
-from trainables.models.recurrent import gru_inference, gru_layers
+from leadtune.trainables.lead_id.models import ModelConfig, create_model, kernels
+from leadtune.trainables.lead_id.models.encoders import BatchNormReLUConcat, max_pool3_rows
+from leadtune.trainables.lead_id.models.plain_reference import copy_weights, create_plain_model
+from leadtune.trainables.lead_id.models.recurrent import gru_inference, gru_layers
+from leadtune.trainables.lead_id.train import LeadIdData, train_lead_id
+from leadtune.trainables.training import LocalReporter
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ptbxl-sample"
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptbxl-subset"

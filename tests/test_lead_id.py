@@ -9,14 +9,10 @@ import pytest
 import torch
 import wfdb
 
-from trainables.lead_id import (
-    LeadIdConfig,
-    LeadIdData,
-    LocalReporter,
-    augment_batch,
-    load_model_from_checkpoint,
-    train_lead_id,
-)
+from leadtune.trainables.lead_id.config import LeadIdConfig
+from leadtune.trainables.lead_id.train import LeadIdData, augment_batch, train_lead_id
+from leadtune.trainables.tasks import load_trained_model
+from leadtune.trainables.training import LocalReporter
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ptbxl-sample"
 TINY = dict(encoder="cnn", context="sab", d_model=16, depth=1, heads=2, batch_size=8, lr=3e-3)
@@ -73,7 +69,7 @@ def test_training_learns_and_checkpoints_load(tiny_data, tmp_path):
     assert losses[-1] < losses[0] - 0.2, losses
     for key in ("val_lead_accuracy_hungarian", "val_set_accuracy", "val_set_accuracy_hungarian"):
         assert 0.0 <= last[key] <= 1.0
-    model, config, state = load_model_from_checkpoint(tmp_path / "epoch_006")
+    model, config, state = load_trained_model(tmp_path / "epoch_006")
     assert state["epoch"] == 6 and config.d_model == 16
     with torch.no_grad():
         out = model(torch.from_numpy(tiny_data.val[:2]))
@@ -84,7 +80,8 @@ def test_augment_batch_labels_follow_the_shuffled_leads():
     config = LeadIdConfig(jitter_prob=0.0)
     x = torch.arange(3 * 12 * 5, dtype=torch.float32).reshape(3, 12, 5)
     gen = torch.Generator().manual_seed(0)
-    shuffled, labels = augment_batch(x, config, gen)
+    shuffled, labels, mask = augment_batch(x, config, gen)
+    assert mask is None
     assert not torch.equal(labels, torch.arange(12).expand(3, 12))
     for b in range(3):
         for j in range(12):
@@ -95,7 +92,7 @@ def test_jitter_is_per_ecg_and_within_bounds():
     config = LeadIdConfig(jitter_prob=1.0, jitter_sigma_min=0.005, jitter_sigma_max=0.01,
                           shuffle_leads=False)  # fmt: skip
     x = torch.zeros(64, 12, 2000)
-    noisy, labels = augment_batch(x, config, torch.Generator().manual_seed(1))
+    noisy, labels, _ = augment_batch(x, config, torch.Generator().manual_seed(1))
     sigma = noisy.flatten(1).std(dim=1)
     assert torch.all(sigma > 0.0045) and torch.all(sigma < 0.0105)
     assert sigma.std() > 1e-4  # one sigma per ECG, not one for the batch
@@ -105,7 +102,7 @@ def test_jitter_is_per_ecg_and_within_bounds():
 def test_precordial_subset_trains_with_six_classes(tiny_data, tmp_path):
     reporter = LocalReporter(tmp_path)
     train_lead_id({**TINY, "epochs": 1, "leads": "precordial"}, tiny_data, reporter=reporter)
-    model, config, _ = load_model_from_checkpoint(tmp_path / "epoch_001")
+    model, config, _ = load_trained_model(tmp_path / "epoch_001")
     assert config.leads == ("V1", "V2", "V3", "V4", "V5", "V6")
     with torch.no_grad():
         assert model(torch.zeros(1, 6, 250)).shape == (1, 6, 6)

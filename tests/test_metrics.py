@@ -1,4 +1,4 @@
-"""Tests of analysis.metrics against values worked out by hand, by enumeration or by sklearn."""
+"""Tests of the lead-ID metrics (leadtune.trainables.lead_id.metrics) against values worked out by hand, by enumeration or by sklearn."""
 
 import itertools
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
-from analysis.metrics import (
+from leadtune.trainables.lead_id.metrics import (
     LEAD_NAMES,
     argmax_assign,
     bootstrap_ci,

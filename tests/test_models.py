@@ -1,4 +1,4 @@
-"""Tests for trainables.models: parameter counts against hand arithmetic and the paper, the
+"""Tests for the lead-ID models (leadtune.trainables.lead_id.models): parameter counts against hand arithmetic and the paper, the
 set properties (permutation equivariance, padded leads ignored), config validation, and a
 forward + backward pass of every encoder x context combination.
 """
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from trainables.models import (
+from leadtune.trainables.lead_id.models import (
     CONTEXTS,
     ENCODERS,
     ModelConfig,
@@ -22,9 +22,15 @@ from trainables.models import (
     describe_models,
     register_encoder,
 )
-from trainables.models import commands as models_commands
-from trainables.models.encoders import PAPER_ENCODER_PARAMETERS, released_unused_encoder_parameters
-from trainables.models.lead_identifier import RELEASED_PARAMETERS, released_unused_parameters
+from leadtune.trainables.lead_id.models import commands as models_commands
+from leadtune.trainables.lead_id.models.encoders import (
+    PAPER_ENCODER_PARAMETERS,
+    released_unused_encoder_parameters,
+)
+from leadtune.trainables.lead_id.models.lead_identifier import (
+    RELEASED_PARAMETERS,
+    released_unused_parameters,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -337,7 +343,7 @@ def test_models_command_prints_table_and_json(capsys: pytest.CaptureFixture[str]
 
 
 def test_models_command_module_imports_without_torch() -> None:
-    code = "import sys, trainables.models.commands; print('torch' in sys.modules)"
+    code = "import sys, leadtune.trainables.lead_id.models.commands; print('torch' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

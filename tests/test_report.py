@@ -20,7 +20,8 @@ import wfdb
 from delivery_fixtures import SAMPLE
 
 from leadtune.cli import main
-from trainables.lead_id import LeadIdData, LocalReporter, train_lead_id
+from leadtune.trainables.lead_id.train import LeadIdData, train_lead_id
+from leadtune.trainables.training import LocalReporter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from leadtune.cli import main
-from search.tracking import STATE_TAG, TRIAL_TAG
-from search.tuner import STATE_FILE
+from leadtune.search.state import STATE_FILE
+from leadtune.search.tracking import STATE_TAG, TRIAL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "ptbxl-sample"
@@ -61,17 +61,18 @@ def shutdown_ray():
         ray.shutdown()
 
 
-def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_dir):
+def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_dir, capsys):
     try:
-        code = main(search_args(tmp_path, cache_dir, "--json", str(tmp_path / "outcome.json")))
+        code = main(search_args(tmp_path, cache_dir, "--json"))
     finally:
         shutdown_ray()
     assert code == 0
+    outcome = json.loads(capsys.readouterr().out)
     client, parents, children = child_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 6
     parent = parents[0]
     assert parent.data.tags["leadtune.data_fingerprint"]
-    assert "best_val_loss" in parent.data.metrics
+    assert "search_best_val_loss" in parent.data.metrics  # not a trial metric's name
     for run in children:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         history = client.get_metric_history(run.info.run_id, "val_loss")
@@ -85,10 +86,17 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
     assert trials[0].params["encoder"] == "cnn" and trials[0].params["d_model"] == 32
 
     champion = client.get_model_version_by_alias("lead-id", "champion")
-    outcome = json.loads((tmp_path / "outcome.json").read_text())
     assert outcome["promotion"]["version"] == str(champion.version)
-    best_loss = min(r.data.metrics["val_loss"] for r in children)
-    assert float(champion.tags["leadtune.val_value"]) <= best_loss + 1e-9
+    # one number per fact: the promoted checkpoint's epoch value, the best over every epoch of
+    # every trial, is what the registry, the summary and MLflow's parent run record
+    best_loss = min(
+        m.value for r in children for m in client.get_metric_history(r.info.run_id, "val_loss")
+    )
+    assert float(champion.tags["leadtune.val_value"]) == pytest.approx(best_loss, abs=1e-9)
+    assert outcome["best"]["value"] == pytest.approx(best_loss, abs=1e-9)
+    assert parent.data.metrics["search_best_val_loss"] == pytest.approx(best_loss, abs=1e-9)
+    state = json.loads(next((tmp_path / "ray").glob(f"smoke/search-*/{STATE_FILE}")).read_text())
+    assert state["status"] == "finished" and len(state["trials"]) == 6
     promoted_run = client.get_run(champion.run_id)
     assert "test_lead_accuracy" in promoted_run.data.metrics
     assert 0 <= promoted_run.data.metrics["test_lead_accuracy"] <= 1
@@ -164,8 +172,8 @@ def test_trials_are_placed_on_both_nodes_of_a_two_node_cluster(tmp_path, cache_d
     import ray
     from ray.cluster_utils import Cluster
 
-    from search.tuner import SearchSettings, run_search
-    from trainables.registry import DataRequest
+    from leadtune.search.tuner import SearchSettings, run_search
+    from leadtune.trainables.tasks import DataRequest
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)

@@ -1,7 +1,8 @@
-"""`leadtune train` (one run, no search) and `leadtune bench` (speed figures).
+"""`leadtune train`: one training run of a task, without a search.
 
-Training settings come from :class:`trainables.lead_id.LeadIdConfig`: its defaults reproduce
-the reference; a YAML file and then command-line flags override them, in that order.
+Settings come from the task's config dataclass (``--task``, default ``lead_id``): its defaults
+reproduce the task's reference; a YAML file and then command-line flags override them, in that
+order. One flag per config field, generated from the dataclasses.
 """
 
 from __future__ import annotations
@@ -11,23 +12,15 @@ import dataclasses
 import json
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_SAMPLE = REPO_ROOT / "data" / "ptbxl-sample"
-
 
 def default_source() -> str:
-    return str(BUNDLED_SAMPLE)
+    """The bundled PTB-XL sample (``leadtune.bundled``), in a checkout or an installed wheel."""
+    from leadtune.bundled import sample_dir
 
-
-def _config_fields():
-    from trainables.lead_id_config import LeadIdConfig
-
-    hints = typing.get_type_hints(LeadIdConfig)
-    return LeadIdConfig, [(f, hints[f.name]) for f in dataclasses.fields(LeadIdConfig)]
+    return str(sample_dir())
 
 
 def _parse_optional(kind):
@@ -45,36 +38,52 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per LeadIdConfig field (``--d-model``, ``--lr`` ...), defaults shown in --help."""
-    from trainables.lead_id_config import LeadIdConfig
+def _flag_kind(name: str, default: Any, annotation: str) -> tuple[Any, str | None]:
+    """(argparse type, help prefix) of one config field, from its default and annotation."""
+    if name in ("leads", "loss_leads"):
+        return str, "comma-separated lead names, or a named set (all, precordial, limb, ...)"
+    if isinstance(default, bool):
+        return _parse_bool, "true or false"
+    optional = "None" in annotation
+    if isinstance(default, int) or "int" in annotation:
+        return (_parse_optional(int) if optional else int), None
+    if isinstance(default, float) or "float" in annotation:
+        return (_parse_optional(float) if optional else float), None
+    return str, None
 
-    defaults = LeadIdConfig()
-    group = parser.add_argument_group("training settings (defaults reproduce the reference)")
-    for field in dataclasses.fields(LeadIdConfig):
-        default = getattr(defaults, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in ("leads", "loss_leads"):
-            kind, shown = str, ",".join(default) if default else "all seen leads"
-            help_text = "comma-separated lead names, or all / precordial / limb"
-        elif isinstance(default, bool):
-            kind, shown, help_text = _parse_bool, default, "true or false"
-        elif isinstance(default, int) or field.name.startswith("max_"):
-            kind, shown, help_text = _parse_optional(int), default, None
-        elif isinstance(default, float):
-            kind, shown, help_text = float, default, None
-        elif field.name.endswith("patience") or field.name == "num_threads":
-            kind, shown, help_text = _parse_optional(int), default, None
-        else:
-            kind, shown, help_text = str, default, None
-        group.add_argument(
-            flag,
-            dest=f"cfg_{field.name}",
-            type=kind,
-            default=None,
-            metavar=field.name.upper(),
-            help=f"{help_text + '; ' if help_text else ''}default: {shown}",
+
+def _shown(default: Any) -> str:
+    if isinstance(default, tuple):
+        return ",".join(default) if default else "none"
+    return "all seen leads" if default is None else str(default)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field of every task (``--d-model``, ``--lr`` ...), grouped by task,
+    each with its default. A flag that several tasks share appears in the first task's group."""
+    from leadtune.trainables.tasks import get_task, task_names
+
+    seen: set[str] = set()
+    for task in task_names():
+        config_class = get_task(task).config_class
+        defaults = config_class()
+        group = parser.add_argument_group(
+            f"{task} settings (defaults reproduce the task's reference)"
         )
+        for field in dataclasses.fields(config_class):
+            if field.name in seen:
+                continue
+            seen.add(field.name)
+            default = getattr(defaults, field.name)
+            kind, help_text = _flag_kind(field.name, default, str(field.type))
+            group.add_argument(
+                "--" + field.name.replace("_", "-"),
+                dest=f"cfg_{field.name}",
+                type=kind,
+                default=None,
+                metavar=field.name.upper(),
+                help=f"{help_text + '; ' if help_text else ''}default: {_shown(default)}",
+            )
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,75 +115,87 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cache-dir", default=None, help="dataset cache root (default: ~/.cache/leadtune)"
     )
-    group.add_argument("--limit", type=int, default=None, help="use only the first N records")
-
-
-def load_lead_id_data(args: argparse.Namespace, progress: bool = True):
-    """Prepare (or load from cache) the dataset named by --source, as LeadIdData."""
-    from trainables.data.cache import prepare_dataset
-    from trainables.lead_id import LeadIdData
-
-    dataset = prepare_dataset(
-        Path(args.source), cache_root=args.cache_dir, limit=args.limit, progress=progress
+    group.add_argument(
+        "--limit", type=int, default=None, help="use only the first N records (default: all)"
     )
-    return LeadIdData.from_prepared(dataset), dataset
+
+
+def data_request(args: argparse.Namespace, progress: bool = True):
+    from leadtune.trainables.tasks import DataRequest
+
+    return DataRequest(
+        source=Path(args.source), cache_dir=args.cache_dir, limit=args.limit, progress=progress
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from trainables.lead_id import LeadIdConfig, LocalReporter, train_lead_id
+    from leadtune.trainables.tasks import get_task
+    from leadtune.trainables.training import LocalReporter
 
-    values = config_from_args(args)
-    config = LeadIdConfig.from_dict(values)
-    data, dataset = load_lead_id_data(args)
+    spec = get_task(args.task)
+    config = spec.config_from_dict(config_from_args(args))  # fails before any work
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    print(
-        f"training {config.encoder}+{config.context} (D={config.d_model}) on "
-        f"{min(len(data.train), config.max_train_records or len(data.train))} train / "
-        f"{min(len(data.val), config.max_val_records or len(data.val))} val ECGs from {args.source}",
-        file=sys.stderr,
-    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write to --out {out} ({exc.strerror}); pass a writable folder"
+        ) from None
+    data, _ = spec.load_data(data_request(args))
+    print(f"training {spec.name}: {describe_config(config)} from {args.source}", file=sys.stderr)
 
     bar = tqdm(total=config.epochs, desc="epochs", unit="epoch", file=sys.stderr)
     resume = Path(args.resume) if args.resume else None
     if resume is not None:
         bar.update(_checkpoint_epoch(resume))
+    shown = [("train_loss", "loss"), ("val_loss", "val_loss")] + [
+        (column.key, column.label) for column in spec.table_metrics
+    ]
 
     def on_report(m: dict[str, Any]) -> None:
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{m['train_loss']:.3f}",
-            val_loss=f"{m['val_loss']:.3f}",
-            lead_acc=f"{m['val_lead_accuracy']:.4f}",
-            set_acc=f"{m['val_set_accuracy']:.3f}",
-        )
+        bar.set_postfix({label: f"{m[key]:.4f}" for key, label in shown if key in m})
         tqdm.write(json.dumps({k: _round(v) for k, v in m.items()}), file=sys.stderr)
 
     reporter = LocalReporter(out_dir=out, resume_from=resume, on_report=on_report)
     started = time.perf_counter()
-    last = train_lead_id(config.to_dict(), data=data, reporter=reporter, progress=True)
+    last = spec.train(config.to_dict(), data, reporter=reporter, progress=True)
     bar.close()
     (out / "history.json").write_text(json.dumps(reporter.history, indent=2))
     best = min(reporter.history, key=lambda m: m["val_loss"]) if reporter.history else last
+    figures = ", ".join(f"{label} {last[key]:.4f}" for key, label in shown if key in last)
     print(
         "\n".join(
             [
                 "",
                 f"finished {len(reporter.history)} epoch(s) in {time.perf_counter() - started:.1f} s",
-                f"last epoch: val lead accuracy {last['val_lead_accuracy']:.4f} "
-                f"(Hungarian {last['val_lead_accuracy_hungarian']:.4f}), "
-                f"set accuracy {last['val_set_accuracy']:.4f} "
-                f"(Hungarian {last['val_set_accuracy_hungarian']:.4f})",
+                f"last epoch: {figures}",
                 f"best epoch by val loss: {best['epoch']} ({best.get('checkpoint_dir', out)})",
                 f"data fingerprint: {data.fingerprint}",
                 f"outputs: {out}/ (config.json, history.json, epoch_NNN/checkpoint.pt)",
+                f"evaluate once on the test fold: leadtune evaluate {best.get('checkpoint_dir', out)}"
+                f" --source {args.source}",
             ]
         )
     )
     return 0
+
+
+def describe_config(config: Any) -> str:
+    """A one-line description of what is trained (the model and the data limits)."""
+    fields = ("encoder", "context", "model", "d_model", "leads", "epochs", "batch_size", "lr")
+    parts = []
+    for name in fields:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(value) if len(value) < 12 else "12 leads"
+        parts.append(f"{name}={value}")
+    return " ".join(parts)
 
 
 def _round(value: Any) -> Any:
@@ -187,15 +208,26 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from leadtune.trainables.tasks import DEFAULT_TASK, task_names
+
     train = subparsers.add_parser(
         "train",
-        help="train one lead-identification model (no search)",
-        description="Train one lead-identification model. Settings: defaults (the reference), "
-        "then --config YAML, then flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="train one model of a task (no search)",
+        description="Train one model. Settings: the task's defaults (its reference), then "
+        "--config YAML, then flags.",
+    )
+    train.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        choices=task_names(),
+        help=f"what to train (default: {DEFAULT_TASK})",
     )
     train.add_argument("--config", help="YAML file of training settings (flat, or under 'train:')")
-    train.add_argument("--out", default="runs/train", help="folder for checkpoints and history")
+    train.add_argument(
+        "--out",
+        default="runs/train",
+        help="folder for checkpoints and history (default: runs/train)",
+    )
     train.add_argument(
         "--resume", default=None, help="checkpoint folder (epoch_NNN) to continue from"
     )

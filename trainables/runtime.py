@@ -1,4 +1,5 @@
-"""Process settings that make CPU training fast, applied where leadtune launches work.
+"""Process-level settings and helpers: the allocator settings that make CPU training fast,
+applied where leadtune launches work, and the file locks that keep processes apart.
 
 glibc's malloc returns every large block (> 128 KiB by default, raised dynamically up to 32 MiB)
 to the kernel with ``munmap`` and maps it again on the next step. The reference model's
@@ -15,9 +16,13 @@ glibc reads these variables once, at process start, so the commands that train o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 ALLOCATOR_ENV: dict[str, str] = {
     "MALLOC_MMAP_MAX_": "0",
@@ -149,3 +154,58 @@ def describe_runtime() -> dict[str, object]:
         "allocator_settings": allocator_settings_active(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+# -- locks -------------------------------------------------------------------------------------
+
+
+class LockBusy(RuntimeError):
+    """A lock that another live process holds."""
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str, timeout: float = 600.0, quiet: bool = False) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Waits up to ``timeout`` seconds, saying once what it waits for; raises :class:`LockBusy`
+    after that (``timeout=0``: at once). The kernel drops the lock if this process dies.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (closed below)
+    try:
+        deadline = time.monotonic() + timeout
+        said = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _holder(path)
+                if time.monotonic() >= deadline:
+                    raise LockBusy(
+                        f"{what or path} is held by another process{holder} (lock {path})"
+                    ) from None
+                if not said and not quiet:
+                    print(
+                        f"[leadtune] waiting for {what}{holder} (lock {path}, up to "
+                        f"{timeout:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    said = True
+                time.sleep(0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = Path(path).read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""

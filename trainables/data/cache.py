@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from trainables.data.leads import LEADS
-from trainables.data.preprocess import PreprocessConfig
-from trainables.data.ptbxl import (
+from leadtune.trainables.data.leads import LEADS
+from leadtune.trainables.data.preprocess import PreprocessConfig
+from leadtune.trainables.data.ptbxl import (
     SPLITS,
     SUPERCLASSES,
     DatasetError,
@@ -40,10 +40,17 @@ from trainables.data.ptbxl import (
     load_database,
     record_file,
 )
-from trainables.data.records import RecordError, read_record
+from leadtune.trainables.data.records import RecordError, read_record
 
 # Bump when the content of a cache changes for the same settings (reader or layout changes).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# Peak |amplitude| after preprocessing above which a record is reported as holding an
+# artefact. Surface ECG voltages stay well below it: QRS complexes reach about 3-5 mV (voltage
+# criteria for ventricular hypertrophy start near 3.5 mV) and rarely 7 mV, so a 10 mV sample is a
+# pacemaker spike, an electrode pop or a saturated amplifier, not heart activity.
+AMPLITUDE_LIMIT_MV = 10.0
+# Every PTB-XL record is 10 s long; a record of another length is skipped (and named).
+RECORD_SECONDS = 10
 SIGNALS_FILE = "signals.npy"
 RECORDS_FILE = "records.csv"
 MANIFEST_FILE = "manifest.json"
@@ -65,6 +72,7 @@ def cache_key(
     preprocess: PreprocessConfig = PreprocessConfig(),
     splits: SplitConfig = SplitConfig(),
     limit: int | None = None,
+    max_bad_fraction: float = 0.02,
 ) -> str:
     """Short hash of everything that decides the cache content.
 
@@ -79,6 +87,8 @@ def cache_key(
         "preprocess": preprocess.to_dict(),
         "splits": splits.to_dict(),
         "limit": limit,
+        # A build refused at one threshold is no cache hit after one accepted at another.
+        "max_bad_fraction": max_bad_fraction,
         "cache_version": CACHE_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -90,10 +100,11 @@ def dataset_cache_dir(
     preprocess: PreprocessConfig = PreprocessConfig(),
     splits: SplitConfig = SplitConfig(),
     limit: int | None = None,
+    max_bad_fraction: float = 0.02,
 ) -> Path:
     """Where the cache for these settings lives (complete once it holds manifest.json)."""
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    return root / "datasets" / cache_key(source, preprocess, splits, limit)
+    return root / "datasets" / cache_key(source, preprocess, splits, limit, max_bad_fraction)
 
 
 def format_folds(folds: Iterable[int]) -> str:
@@ -230,8 +241,36 @@ class PreparedDataset:
             lines.append(f"  ecg_id {entry['ecg_id']}: {entry['reason']}")
         if len(skipped) > 10:
             lines.append(f"  ... and {len(skipped) - 10} more (see {MANIFEST_FILE})")
+        lines += self._quality_lines()
         lines.append(f"fingerprint: {self.fingerprint}")
         return "\n".join(lines)
+
+    def _quality_lines(self) -> list[str]:
+        quality = self.manifest.get("quality")
+        if not quality:
+            return []
+        limit = quality["amplitude_limit_mv"]
+        clip = self.manifest["settings"]["preprocess"].get("clip_mv")
+        lines = [
+            f"amplitude above {limit:g} mV (artefacts: surface ECG voltages stay below about "
+            "5 mV; pacemaker spikes, electrode pops and saturation do not):"
+        ]
+        for split, found in quality["splits"].items():
+            over = found["over_limit"]
+            shown = ", ".join(f"{e['ecg_id']} ({e['peak_mv']:g} mV)" for e in over[:8])
+            more = f", ... ({len(over) - 8} more in {MANIFEST_FILE})" if len(over) > 8 else ""
+            flat = found["flat_lead"]
+            lines.append(
+                f"  {split:<6} {len(over):>4} record(s)"
+                + (f": {shown}{more}" if over else "")
+                + (f"; {len(flat)} with a flat lead" if flat else "")
+            )
+        lines.append(
+            f"  (clipped to +-{clip:g} mV)"
+            if clip
+            else "  (kept as recorded, like the reference; rebuild with --clip-mv MV to clip)"
+        )
+        return lines
 
 
 @dataclass(frozen=True)
@@ -254,6 +293,12 @@ def _read_job(job: _Job, preprocess: PreprocessConfig) -> tuple[_Job, np.ndarray
     if absent:
         return job, f"{job.header}: lacks lead(s) {', '.join(absent)}"
     order = [record.leads.index(lead) for lead in LEADS]
+    expected = RECORD_SECONDS * preprocess.fs
+    if record.signal.shape[1] != expected:
+        return job, (
+            f"{job.header}: {record.signal.shape[1]} samples at {preprocess.fs} Hz, not the "
+            f"{expected} of a {RECORD_SECONDS} s PTB-XL record"
+        )
     return job, record.signal[order]
 
 
@@ -290,6 +335,30 @@ def _too_many_bad(
         f"max_bad_fraction={max_bad_fraction} allows; {'; '.join(examples.values())}; fix or "
         "re-download the files, or raise the threshold with --max-bad-fraction"
     )
+
+
+def _amplitude_report(signals_file: Path, ecg_ids: np.ndarray, splits: np.ndarray) -> dict:
+    """Per split, the records whose peak |amplitude| exceeds AMPLITUDE_LIMIT_MV (artefacts a
+    user may want to look at or clip) and those with a flat (constant) lead, with their ids."""
+    signals = np.load(signals_file, mmap_mode="r")
+    peaks = np.empty(len(ecg_ids), dtype=np.float32)
+    flat = np.zeros(len(ecg_ids), dtype=bool)
+    for start in range(0, len(ecg_ids), 512):
+        chunk = np.asarray(signals[start : start + 512])
+        peaks[start : start + len(chunk)] = np.abs(chunk).max(axis=(1, 2), initial=0.0)
+        flat[start : start + len(chunk)] = (np.ptp(chunk, axis=2) == 0).any(axis=1)
+    report: dict[str, Any] = {"amplitude_limit_mv": AMPLITUDE_LIMIT_MV, "splits": {}}
+    for split in SPLITS:
+        rows = np.flatnonzero(splits == split)
+        over = rows[peaks[rows] > AMPLITUDE_LIMIT_MV]
+        over = over[np.argsort(-peaks[over])]
+        report["splits"][split] = {
+            "over_limit": [
+                {"ecg_id": int(ecg_ids[i]), "peak_mv": round(float(peaks[i]), 2)} for i in over
+            ],
+            "flat_lead": [int(ecg_ids[i]) for i in rows[flat[rows]]],
+        }
+    return report
 
 
 def _shrink_npy(path: Path, rows: int) -> None:
@@ -394,12 +463,7 @@ def _build(
                     build_dir / SIGNALS_FILE,
                     mode="w+",
                     dtype=np.float32,
-                    shape=(total, len(LEADS), result.shape[1]),
-                )
-            if isinstance(result, np.ndarray) and result.shape[1] != signals.shape[2]:
-                result = (
-                    f"{job.header}: {result.shape[1]} samples after resampling, the other "
-                    f"records have {signals.shape[2]}"
+                    shape=(total, len(LEADS), RECORD_SECONDS * preprocess.fs),
                 )
             if isinstance(result, str):
                 skipped.append({"ecg_id": job.ecg_id, "file": job.file, "reason": result})
@@ -420,6 +484,7 @@ def _build(
     digest.update(ecg_ids.astype("<i8").tobytes())
 
     records = chosen.loc[ecg_ids]
+    quality = _amplitude_report(build_dir / SIGNALS_FILE, ecg_ids, records["split"].to_numpy())
     table = pd.DataFrame(
         {
             "ecg_id": ecg_ids,
@@ -454,6 +519,7 @@ def _build(
         },
         "dropped_folds": {str(f): int(c) for f, c in dropped.items()},
         "skipped": skipped,
+        "quality": quality,
         "build_seconds": round(time.perf_counter() - started, 2),
     }
     # manifest.json is written last and atomically: its presence marks a complete cache.
@@ -479,7 +545,7 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     source = Path(source).resolve()
-    final_dir = dataset_cache_dir(source, cache_root, preprocess, splits, limit)
+    final_dir = dataset_cache_dir(source, cache_root, preprocess, splits, limit, max_bad_fraction)
     if (final_dir / MANIFEST_FILE).is_file():
         dataset = PreparedDataset.load(final_dir)
         dataset.cache_hit = True

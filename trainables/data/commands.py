@@ -61,6 +61,18 @@ def _add_dataset_options(parser: argparse.ArgumentParser, require_source: bool) 
         action="store_true",
         help="filter forwards and backwards instead of causally like the reference",
     )
+    parser.add_argument(
+        "--clip-mv",
+        type=float,
+        default=0.0,
+        help="clip the filtered signals to +-this many mV (0: no clipping, as the reference)",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.02,
+        help="fail if more than this fraction of records cannot be read",
+    )
     # String defaults go through parse_folds too, and read well in --help.
     parser.add_argument("--train-folds", type=parse_folds, default="1-8", help="strat_folds")
     parser.add_argument("--val-folds", type=parse_folds, default="9", help="strat_folds")
@@ -96,12 +108,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
     )
     _add_dataset_options(prepare, require_source=True)
-    prepare.add_argument(
-        "--max-bad-fraction",
-        type=float,
-        default=0.02,
-        help="fail if more than this fraction of records cannot be read",
-    )
     prepare.add_argument("--workers", type=int, default=1, help="reader processes")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     prepare.set_defaults(func=run_prepare)
@@ -117,12 +123,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from trainables.data.preprocess import PreprocessConfig
-    from trainables.data.ptbxl import DatasetError, SplitConfig
+    from leadtune.trainables.data.preprocess import PreprocessConfig
+    from leadtune.trainables.data.ptbxl import DatasetError, SplitConfig
 
     try:
         preprocess = PreprocessConfig(
-            fs=args.fs, highpass_hz=args.highpass_hz or None, zero_phase=args.zero_phase
+            fs=args.fs,
+            highpass_hz=args.highpass_hz or None,
+            zero_phase=args.zero_phase,
+            clip_mv=args.clip_mv or None,
         )
         splits = SplitConfig(args.train_folds, args.val_folds, args.test_folds)
     except ValueError as exc:
@@ -142,6 +151,10 @@ def prepare_command(args: argparse.Namespace) -> str:
         words += ["--highpass-hz", str(args.highpass_hz)]
     if args.zero_phase:
         words.append("--zero-phase")
+    if args.clip_mv:
+        words += ["--clip-mv", str(args.clip_mv)]
+    if args.max_bad_fraction != 0.02:
+        words += ["--max-bad-fraction", str(args.max_bad_fraction)]
     for option, folds, default in (
         ("--train-folds", args.train_folds, _DEFAULT_FOLDS["train"]),
         ("--val-folds", args.val_folds, _DEFAULT_FOLDS["val"]),
@@ -155,7 +168,7 @@ def prepare_command(args: argparse.Namespace) -> str:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from trainables.data.cache import prepare_dataset
+    from leadtune.trainables.data.cache import prepare_dataset
 
     preprocess, splits = _settings(args)
     dataset = prepare_dataset(
@@ -174,10 +187,12 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_summary(args: argparse.Namespace) -> int:
-    from trainables.data.cache import MANIFEST_FILE, PreparedDataset, dataset_cache_dir
+    from leadtune.trainables.data.cache import MANIFEST_FILE, PreparedDataset, dataset_cache_dir
 
     preprocess, splits = _settings(args)
-    path = dataset_cache_dir(args.source, args.cache_dir, preprocess, splits, args.limit)
+    path = dataset_cache_dir(
+        args.source, args.cache_dir, preprocess, splits, args.limit, args.max_bad_fraction
+    )
     if not (path / MANIFEST_FILE).is_file():
         print(
             f"no cache for these settings (expected at {path}); build it with:\n"

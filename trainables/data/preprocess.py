@@ -21,6 +21,9 @@ class PreprocessConfig:
     highpass_hz: float | None = 0.5  # None disables the high-pass
     highpass_order: int = 4
     zero_phase: bool = False  # the reference filters causally (lfilter)
+    # Clip the filtered signal to +-clip_mv (None: no clipping, as the reference). An option
+    # for data whose artefacts (pacemaker spikes, electrode pops) should not reach the model.
+    clip_mv: float | None = None
 
     def __post_init__(self) -> None:
         if self.highpass_hz == 0:
@@ -28,6 +31,10 @@ class PreprocessConfig:
             object.__setattr__(self, "highpass_hz", None)
         if self.fs <= 0:
             raise ValueError(f"sampling rate must be positive, got fs={self.fs}")
+        if self.clip_mv == 0:
+            object.__setattr__(self, "clip_mv", None)  # 0 is the CLI's "no clipping"
+        if self.clip_mv is not None and self.clip_mv < 0:
+            raise ValueError(f"clip_mv must be a positive amplitude in mV, got {self.clip_mv}")
         if self.highpass_hz is not None and not 0 < self.highpass_hz < self.fs / 2:
             raise ValueError(
                 f"high-pass cut-off {self.highpass_hz} Hz must lie between 0 and the Nyquist "
@@ -71,9 +78,19 @@ def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     return sps.resample_poly(signal, up, down, axis=-1, padtype="line")
 
 
+PREPROCESS_KEYS = ("fs", "highpass_hz", "highpass_order", "zero_phase", "clip_mv")
+
+
+def preprocess_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`PreprocessConfig` fields of a dict (a manifest, a model card)."""
+    return {key: values[key] for key in PREPROCESS_KEYS if key in values}
+
+
 def preprocess(signal: np.ndarray, fs_in: float, config: PreprocessConfig) -> np.ndarray:
-    """Resample to config.fs, then high-pass; (..., T) in mV -> (..., T') float32 in mV."""
+    """Resample to config.fs, high-pass, clip if asked; (..., T) mV -> (..., T') float32 mV."""
     x = resample(np.asarray(signal, dtype=np.float64), fs_in, config.fs)
-    if config.highpass_hz is None:
-        return x.astype(np.float32)
-    return highpass(x, config.fs, config.highpass_hz, config.highpass_order, config.zero_phase)
+    if config.highpass_hz is not None:
+        x = highpass(x, config.fs, config.highpass_hz, config.highpass_order, config.zero_phase)
+    if config.clip_mv is not None:
+        x = np.clip(x, -config.clip_mv, config.clip_mv)
+    return np.asarray(x, dtype=np.float32)

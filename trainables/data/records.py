@@ -1,22 +1,27 @@
 """Reading one WFDB ECG record (header + .dat or .mat signal file) into preprocessed leads in mV.
 
 This is the reader behind `leadtune label` and the PTB-XL cache: any sampling rate, any WFDB
-sample format wfdb can decode, lead names matched case-insensitively, fewer than 12 leads
-allowed. Every problem with the input is a `RecordError` whose one-line message names the file.
+sample format wfdb can decode, fewer than 12 leads allowed. The cache needs the header's lead
+names (matched case-insensitively) to order the leads; labelling needs no names at all
+(``require_leads=False``): any channel names, empty or repeated, are kept as the header has them.
+Every problem with the input is a `RecordError` whose one-line message names the file, raised
+before the signal is used: a header without a sampling frequency (wfdb would silently assume
+250 Hz) or with frequency 0, a channel count that does not match the channel lines, and a
+recording whose channels are all flat.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from trainables.data.leads import canonical_lead
-from trainables.data.preprocess import PreprocessConfig
-from trainables.data.preprocess import preprocess as preprocess_signal
+from leadtune.trainables.data.leads import canonical_lead
+from leadtune.trainables.data.preprocess import PreprocessConfig
+from leadtune.trainables.data.preprocess import preprocess as preprocess_signal
 
 RECORD_SUFFIXES = (".hea", ".dat", ".mat")
 
@@ -55,7 +60,10 @@ class Record:
     channel_names: list[str]  # as in the header, one per row of signal
     leads: list[str | None]  # canonical lead names; None for kept non-standard channels
     fs: int  # after resampling
-    fs_original: int
+    fs_original: float
+    channel_indices: list[int] = field(default_factory=list)  # rows' positions in the header
+    flat: list[bool] = field(default_factory=list)  # constant channel (no signal at all)
+    peak_mv: float = 0.0  # largest |sample| after preprocessing
 
 
 def header_path(path: str | Path) -> Path:
@@ -158,41 +166,83 @@ def _to_millivolts(header: Path, units: list[str], names: list[str]) -> np.ndarr
     return scale
 
 
-def read_record(
-    path: str | Path,
-    preprocess: PreprocessConfig = PreprocessConfig(),
-    keep_nonstandard: bool = False,
-) -> Record:
-    """Read a WFDB record (path with or without .hea/.dat/.mat) as preprocessed leads in mV.
-
-    Non-standard channels are dropped with a warning unless `keep_nonstandard`; the signal is
-    resampled to `preprocess.fs` and high-passed as configured.
-    """
-    import wfdb  # deferred: wfdb pulls in pandas and matplotlib
-
-    header = header_path(path)
-    if not header.is_file():
-        raise RecordError(
-            f"{header}: WFDB header not found; give the path of a record's .hea file "
-            "(its .dat or .mat signal file must sit beside it)"
-        )
-    # wfdb's header parser costs ~15 ms, most of a read, so the header is parsed only once on
-    # the good path; on failure it is parsed again to say precisely what is wrong.
+def check_header_text(header: Path) -> None:
+    """What wfdb would read wrongly or crash on, said in one line: the record line's channel
+    count, sampling frequency (absent: wfdb assumes 250 Hz) and the channel lines."""
     try:
-        data = wfdb.rdrecord(str(header.with_suffix("")), physical=True, return_res=64)
-    except Exception as exc:  # wfdb raises anything from KeyError to its own syntax errors
-        _check_signal_files(header, _read_header(header))
+        lines = [
+            line.strip()
+            for line in header.read_text(errors="replace").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    except OSError as exc:
+        raise RecordError(f"{header}: unreadable header ({exc.strerror or exc})") from None
+    if not lines:
+        raise RecordError(f"{header}: empty header; is it the right file?")
+    fields = lines[0].split()
+    if "/" in fields[0]:  # a multi-segment record line (NAME/SEGMENTS ...): checked by wfdb
+        return
+    if len(fields) < 2 or not fields[1].isdigit():
         raise RecordError(
-            f"{header}: WFDB could not read the signal ({_one_line(exc)}); "
-            "check that the signal file matches the header"
-        ) from exc
-    _check_signal_files(header, data)
+            f"{header}: the record line {lines[0]!r} gives no channel count; expected "
+            "'NAME CHANNELS FS SAMPLES'"
+        )
+    n_sig = int(fields[1])
+    if len(fields) < 3:
+        raise RecordError(
+            f"{header}: the record line {lines[0]!r} gives no sampling frequency (wfdb would "
+            f"assume 250 Hz); add it, e.g. '{fields[0]} {n_sig} 500 5000' for 10 s at 500 Hz"
+        )
+    try:
+        fs = float(fields[2].split("/")[0].split("(")[0])
+    except ValueError:
+        fs = float("nan")
+    if not fs > 0:
+        raise RecordError(
+            f"{header}: sampling frequency {fields[2]!r} on the record line; it must be a "
+            "positive number of Hz"
+        )
+    if len(lines) - 1 < n_sig:
+        raise RecordError(
+            f"{header}: the record line says {n_sig} channel(s) but {len(lines) - 1} channel "
+            "line(s) follow; fix the count or the channel lines"
+        )
 
-    channel_names = [str(name) for name in data.sig_name]
-    leads = [canonical_lead(name) for name in channel_names]
+
+def _select_channels(
+    header: Path,
+    channel_names: list[str],
+    leads: list[str | None],
+    require_leads: bool,
+    exclude: Sequence[str | int],
+) -> list[int]:
+    """Rows to keep: without ``require_leads`` every channel except those excluded (by name,
+    case-insensitive, or 0-based index); with it the standard leads, each once."""
+    folded = [name.casefold() for name in channel_names]
+    dropped: set[int] = set()
+    for item in exclude:
+        if isinstance(item, int) or str(item).isdigit():
+            index = int(item)
+            if not 0 <= index < len(channel_names):
+                raise RecordError(
+                    f"{header}: --exclude {index}: the record has channels 0..{len(channel_names) - 1}"
+                )
+            dropped.add(index)
+        else:
+            matches = [i for i, name in enumerate(folded) if name == str(item).casefold()]
+            if not matches:
+                raise RecordError(
+                    f"{header}: --exclude {item!r}: no such channel among {channel_names}"
+                )
+            dropped.update(matches)
+    if not require_leads:
+        keep = [i for i in range(len(channel_names)) if i not in dropped]
+        if not keep:
+            raise RecordError(f"{header}: every channel is excluded; nothing is left to label")
+        return keep
     seen: dict[str, str] = {}
-    for name, lead in zip(channel_names, leads):
-        if lead is None:
+    for i, (name, lead) in enumerate(zip(channel_names, leads)):
+        if lead is None or i in dropped:
             continue
         if lead in seen:
             raise RecordError(
@@ -205,19 +255,50 @@ def read_record(
             f"{header}: no standard ECG lead among channels {channel_names}; expected names "
             "like I, II, aVR, V1 (matched case-insensitively)"
         )
-    signal = np.asarray(data.p_signal, dtype=np.float64).T  # (K, T)
+    return [i for i, lead in enumerate(leads) if lead is not None and i not in dropped]
 
-    keep = [i for i, lead in enumerate(leads) if lead is not None or keep_nonstandard]
-    dropped = [channel_names[i] for i, lead in enumerate(leads) if lead is None]
-    if dropped and not keep_nonstandard:
-        warnings.warn(
-            f"{header}: ignoring non-standard channel(s) {', '.join(dropped)}; "
-            "pass keep_nonstandard=True to keep them",
-            stacklevel=2,
+
+def read_record(
+    path: str | Path,
+    preprocess: PreprocessConfig = PreprocessConfig(),
+    require_leads: bool = True,
+    exclude: Sequence[str | int] = (),
+) -> Record:
+    """Read a WFDB record (path with or without .hea/.dat/.mat) as preprocessed signals in mV.
+
+    With ``require_leads`` (the PTB-XL cache) the standard leads are kept, found by their header
+    names, and other channels are dropped; without it (labelling) every channel is kept whatever
+    its name, except those in ``exclude`` (names or 0-based indices). The signal is resampled to
+    ``preprocess.fs`` and high-passed (and clipped) as configured.
+    """
+    import wfdb  # deferred: wfdb pulls in pandas and matplotlib
+
+    header = header_path(path)
+    if not header.is_file():
+        raise RecordError(
+            f"{header}: WFDB header not found; give the path of a record's .hea file "
+            "(its .dat or .mat signal file must sit beside it)"
         )
+    check_header_text(header)
+    # wfdb's header parser costs ~15 ms, most of a read, so the header is parsed only once on
+    # the good path; on failure it is parsed again to say precisely what is wrong.
+    try:
+        data = wfdb.rdrecord(str(header.with_suffix("")), physical=True, return_res=64)
+    except Exception as exc:  # wfdb raises anything from KeyError to its own syntax errors
+        _check_signal_files(header, _read_header(header))
+        raise RecordError(
+            f"{header}: WFDB could not read the signal ({_one_line(exc)}); "
+            "check that the signal file matches the header"
+        ) from exc
+    _check_signal_files(header, data)
+
+    channel_names = ["" if name is None else str(name) for name in data.sig_name]
+    leads = [canonical_lead(name) for name in channel_names]
+    keep = _select_channels(header, channel_names, leads, require_leads, exclude)
     units = [data.units[i] for i in keep]
     kept_names = [channel_names[i] for i in keep]
-    signal = signal[keep] * _to_millivolts(header, units, kept_names)[:, None]
+    signal = np.asarray(data.p_signal, dtype=np.float64).T[keep]  # (K, T)
+    signal = signal * _to_millivolts(header, units, kept_names)[:, None]
 
     missing = np.isnan(signal).sum(axis=1)
     if missing.any():
@@ -225,6 +306,12 @@ def read_record(
         raise RecordError(
             f"{header}: missing samples (NaN, the WFDB invalid-sample value) in {bad}; "
             "interpolate or drop those channels before labelling"
+        )
+    flat = [bool(np.ptp(row) == 0) for row in signal]
+    if all(flat):
+        raise RecordError(
+            f"{header}: all {len(flat)} channel(s) are flat (constant, e.g. all zero): an empty "
+            "or disconnected recording, nothing to read from it"
         )
 
     fs_original = float(data.fs)
@@ -239,5 +326,8 @@ def read_record(
         channel_names=kept_names,
         leads=[leads[i] for i in keep],
         fs=preprocess.fs,
-        fs_original=int(round(fs_original)),
+        fs_original=fs_original,
+        channel_indices=keep,
+        flat=flat,
+        peak_mv=float(np.abs(processed).max()) if processed.size else 0.0,
     )

@@ -41,17 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.models import kernels
-from trainables.models.recurrent import (
+from leadtune.trainables.lead_id.models import kernels
+from leadtune.trainables.lead_id.models.recurrent import (
     gru_inference,
     gru_layers,
     use_gru_inference,
     use_gru_layers,
 )
-from trainables.models.registry import register_encoder
+from leadtune.trainables.lead_id.models.registry import register_encoder
 
 if TYPE_CHECKING:
-    from trainables.models.registry import ModelConfig
+    from leadtune.trainables.lead_id.models.registry import ModelConfig
 
 GRU_HIDDEN = 128
 GRU_LAYERS = 2

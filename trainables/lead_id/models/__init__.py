@@ -10,13 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainables.models.lead_identifier import (
+    from leadtune.trainables.lead_id.models.lead_identifier import (
         LeadIdentifier,
         count_parameters,
         create_model,
         describe_models,
     )
-    from trainables.models.registry import (
+    from leadtune.trainables.lead_id.models.registry import (
         CONTEXTS,
         ENCODERS,
         ModelConfig,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainables.models.registry import ModelConfig
+from leadtune.trainables.lead_id.models.registry import ModelConfig
 
 BRANCH_CHANNELS = 32
 BOTTLENECK_CHANNELS = 64

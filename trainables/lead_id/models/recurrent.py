@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainables.models import kernels
+from leadtune.trainables.lead_id.models import kernels
 
 
 class GRULayer(torch.autograd.Function):

@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from trainables.models import describe_models
+    from leadtune.trainables.lead_id.models import describe_models
 
     rows = describe_models(d_model=args.d_model)
     if args.json:

@@ -1,9 +1,12 @@
-"""leadtune's fused CPU kernels (``csrc/cpu_kernels.cpp``), compiled on first use.
+"""leadtune's fused CPU kernels (``cpu_kernels.cpp``), compiled on first use.
 
 The kernels are built with PyTorch's C++ extension tooling (a C++ compiler and ninja) the first
-time a process needs them, and cached under ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``); later processes load the cached library in well under a second.
-The first build takes about 35 s on two cores.
+time a process needs them, into a folder named by the CPU kind and a hash of the source, the
+flags, torch and Python (under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+Later processes import the built library directly, without any lock, in well under a second. The
+first build takes about 35 s on two cores. Builds are serialised by an ``flock`` (released by the
+kernel when its process dies, so a killed build never blocks the next one); a process waiting for
+another's build says so and gives up after ``BUILD_WAIT_S``, using the PyTorch code path.
 
 Where they cannot be built (no compiler, say), leadtune warns once and uses the PyTorch code paths
 that compute the same functions, only slower. ``LEADTUNE_KERNELS=0`` skips them on purpose.
@@ -22,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+SOURCE = Path(__file__).resolve().parent / "cpu_kernels.cpp"
 DISABLE_VARIABLE = "LEADTUNE_KERNELS"
 # IEEE semantics: no -ffast-math. Under it GCC assumes no NaN or infinity ever occurs and calls
 # glibc's finite-only vector exp, which returned NaN for the GRU gates of a 30 mV electrode
@@ -78,19 +81,67 @@ def failure() -> str | None:
     return _failed
 
 
+BUILD_WAIT_S = 600.0
+
+
+def build_name() -> str:
+    """The library's name: CPU kind (the build uses -march=native) and a hash of everything that
+    decides its content, so a changed source, flag, torch or Python gets a build of its own."""
+    recipe = "\n".join(
+        [SOURCE.read_text(), *FLAGS, torch.__version__, sys.version, platform.machine()]
+    )
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
+    return f"leadtune_cpu_kernels_{cpu_fingerprint()}_{digest}"
+
+
+def build_dir(name: str) -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / "leadtune" / name
+
+
+def _import_library(name: str, library: Path) -> ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    _put_ninja_on_path()
-    return cpp_extension.load(
-        # -march=native: a build is only valid on this kind of CPU, so the name carries it (a
-        # home folder shared by different machines keeps one build per kind).
-        name=f"leadtune_cpu_kernels_{cpu_fingerprint()}",
-        sources=[str(SOURCE)],
-        extra_cflags=FLAGS,
-        extra_ldflags=["-fopenmp"],
-        verbose=os.environ.get("LEADTUNE_KERNELS_VERBOSE") == "1",
-    )
+    from leadtune.trainables.runtime import LockBusy, file_lock
+
+    name = build_name()
+    folder = build_dir(name)
+    library = folder / f"{name}.so"
+    if library.is_file():  # built before: import it, no lock involved
+        return _import_library(name, library)
+    try:
+        with file_lock(
+            folder / "leadtune-build.lock",
+            "another process building leadtune's CPU kernels",
+            timeout=BUILD_WAIT_S,
+        ):
+            if library.is_file():  # built while this process waited
+                return _import_library(name, library)
+            # PyTorch's own lock file, left by a build that was killed: no process holds the
+            # flock above, so nobody is building; it would make cpp_extension wait forever.
+            (folder / "lock").unlink(missing_ok=True)
+            _put_ninja_on_path()
+            return cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                verbose=os.environ.get("LEADTUNE_KERNELS_VERBOSE") == "1",
+            )
+    except LockBusy as exc:
+        raise RuntimeError(f"gave up waiting after {BUILD_WAIT_S:.0f} s: {exc}") from None
 
 
 def cpu_fingerprint() -> str:

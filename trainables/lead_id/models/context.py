@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from trainables.models.registry import register_context
+from leadtune.trainables.lead_id.models.registry import register_context
 
 if TYPE_CHECKING:
-    from trainables.models.registry import ModelConfig
+    from leadtune.trainables.lead_id.models.registry import ModelConfig
 
 
 def key_padding_mask(mask: Tensor) -> Tensor:

@@ -58,13 +58,13 @@ def _as_batch(scores: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, 
         x = x[None]
     if x.ndim != 3:
         raise ValueError(
-            f"analysis/metrics.py: scores must be shaped (K, M) or (N, K, M), got {x.shape}; "
+            f"lead-ID metrics: scores must be shaped (K, M) or (N, K, M), got {x.shape}; "
             "pass one ECG's lead-by-label matrix or a batch of them."
         )
     n, k, m = x.shape
     if k > m:
         raise ValueError(
-            f"analysis/metrics.py: {k} leads but only {m} labels; an injective labelling needs "
+            f"lead-ID metrics: {k} leads but only {m} labels; an injective labelling needs "
             "K <= M, so pass scores shaped (..., K, M) with leads on the second-last axis."
         )
     if mask is None:
@@ -75,12 +75,12 @@ def _as_batch(scores: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, 
             present = present[None]
         if present.shape != (n, k):
             raise ValueError(
-                f"analysis/metrics.py: mask shape {present.shape} does not match the (N, K) = "
+                f"lead-ID metrics: mask shape {present.shape} does not match the (N, K) = "
                 f"{(n, k)} of the scores; pass one boolean per lead slot."
             )
     if np.isnan(x[present]).any():
         raise ValueError(
-            "analysis/metrics.py: scores contain NaN for a present lead; check the model output "
+            "lead-ID metrics: scores contain NaN for a present lead; check the model output "
             "or mask that lead out."
         )
     return x, present, single
@@ -90,7 +90,7 @@ def _reject_probabilities(rows: np.ndarray) -> None:
     """Refuse score rows that are probabilities: summing them is not a joint log-probability."""
     if rows.size and np.all(rows >= 0) and np.allclose(rows.sum(axis=-1), 1):
         raise ValueError(
-            "analysis/metrics.py: scores look like probabilities (non-negative rows summing to "
+            "lead-ID metrics: scores look like probabilities (non-negative rows summing to "
             "1); pass logits or log-probabilities, e.g. np.log(probabilities)."
         )
 
@@ -137,7 +137,7 @@ def _present_mask(true: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != true.shape:
             raise ValueError(
-                f"analysis/metrics.py: mask {mask.shape} must have the shape of true "
+                f"lead-ID metrics: mask {mask.shape} must have the shape of true "
                 f"{true.shape}; pass one boolean per lead slot."
             )
         present &= mask
@@ -152,7 +152,7 @@ def _present_leads(
     true = np.asarray(true)
     if pred.shape != true.shape or pred.ndim != 2:
         raise ValueError(
-            f"analysis/metrics.py: pred {pred.shape} and true {true.shape} must both be shaped "
+            f"lead-ID metrics: pred {pred.shape} and true {true.shape} must both be shaped "
             "(N, K), one label per ECG and lead slot."
         )
     return pred.astype(np.int64), true.astype(np.int64), _present_mask(true, mask)
@@ -207,7 +207,7 @@ def per_lead_counts(
     labels = true[present]
     if labels.size and labels.max() >= n_classes:
         raise ValueError(
-            f"analysis/metrics.py: true label {labels.max()} is outside 0..{n_classes - 1}; "
+            f"lead-ID metrics: true label {labels.max()} is outside 0..{n_classes - 1}; "
             "pass the right n_classes."
         )
     hits = labels[pred[present] == labels]
@@ -240,7 +240,7 @@ def wilson_interval(
     total = np.asarray(n, dtype=np.float64)
     if np.any(s < 0) or np.any(s > total):
         raise ValueError(
-            "analysis/metrics.py: wilson_interval needs 0 <= successes <= n; check the counts."
+            "lead-ID metrics: wilson_interval needs 0 <= successes <= n; check the counts."
         )
     with np.errstate(invalid="ignore", divide="ignore"):
         p = s / total
@@ -277,10 +277,10 @@ def bootstrap_distribution(
     """
     pred, true, present = _present_leads(pred, true, mask)
     if n_boot < 1:
-        raise ValueError(f"analysis/metrics.py: n_boot must be at least 1, got {n_boot}.")
+        raise ValueError(f"lead-ID metrics: n_boot must be at least 1, got {n_boot}.")
     n = true.shape[0]
     if n == 0:
-        raise ValueError("analysis/metrics.py: cannot bootstrap zero ECGs; pass at least one.")
+        raise ValueError("lead-ID metrics: cannot bootstrap zero ECGs; pass at least one.")
     if statistic is lead_accuracy:
         per_ecg_hits = (present & (pred == true)).sum(axis=1)
         per_ecg_total = present.sum(axis=1)
@@ -321,7 +321,7 @@ def bootstrap_ci(
     statistic is undefined (NaN, e.g. no present lead) are left out; the same seed gives the same
     interval."""
     if not 0 < alpha < 1:
-        raise ValueError(f"analysis/metrics.py: alpha must lie in (0, 1), got {alpha}.")
+        raise ValueError(f"lead-ID metrics: alpha must lie in (0, 1), got {alpha}.")
     values = bootstrap_distribution(pred, true, statistic, n_boot, seed, mask)
     lower, upper = np.nanpercentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lower), float(upper)
@@ -349,7 +349,7 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult:
     b_arr = np.asarray(correct_b, dtype=bool)
     if a.shape != b_arr.shape:
         raise ValueError(
-            f"analysis/metrics.py: correct_a {a.shape} and correct_b {b_arr.shape} must have the "
+            f"lead-ID metrics: correct_a {a.shape} and correct_b {b_arr.shape} must have the "
             "same shape; pass correctness of both models on the same items."
         )
     b = int((a & ~b_arr).sum())
@@ -369,7 +369,7 @@ def confusion_matrix(
     p = pred[present].astype(np.int64)
     if t.size and (t.max() >= n_classes or p.min() < 0 or p.max() >= n_classes):
         raise ValueError(
-            f"analysis/metrics.py: a label of a present lead is outside 0..{n_classes - 1}; "
+            f"lead-ID metrics: a label of a present lead is outside 0..{n_classes - 1}; "
             "pass the right n_classes, or mask out leads that were given no label."
         )
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(
@@ -443,13 +443,13 @@ def summarize(
     x = np.asarray(logprobs, dtype=np.float64)
     if x.ndim != 3:
         raise ValueError(
-            f"analysis/metrics.py: summarize needs scores shaped (N, K, M), got {x.shape}."
+            f"lead-ID metrics: summarize needs scores shaped (N, K, M), got {x.shape}."
         )
     n_classes = x.shape[-1]
     true = np.asarray(true).astype(np.int64)
     if true.shape != x.shape[:2]:
         raise ValueError(
-            f"analysis/metrics.py: true {true.shape} must be shaped (N, K) = {x.shape[:2]}, "
+            f"lead-ID metrics: true {true.shape} must be shaped (N, K) = {x.shape[:2]}, "
             "one label per ECG and lead slot of the scores."
         )
     present = _present_mask(true, mask)
@@ -460,7 +460,7 @@ def summarize(
         )
     if len(label_names) != n_classes:
         raise ValueError(
-            f"analysis/metrics.py: {len(label_names)} label names for {n_classes} classes; "
+            f"lead-ID metrics: {len(label_names)} label names for {n_classes} classes; "
             "pass one name per column of the scores."
         )
     # Normalising changes neither labelling, but makes logits and log-probabilities one input.

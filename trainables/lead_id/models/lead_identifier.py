@@ -12,12 +12,17 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from trainables.models.encoders import (
+from leadtune.trainables.lead_id.models.encoders import (
     PAPER_ENCODER_PARAMETERS,
     released_unused_encoder_parameters,
 )
-from trainables.models.head import LeadClassifierHead
-from trainables.models.registry import CONTEXTS, ENCODERS, ModelConfig, load_builtin_models
+from leadtune.trainables.lead_id.models.head import LeadClassifierHead
+from leadtune.trainables.lead_id.models.registry import (
+    CONTEXTS,
+    ENCODERS,
+    ModelConfig,
+    load_builtin_models,
+)
 
 # The built-in encoders and contexts register themselves on import; load them with the model.
 load_builtin_models()

@@ -24,7 +24,10 @@ ENCODERS: dict[str, ModuleBuilder] = {}
 CONTEXTS: dict[str, ModuleBuilder] = {}
 
 # Modules whose import fills the registries with the built-in blocks.
-BUILTIN_MODULES = ("trainables.models.encoders", "trainables.models.context")
+BUILTIN_MODULES = (
+    "leadtune.trainables.lead_id.models.encoders",
+    "leadtune.trainables.lead_id.models.context",
+)
 
 
 def register_encoder(name: str) -> Callable[[ModuleBuilder], ModuleBuilder]:

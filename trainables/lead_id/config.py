@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from trainables.data.leads import LEADS
-from trainables.models.registry import ModelConfig
+from leadtune.trainables.data.leads import LEADS
+from leadtune.trainables.lead_id.models.registry import ModelConfig
 
 PRECORDIAL = ("V1", "V2", "V3", "V4", "V5", "V6")
 LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
@@ -34,11 +34,17 @@ class LeadIdConfig:
     weight_decay: float = 1e-4
     batch_size: int = 38
     epochs: int = 30
-    # augmentation and leads
+    # augmentation (training batches only) and leads. The reference uses jitter and shuffled
+    # lead order; the others are off by default and can be searched over.
     jitter_prob: float = 0.5
     jitter_sigma_min: float = 0.001
     jitter_sigma_max: float = 0.015
     shuffle_leads: bool = True
+    gain_max: float = 0.0  # per-ECG gain drawn log-uniformly in [1/(1+g), 1+g] (other devices)
+    roll_max: int = 0  # circular time shift of up to this many samples, per ECG
+    lowpass_prob: float = 0.0  # share of ECGs low-passed at 15-45 Hz (other front-end filters)
+    subset_prob: float = 0.0  # share of ECGs that show only a random subset of their leads
+    subset_min_leads: int = 3  # smallest subset shown (the model then labels K < 12 leads)
     leads: tuple[str, ...] = LEADS  # waveforms the model sees
     loss_leads: tuple[str, ...] | None = None  # restrict the loss to these (None = all seen leads)
     # data size (None = the whole split); small values make smoke runs fast
@@ -50,6 +56,7 @@ class LeadIdConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     num_threads: int | None = None
     early_stopping_patience: int | None = None  # epochs without val-loss improvement
+    skip_nonfinite_steps: bool = False  # skip (and count) a step with a non-finite loss/gradient
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LeadIdConfig:
@@ -101,6 +108,20 @@ class LeadIdConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.jitter_sigma_min <= self.jitter_sigma_max:
             raise ValueError("need 0 <= jitter_sigma_min <= jitter_sigma_max")
+        for name in ("jitter_prob", "lowpass_prob", "subset_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(
+                    f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
+                )
+        if not 0 <= self.gain_max <= 10:
+            raise ValueError(f"gain_max must be in [0, 10], got {self.gain_max}")
+        if self.roll_max < 0:
+            raise ValueError(f"roll_max must be >= 0 samples, got {self.roll_max}")
+        if not 1 <= self.subset_min_leads <= len(self.leads):
+            raise ValueError(
+                f"subset_min_leads must be between 1 and the {len(self.leads)} leads seen, "
+                f"got {self.subset_min_leads}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda":

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_SUBSET = REPO_ROOT.parent / "shared" / "data" / "ptbxl-subset"
-BUNDLED_SAMPLE = REPO_ROOT / "data" / "ptbxl-sample"
+from leadtune.bundled import sample_dir
+
+# The shared 2,992-record subset beside a development checkout, where there is one.
+SHARED_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptbxl-subset"
 MODEL_SIZES = {"reference": 128, "d64": 64}
 VARIANTS = (
     ("plain", "default"),  # the reference implementation as it runs out of the box
@@ -119,9 +120,9 @@ def _serve(request: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     if op == "init":
         if request.get("threads"):
             torch.set_num_threads(int(request["threads"]))
-        from trainables.models import ModelConfig, count_parameters, create_model
-        from trainables.models.plain_reference import create_plain_model
-        from trainables.runtime import allocator_settings_active
+        from leadtune.trainables.lead_id.models import ModelConfig, count_parameters, create_model
+        from leadtune.trainables.lead_id.models.plain_reference import create_plain_model
+        from leadtune.trainables.runtime import allocator_settings_active
 
         torch.manual_seed(0)
         config = ModelConfig(**request["model"])
@@ -191,7 +192,7 @@ class Worker:
     """The parent's handle on one worker process."""
 
     def __init__(self, variant: str, allocator: str) -> None:
-        from trainables import runtime
+        from leadtune.trainables import runtime
 
         self.variant, self.allocator = variant, allocator
         if allocator == "tuned":
@@ -199,15 +200,11 @@ class Worker:
         else:
             environ = runtime.environment_without_allocator_settings()
         environ[runtime.NO_REEXEC_ENV] = "1"
-        environ["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), *filter(None, [environ.get("PYTHONPATH")])]
-        )
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from trainables.bench import worker_main; worker_main()"],
+            [sys.executable, "-c", "from leadtune.bench import worker_main; worker_main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=environ,
-            cwd=str(REPO_ROOT),
             text=True,
         )
 
@@ -349,8 +346,8 @@ def load_bench_data(settings: BenchSettings, log: Any):
 
     if not settings.source:
         return None, None
-    from trainables.data.cache import prepare_dataset
-    from trainables.lead_id import LeadIdData
+    from leadtune.trainables.data.cache import prepare_dataset
+    from leadtune.trainables.lead_id.train import LeadIdData
 
     log(f"loading {settings.source} (cached after the first time)")
     dataset = prepare_dataset(
@@ -380,7 +377,7 @@ def measure_data_pipeline(data: Any, settings: BenchSettings, repeats: int = 3) 
     import numpy as np
     import torch
 
-    from trainables.lead_id import (
+    from leadtune.trainables.lead_id.train import (
         LeadIdConfig,
         augment_batch,
         device_batches,
@@ -436,15 +433,15 @@ def estimate_epochs(
 
 def measure_epochs(data: Any, settings: BenchSettings, log: Any) -> list[dict[str, Any]]:
     """One real epoch of ``train_lead_id`` with the fast model and with the plain rendering."""
-    from trainables.lead_id import train_lead_id
-    from trainables.models.plain_reference import create_plain_model
+    from leadtune.trainables.lead_id.models.plain_reference import create_plain_model
+    from leadtune.trainables.lead_id.train import train_lead_id
 
     results = []
     config = {"epochs": 1, "batch_size": settings.batch_size, **settings.model_overrides}
     for variant, build in (("fast", None), ("plain", create_plain_model)):
         log(f"  measuring one epoch of the {variant} model on {len(data.train)} records")
         with tempfile.TemporaryDirectory(prefix="leadtune-bench-epoch-") as tmp:
-            from trainables.lead_id import LocalReporter
+            from leadtune.trainables.lead_id.train import LocalReporter
 
             last = train_lead_id(config, data, LocalReporter(Path(tmp)), build_model=build)
         results.append(
@@ -459,7 +456,7 @@ def measure_epochs(data: Any, settings: BenchSettings, log: Any) -> list[dict[st
 
 
 def _allocator_tuned() -> bool:
-    from trainables.runtime import allocator_settings_active
+    from leadtune.trainables.runtime import allocator_settings_active
 
     return allocator_settings_active()
 
@@ -483,8 +480,8 @@ ACCURACY_CONFIG = {
 
 def compare_training(data: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
     """Train the fast model and the plain rendering from the same seed on the same batches."""
-    from trainables.lead_id import LocalReporter, train_lead_id
-    from trainables.models.plain_reference import create_plain_model
+    from leadtune.trainables.lead_id.models.plain_reference import create_plain_model
+    from leadtune.trainables.lead_id.train import LocalReporter, train_lead_id
 
     histories = {}
     for variant, build in (("fast", None), ("plain", create_plain_model)):
@@ -561,10 +558,10 @@ def tree_pss_bytes(root: int) -> int:
 def measure_search(settings: BenchSettings, log: Any) -> list[dict[str, Any]]:
     """A small search with 1 and with 2 concurrent trials: wall time, summed trial time, peak
     memory of the whole process tree (driver, Ray, trial workers)."""
-    from search.tuner import STATE_FILE, SearchSettings, run_search
-    from trainables.registry import DataRequest
+    from leadtune.search.tuner import STATE_FILE, SearchSettings, run_search
+    from leadtune.trainables.tasks import DataRequest
 
-    source = Path(settings.source or BUNDLED_SAMPLE)
+    source = Path(settings.source or sample_dir())
     results = []
     for concurrent in (1, 2):
         with tempfile.TemporaryDirectory(prefix="leadtune-bench-search-") as tmp:
@@ -638,7 +635,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     models = ("reference", "d64") if args.model == "all" else tuple(args.model.split(","))
     source = args.source
     if source is None:
-        source = str(SHARED_SUBSET if SHARED_SUBSET.is_dir() else BUNDLED_SAMPLE)
+        source = str(SHARED_SUBSET if SHARED_SUBSET.is_dir() else sample_dir())
     overrides = {
         name: getattr(args, name)
         for name in ("width", "depth", "heads", "d_model")
@@ -682,7 +679,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     extra = [flag for flag, on in (("--accuracy", args.accuracy), ("--search", args.search)) if on]
     print(f"command: {command_line(settings, extra)}")
-    from trainables.runtime import describe_runtime
+    from leadtune.trainables.runtime import describe_runtime
 
     environment = describe_runtime()
     print("environment: " + ", ".join(f"{key}={value}" for key, value in environment.items()))

@@ -1,0 +1,169 @@
+"""The Tune callback that writes a search into MLflow (one child run per trial, under the
+search's parent run) and records each trial's end in the search's state file."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from leadtune.search.tracking import (
+    OPTUNA_TAG,
+    STATE_TAG,
+    TASK_TAG,
+    TRACKING_URI_ENV,
+    TRIAL_TAG,
+    finite_metrics,
+    flat_params,
+)
+
+
+def trial_state(trial: Any, last: dict[str, Any]) -> str:
+    """How a trial that Tune completed ended: on its own, or stopped early."""
+    planned = int(trial.config.get("epochs", 0) or 0)
+    if last.get("early_stopped"):
+        return "early_stopped_patience"
+    if planned and int(last.get("epoch", planned)) < planned:
+        return "early_stopped_scheduler"
+    return "completed"
+
+
+class MlflowTrialCallback(Callback):
+    """One MLflow child run per Tune trial, under the search's parent run, and the record of
+    each trial's end in the search's state file.
+
+    A trial's run is found again by its trial id, so a resumed search continues the same run
+    instead of adding a duplicate. Metrics are logged per epoch with ``step = epoch``.
+    """
+
+    # Tune's and leadtune's bookkeeping: tags or nothing, not metric series.
+    SKIP = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "iterations_since_restore",
+            "time_since_restore", "timesteps_total", "episodes_total", "timesteps_since_restore",
+            "training_iteration", "done", "epoch", "should_checkpoint", "early_stopped",
+            "trial_node_id", "checkpoint_dir_name"}  # fmt: skip
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        search_dir: Path,
+        task: str,
+        metric: str,
+    ) -> None:
+        self._tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.search_dir = Path(search_dir)
+        self.task = task
+        self.metric = metric
+        self._runs: dict[str, str] = {}
+        self._client: Any = None
+
+    @property
+    def tracking_uri(self) -> str:
+        # A resumed search may talk to a freshly started server on another port: the driver
+        # names the current one in the environment, the pickled callback keeps the old one.
+        return os.environ.get(TRACKING_URI_ENV, self._tracking_uri)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def run_id_for(self, trial: Any) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        from leadtune.search.study import OPTUNA_TRIAL_KEY, training_config
+
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' "
+            f"and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            number = trial.config.get(OPTUNA_TRIAL_KEY)
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial {number} ({trial.trial_id})" if number is not None else None,
+                tags={
+                    "mlflow.parentRunId": self.parent_run_id,
+                    TRIAL_TAG: trial.trial_id,
+                    TASK_TAG: self.task,
+                    STATE_TAG: "running",
+                    OPTUNA_TAG: str(number),
+                    "leadtune.trial_dir": str(self.search_dir / Path(trial.path).name),
+                },
+            )
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=_params(training_config(trial.config)))
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self.client.set_tag(self.run_id_for(trial), STATE_TAG, "running")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        from mlflow.entities import Metric
+
+        run_id = self.run_id_for(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        values = {k: v for k, v in finite_metrics(result).items() if k not in self.SKIP}
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(values.items())]
+        )
+
+    def _finish(self, trial: Any, state: str, status: str) -> None:
+        from leadtune.search.state import record_trial_end
+
+        last = trial.last_result or {}
+        record_trial_end(
+            self.search_dir,
+            trial.trial_id,
+            state,
+            epoch=last.get("epoch"),
+            objective=last.get(f"best_{self.metric}"),
+        )
+        run_id = self.run_id_for(trial)
+        tags = {STATE_TAG: state}
+        if last.get("epoch") is not None:
+            tags["leadtune.epochs_run"] = str(last["epoch"])
+        self.client.log_batch(run_id, tags=_tags(tags))
+        self.client.set_terminated(run_id, status=status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._finish(trial, trial_state(trial, trial.last_result or {}), "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._finish(trial, "failed", "FAILED")
+        error = getattr(trial, "error_file", None)
+        if error and Path(error).is_file():
+            message = Path(error).read_text().strip().splitlines()
+            if message:
+                self.client.set_tag(self.run_id_for(trial), "leadtune.error", message[-1][:500])
+
+
+def _params(config: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, v) for k, v in flat_params(config).items()]
+
+
+def _tags(tags: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in tags.items()]

@@ -1,0 +1,28 @@
+"""Ray's OptunaSearch, with every Optuna trial tied to its Tune trial (see ``study``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from leadtune.search.study import OPTUNA_TRIAL_KEY, SEARCH_ATTR
+
+
+class LeadtuneOptunaSearch(OptunaSearch):
+    """Marks each Optuna trial with the search's name and its Tune trial id, and puts the Optuna
+    trial number into the Tune trial's config (``_optuna_trial``): the two ids match across
+    Optuna, Tune and MLflow, and a search can tell its own Optuna trials from others'."""
+
+    def __init__(self, search_name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.search_name = search_name
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr(SEARCH_ATTR, self.search_name)
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            config = {**config, OPTUNA_TRIAL_KEY: ot_trial.number}
+        return config

@@ -1,0 +1,150 @@
+"""The Optuna side of a search: the persistent study, the sampler, the space with the user's fixed
+settings, and the bookkeeping that ties every Optuna trial to one Tune trial.
+
+- Fixed settings (``--set``, the space's ``fixed``) win over what the space suggests: the space
+  sees them as constants and the trial's config carries them unchanged. :func:`check_space`
+  samples the space a few times before anything starts, so a combination the task refuses
+  (``--set heads=3`` with ``d_model`` 32) is a one-line error, not failed trials.
+- Every Tune trial's config carries its Optuna trial number (:data:`OPTUNA_TRIAL_KEY`), and every
+  Optuna trial the search asks for is marked with the search's name. Optuna trials that no Tune
+  trial can finish any more (a driver killed between asking and saving) are failed with a reason
+  (:func:`fail_orphaned_trials`), so a study never keeps RUNNING trials that nothing will end.
+- The sampler's seed is offset by the number of trials the study already holds, so continuing a
+  study explores new points instead of replaying the first search's random start.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+# Tune config keys that are leadtune's bookkeeping, not training settings (removed before the
+# config reaches the task).
+OPTUNA_TRIAL_KEY = "_optuna_trial"
+SEARCH_ATTR = "leadtune_search"
+
+
+def training_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's Tune config without leadtune's bookkeeping keys."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+class _FixedTrial:
+    """An Optuna trial as a space sees it: ``suggest_*`` of a fixed name returns the fixed
+    value without making it a searched parameter."""
+
+    def __init__(self, trial: Any, fixed: dict[str, Any]) -> None:
+        self._trial, self._fixed = trial, fixed
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._trial, name)
+        if not name.startswith("suggest_"):
+            return attribute
+
+        def suggest(param: str, *args: Any, **kwargs: Any) -> Any:
+            if param in self._fixed:
+                return self._fixed[param]
+            return attribute(param, *args, **kwargs)
+
+        return suggest
+
+
+class SpaceWithFixed:
+    """The space's define-by-run function with ``fixed`` settings applied on top (a class, not a
+    closure, so that the searcher that holds it can be pickled into Tune's checkpoints)."""
+
+    def __init__(self, define: Callable[[Any], dict | None], fixed: dict[str, Any]) -> None:
+        self.define, self.fixed = define, copy.deepcopy(fixed)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        suggested = self.define(_FixedTrial(trial, self.fixed)) or {}
+        return {**suggested, **self.fixed}
+
+
+def check_space(
+    define: Callable[[Any], dict], fixed: dict[str, Any], make_config: Callable, samples: int = 16
+) -> None:
+    """Sample the space (with the fixed settings) a few times in memory and build each trial's
+    config as the task will; the first refusal becomes a one-line error."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(samples):
+        trial = study.ask()
+        try:
+            params = define(trial)
+        except Exception as exc:
+            raise ValueError(f"the search space failed with the fixed settings: {exc}") from None
+        try:
+            make_config({**fixed, **params})
+        except ValueError as exc:
+            shown = {k: v for k, v in params.items() if k not in fixed}
+            raise ValueError(
+                f"{exc} (a trial of the space would get {shown} with the fixed "
+                f"settings {fixed}); change or remove --set values"
+            ) from None
+        study.tell(trial, 0.0)
+
+
+def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: int):
+    """Create or load the study; queue the space's initial points only when it is new.
+    Returns (study, the sampler seed for this search)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="minimize" if mode == "min" else "maximize",
+        load_if_exists=True,
+    )
+    expected = "minimize" if mode == "min" else "maximize"
+    if study.direction.name.lower() != expected:
+        raise ValueError(
+            f"study {name!r} in {storage} {study.direction.name.lower()}s its objective, but "
+            f"this search would {expected} it; use another --study or the study's --mode"
+        )
+    existing = len(study.trials)
+    if not existing:
+        for point in initial_points:
+            study.enqueue_trial(dict(point))
+    return study, seed + existing
+
+
+def make_searcher(
+    define: Callable, metric: str, mode: str, storage: str, study: str, seed: int, search: str
+):
+    """Ray's OptunaSearch on the persistent study, tagging each trial (see module doc)."""
+    import optuna
+
+    from leadtune.search.searcher import LeadtuneOptunaSearch
+
+    return LeadtuneOptunaSearch(
+        search_name=search,
+        space=define,
+        metric=metric,
+        mode=mode,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        study_name=study,
+        storage=optuna.storages.RDBStorage(storage),
+    )
+
+
+def fail_orphaned_trials(storage: str, study: str, search: str, alive: set[int]) -> list[int]:
+    """Fail the RUNNING Optuna trials this search asked for that no Tune trial will finish
+    (their numbers are not in ``alive``). Returns their numbers."""
+    import optuna
+
+    loaded = optuna.load_study(study_name=study, storage=storage)
+    failed = []
+    for trial in loaded.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(SEARCH_ATTR) != search or trial.number in alive:
+            continue
+        loaded._storage.set_trial_user_attr(
+            trial._trial_id, "leadtune_failed_because", "no Tune trial of the search holds it"
+        )
+        loaded._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        failed.append(trial.number)
+    return failed

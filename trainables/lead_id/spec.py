@@ -1,0 +1,76 @@
+"""Registers lead identification as a task: what search, promotion and the delivery commands
+need to know about it (see :class:`leadtune.trainables.tasks.TaskSpec`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leadtune.trainables.lead_id.config import LeadIdConfig
+from leadtune.trainables.tasks import Column, DataRequest, TaskSpec, register_task
+
+
+def load_data(request: DataRequest) -> tuple[Any, Any]:
+    from leadtune.trainables.data.cache import prepare_dataset
+    from leadtune.trainables.lead_id.train import LeadIdData
+
+    dataset = prepare_dataset(
+        Path(request.source),
+        cache_root=request.cache_dir,
+        limit=request.limit,
+        progress=request.progress,
+    )
+    return LeadIdData.from_prepared(dataset), dataset
+
+
+def evaluate(checkpoint_dir: Path, dataset: Any, split: str = "test") -> dict[str, Any]:
+    from leadtune.trainables.lead_id.train import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint_dir, dataset, split=split)
+
+
+def build_model(config: LeadIdConfig) -> Any:
+    from leadtune.trainables.lead_id.models import create_model
+
+    return create_model(config.model_config())
+
+
+def example_input(config: LeadIdConfig, fs: int) -> np.ndarray:
+    """Ten seconds of noise at 0.1 mV on each of the model's leads, (1, K, 10 fs) float32."""
+    rng = np.random.default_rng(0)
+    return (0.1 * rng.standard_normal((1, len(config.leads), 10 * fs))).astype(np.float32)
+
+
+def train(
+    config: dict[str, Any], data: Any, reporter: Any = None, progress: bool = False
+) -> dict[str, Any]:
+    from leadtune.trainables.lead_id.train import train_lead_id
+
+    return train_lead_id(config, data=data, reporter=reporter, progress=progress)
+
+
+SPEC = register_task(
+    TaskSpec(
+        name="lead_id",
+        description="ECG lead identification (per-lead encoder, set context, per-lead head)",
+        config_class=LeadIdConfig,
+        train=train,
+        load_data=load_data,
+        evaluate=evaluate,
+        build_model=build_model,
+        example_input=example_input,
+        register_name="lead-id",
+        table_metrics=(
+            Column("val_lead_accuracy_hungarian", "lead_acc"),
+            Column("val_set_accuracy_hungarian", "set_acc"),
+        ),
+        test_metrics=(
+            Column("test_lead_accuracy_hungarian", "test lead accuracy (Hungarian)"),
+            Column("test_set_accuracy_hungarian", "test set accuracy (Hungarian)"),
+            Column("test_lead_accuracy", "test lead accuracy (argmax)"),
+        ),
+        table_params=("encoder", "context", "d_model", "lr", "batch_size"),
+    )
+)

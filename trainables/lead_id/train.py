@@ -1,0 +1,477 @@
+"""Lead identification: the training function that a Ray Tune trial runs, and that runs unchanged
+as a plain Python function (``leadtune train``, the benchmark, tests).
+
+Read top to bottom: :func:`train_lead_id` sets up a :class:`LeadIdTraining` (model, optimiser,
+schedule, random streams, resumed state) and runs its epochs; each epoch trains on shuffled,
+augmented batches (:func:`augment_batch`), every step checked by the non-finite guard, then
+validates and writes a checkpoint through the reporter. The plumbing (reporters, checkpoints,
+device, random streams, batches, the guard) is task-neutral: :mod:`leadtune.trainables.training`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from leadtune.trainables.data.leads import LEADS
+from leadtune.trainables.lead_id import metrics
+from leadtune.trainables.lead_id.config import LeadIdConfig
+from leadtune.trainables.lead_id.models import ModelConfig, create_model
+from leadtune.trainables.runtime import apply_gpu_memory_fraction
+from leadtune.trainables.tasks import load_trained_model
+from leadtune.trainables.training import (
+    RandomStreams,
+    Reporter,
+    StepGuard,
+    TuneReporter,
+    check_finite_outputs,
+    device_batches,
+    iterate_batches,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+)
+
+TASK = "lead_id"
+
+
+@dataclass
+class LeadIdData:
+    """The arrays a lead-ID trial needs: training and validation signals, (N, 12, T) float32 mV,
+    and their ECG ids (for error messages that name records).
+
+    The test fold is deliberately absent: it is used once, on the chosen model, by promotion.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    fs: int
+    fingerprint: str
+    leads: tuple[str, ...] = LEADS
+    source: str = ""
+    train_ids: np.ndarray | None = None
+    val_ids: np.ndarray | None = None
+
+    @classmethod
+    def from_prepared(cls, dataset: Any) -> LeadIdData:
+        """Load the train and val splits of a :class:`PreparedDataset` into memory once."""
+        train, val = dataset.indices("train"), dataset.indices("val")
+        return cls(
+            train=np.ascontiguousarray(dataset.signals[train]),
+            val=np.ascontiguousarray(dataset.signals[val]),
+            fs=int(dataset.fs),
+            fingerprint=str(dataset.fingerprint),
+            leads=tuple(dataset.leads),
+            source=str(dataset.manifest.get("source", "")),
+            train_ids=dataset.ecg_ids[train],
+            val_ids=dataset.ecg_ids[val],
+        )
+
+    def ids(self, split: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """ECG ids of rows of a split (row numbers where the data came without ids)."""
+        ids = self.train_ids if split == "train" else self.val_ids
+        n = len(self.train if split == "train" else self.val)
+        ids = np.arange(n) if ids is None else np.asarray(ids)
+        return ids if rows is None else ids[rows]
+
+
+def lead_columns(config: LeadIdConfig, data_leads: tuple[str, ...]) -> np.ndarray:
+    """Indices of the configured leads in the dataset's channel order."""
+    return np.array([data_leads.index(lead) for lead in config.leads])
+
+
+# -- augmentation --------------------------------------------------------------------------------
+
+
+def augment_batch(
+    x: torch.Tensor, config: LeadIdConfig, generator: torch.Generator, fs: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A training batch as the model sees it: leads in random order, the reference's Gaussian
+    jitter, and the optional augmentations of ``config`` (gain, time shift, low-pass, lead
+    subsets), each drawn per ECG.
+
+    Returns the (B, K, T) signals, the (B, K) label of each position, and a (B, K) mask of the
+    leads shown (None: all). Augmentations that are off draw no random numbers, so the
+    reference's random streams are those of a run without them.
+    """
+    batch, n_leads, samples = x.shape
+    device = x.device
+    labels = torch.arange(n_leads, device=device).expand(batch, n_leads)
+    if config.shuffle_leads:
+        order = torch.rand(batch, n_leads, generator=generator, device=device).argsort(dim=1)
+        x = torch.gather(x, 1, order[:, :, None].expand_as(x))
+        labels = order
+    if config.jitter_prob > 0 and config.jitter_sigma_max > 0:
+        noisy = torch.rand(batch, generator=generator, device=device) < config.jitter_prob
+        sigma = torch.empty(batch, device=device).uniform_(
+            config.jitter_sigma_min, config.jitter_sigma_max, generator=generator
+        )
+        sigma = torch.where(noisy, sigma, torch.zeros_like(sigma))
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        x = x + noise * sigma[:, None, None]
+    if config.gain_max > 0:
+        log_gain = math.log1p(config.gain_max)
+        gain = torch.empty(batch, device=device).uniform_(-log_gain, log_gain, generator=generator)
+        x = x * gain.exp().to(x.dtype)[:, None, None]
+    if config.roll_max > 0:
+        shift = torch.randint(
+            -config.roll_max, config.roll_max + 1, (batch,), generator=generator, device=device
+        )
+        steps = (torch.arange(samples, device=device)[None, :] - shift[:, None]) % samples
+        x = torch.gather(x, 2, steps[:, None, :].expand_as(x))
+    if config.lowpass_prob > 0:
+        x = _random_lowpass(x, config.lowpass_prob, fs, generator)
+    mask = None
+    if config.subset_prob > 0:
+        mask = _random_subsets(batch, n_leads, config, generator, device)
+    return x, labels, mask
+
+
+def _random_lowpass(
+    x: torch.Tensor, probability: float, fs: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Zero-phase 4th-order Butterworth-shaped low-pass (cut-off 15-45 Hz, below Nyquist) of a
+    random share of the ECGs, applied in the frequency domain: other devices' front-end filters."""
+    batch, _, samples = x.shape
+    chosen = torch.rand(batch, generator=generator, device=x.device) < probability
+    cutoff = torch.empty(batch, device=x.device).uniform_(15.0, 45.0, generator=generator)
+    cutoff = cutoff.clamp(max=0.45 * fs)
+    frequencies = torch.fft.rfftfreq(samples, d=1.0 / fs).to(x.device)
+    response = 1.0 / torch.sqrt(1.0 + (frequencies[None, :] / cutoff[:, None]) ** 8)
+    response = torch.where(chosen[:, None], response, torch.ones_like(response))
+    filtered = torch.fft.irfft(torch.fft.rfft(x.float(), dim=-1) * response[:, None, :], n=samples)
+    return filtered.to(x.dtype)
+
+
+def _random_subsets(
+    batch: int, n_leads: int, config: LeadIdConfig, generator: torch.Generator, device
+) -> torch.Tensor:
+    """(B, K) mask: for a share ``subset_prob`` of the ECGs a random subset of between
+    ``subset_min_leads`` and K leads is shown, the rest of the positions are hidden."""
+    chosen = torch.rand(batch, generator=generator, device=device) < config.subset_prob
+    shown = torch.randint(
+        config.subset_min_leads, n_leads + 1, (batch,), generator=generator, device=device
+    )
+    shown = torch.where(chosen, shown, torch.full_like(shown, n_leads))
+    rank = torch.rand(batch, n_leads, generator=generator, device=device).argsort(dim=1)
+    return rank < shown[:, None]
+
+
+def lead_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over (weighted, shown) leads of the per-lead cross-entropy."""
+    per_lead = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    weights = weight[labels.flatten()]
+    if mask is not None:
+        weights = weights * mask.flatten()
+    return (per_lead * weights).sum() / weights.sum()
+
+
+# -- prediction and validation -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_log_probs(
+    model: torch.nn.Module,
+    signals: np.ndarray | torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+    amp: bool = False,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Log-probabilities (N, K, M) for signals (N, K, T) in the given lead order.
+
+    ``signals`` may be a tensor already on ``device`` (the data-on-device path): batches are then
+    slices of it, and the results come back to the host in one copy at the end. ``mask`` (N, K)
+    marks the leads present (None: all).
+    """
+    model.eval()
+    chunks = []
+    for start in range(0, len(signals), batch_size):
+        if isinstance(signals, torch.Tensor):
+            x = signals[start : start + batch_size]
+        else:
+            batch = np.ascontiguousarray(signals[start : start + batch_size])
+            x = torch.from_numpy(batch).to(device, non_blocking=True)
+        present = None
+        if mask is not None:
+            present = torch.from_numpy(np.asarray(mask[start : start + batch_size], dtype=bool))
+            present = present.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x, present)
+        chunks.append(torch.log_softmax(logits.float(), dim=-1))
+    if not chunks:
+        return np.zeros((0, signals.shape[1], 0), np.float32)
+    return torch.cat(chunks).cpu().numpy()
+
+
+def validation_metrics(log_probs: np.ndarray, loss_weight: np.ndarray) -> dict[str, float]:
+    """Validation loss and lead/set accuracy with argmax and with Hungarian matching."""
+    n, k, _ = log_probs.shape
+    true = np.broadcast_to(np.arange(k), (n, k))
+    nll = -np.take_along_axis(log_probs, true[..., None], axis=-1)[..., 0]
+    w = loss_weight[true]
+    argmax = metrics.argmax_assign(log_probs)
+    hungarian = metrics.hungarian_assign(log_probs)
+    return {
+        "val_loss": float((nll * w).sum() / w.sum()),
+        "val_lead_accuracy": metrics.lead_accuracy(argmax, true),
+        "val_set_accuracy": metrics.set_accuracy(argmax, true),
+        "val_lead_accuracy_hungarian": metrics.lead_accuracy(hungarian, true),
+        "val_set_accuracy_hungarian": metrics.set_accuracy(hungarian, true),
+    }
+
+
+# -- the training run ----------------------------------------------------------------------------
+
+
+class LeadIdTraining:
+    """One training run's state: data views, model, optimiser, schedule, random streams, the
+    step guard and early stopping. :func:`train_lead_id` drives it epoch by epoch."""
+
+    def __init__(
+        self,
+        cfg: LeadIdConfig,
+        data: LeadIdData,
+        reporter: Reporter,
+        data_on_device: bool | None,
+        build_model: Callable[[ModelConfig], torch.nn.Module] | None,
+    ) -> None:
+        self.cfg, self.data, self.reporter = cfg, data, reporter
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = device = resolve_device(cfg.device)
+        self.amp = cfg.amp and device.type == "cuda"
+        self.on_device = device.type == "cuda" if data_on_device is None else data_on_device
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # batch shapes repeat: let cuDNN pick kernels
+            apply_gpu_memory_fraction(device)
+        self.streams = RandomStreams.seeded(cfg.seed, device)
+
+        self.columns = lead_columns(cfg, data.leads)
+        self.train = data.train[: cfg.max_train_records]
+        self.val = np.ascontiguousarray(data.val[: cfg.max_val_records][:, self.columns])
+        if len(self.train) == 0 or len(self.val) == 0:
+            raise ValueError("the training and validation splits must both hold records")
+        self.loss_weight_np = np.array(
+            [1.0 if cfg.loss_leads is None or lead in cfg.loss_leads else 0.0 for lead in cfg.leads]
+        )
+        self.loss_weight = torch.tensor(self.loss_weight_np, dtype=torch.float32, device=device)
+        self.val_signals: np.ndarray | torch.Tensor = self.val
+        if self.on_device:
+            # The whole split lives on the device once; each batch is an index_select there.
+            self.train_signals = torch.from_numpy(
+                np.ascontiguousarray(self.train[:, self.columns])
+            ).to(device)
+            self.val_signals = torch.from_numpy(self.val).to(device)
+
+        self.model = (build_model or create_model)(cfg.model_config()).to(device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            fused=True if device.type == "cuda" else None,  # one kernel for all parameters
+        )
+        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=cfg.epochs * self.steps_per_epoch, eta_min=cfg.lr_min
+        )
+        self.guard = StepGuard(skip=cfg.skip_nonfinite_steps)
+        self.start_epoch, self.best_val_loss, self.stale_epochs = 0, math.inf, 0
+
+    def resume(self, folder: Path) -> None:
+        """Continue exactly where an interrupted run stopped: model, optimiser, schedule,
+        random streams, epoch and early-stopping state."""
+        state = load_checkpoint(folder, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.streams.restore(state["rng"])
+        self.start_epoch = state["epoch"]
+        self.best_val_loss = state["best_val_loss"]
+        self.stale_epochs = state["stale_epochs"]
+
+    def batches(self) -> Any:
+        n, size, rng = len(self.train), self.cfg.batch_size, self.streams.batches
+        if self.on_device:
+            return device_batches(n, size, rng, self.device)
+        return iterate_batches(n, size, rng)
+
+    def train_epoch(self, epoch: int, progress: bool) -> dict[str, float]:
+        """One pass over the training split; returns the mean training loss and throughput."""
+        cfg, model = self.cfg, self.model
+        started = time.perf_counter()
+        model.train()
+        # Summed on the device in float64 (the same sums as Python floats): no sync per step.
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        total_n = 0
+        self.guard.skipped = 0
+        batches = self.batches()
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(
+                batches,
+                total=self.steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+            )
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        for step, idx in enumerate(batches, start=1):
+            if self.on_device:
+                x = self.train_signals.index_select(0, idx)
+            else:
+                x = torch.from_numpy(self.train[idx][:, self.columns]).to(
+                    self.device, non_blocking=True
+                )
+            x, labels, mask = augment_batch(x, cfg, self.streams.augment, self.data.fs)
+            # A skipped step must leave the model as it was: the forward pass also moves the
+            # BatchNorm running statistics, so those are kept aside first (a few kB).
+            kept = self.guard.snapshot(model) if self.guard.skip else None
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits = model(x, mask)
+            loss = lead_loss(logits, labels, self.loss_weight, mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            rows = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else idx
+            if self.guard.step_is_finite(
+                loss, parameters, epoch + 1, step, self.data.ids("train", rows)
+            ):
+                self.optimizer.step()
+                total_loss += loss.detach().double() * len(idx)
+                total_n += len(idx)
+            elif kept is not None:
+                self.guard.restore(model, kept)
+            self.scheduler.step()  # the schedule stays on time when a step is skipped
+        seconds = time.perf_counter() - started
+        return {
+            "train_loss": float(total_loss) / max(total_n, 1),
+            "train_ecg_per_second": total_n / seconds,
+            "skipped_steps": self.guard.skipped,
+            "started": started,
+        }
+
+    def validate(self, epoch: int, trained: dict[str, float]) -> dict[str, Any]:
+        log_probs = predict_log_probs(
+            self.model, self.val_signals, self.device, max(self.cfg.batch_size, 64), self.amp
+        )
+        check_finite_outputs(
+            log_probs, self.data.ids("val", np.arange(len(self.val))), f"epoch {epoch + 1}"
+        )
+        started = trained.pop("started")
+        metrics_now = {
+            "epoch": epoch + 1,
+            "train_loss": trained["train_loss"],
+            **validation_metrics(log_probs, self.loss_weight_np),
+            "lr": self.scheduler.get_last_lr()[0],
+            "epoch_seconds": time.perf_counter() - started,
+            "train_ecg_per_second": trained["train_ecg_per_second"],
+        }
+        if self.cfg.skip_nonfinite_steps:
+            metrics_now["skipped_steps"] = trained["skipped_steps"]
+        if metrics_now["val_loss"] < self.best_val_loss:
+            self.best_val_loss, self.stale_epochs = metrics_now["val_loss"], 0
+        else:
+            self.stale_epochs += 1
+        metrics_now["best_val_loss"] = self.best_val_loss
+        patience = self.cfg.early_stopping_patience
+        metrics_now["early_stopped"] = patience is not None and self.stale_epochs >= patience
+        return metrics_now
+
+    def checkpoint(self, metrics_now: dict[str, Any]) -> None:
+        """Write this epoch's checkpoint (tensors and plain data) and report it."""
+        with tempfile.TemporaryDirectory(prefix="leadtune-ckpt-") as tmp:
+            save_checkpoint(
+                Path(tmp),
+                {
+                    "task": TASK,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": self.streams.state(),
+                    "epoch": metrics_now["epoch"],
+                    "best_val_loss": self.best_val_loss,
+                    "stale_epochs": self.stale_epochs,
+                    "config": self.cfg.to_dict(),
+                    "metrics": metrics_now,
+                    "data": {
+                        "fingerprint": self.data.fingerprint,
+                        "fs": self.data.fs,
+                        "source": self.data.source,
+                    },
+                },
+            )
+            self.reporter.report(dict(metrics_now), Path(tmp))
+
+
+def train_lead_id(
+    config: dict[str, Any],
+    data: LeadIdData | None = None,
+    reporter: Reporter | None = None,
+    progress: bool = False,
+    data_on_device: bool | None = None,
+    build_model: Callable[[ModelConfig], torch.nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Train one lead-identification model; report metrics and a checkpoint every epoch.
+
+    ``config`` is a flat dict of :class:`LeadIdConfig` fields. Returns the last epoch's metrics.
+    Resumes from ``reporter.latest_checkpoint()`` when there is one, continuing exactly where
+    the interrupted run stopped. ``progress`` shows a per-batch progress bar (for interactive
+    runs, not for Tune trials). A non-finite loss or gradient stops the run with a one-line
+    :class:`~leadtune.trainables.training.NonFiniteError` (or, with ``skip_nonfinite_steps``,
+    skips and counts the step).
+
+    ``data_on_device`` keeps both splits on the training device as tensors and cuts every batch
+    there with an index tensor, so a GPU never waits for host copies (None: on CUDA only; on
+    CPU it gives the same batches and results through the other code path). ``build_model``
+    replaces :func:`create_model` (``leadtune bench --accuracy`` passes the plain rendering).
+    """
+    cfg = LeadIdConfig.from_dict(config)
+    if data is None:
+        raise ValueError("train_lead_id needs data=LeadIdData(...); see LeadIdData.from_prepared")
+    run = LeadIdTraining(
+        cfg, data, reporter if reporter is not None else TuneReporter(), data_on_device, build_model
+    )
+    resume_dir = run.reporter.latest_checkpoint()
+    if resume_dir is not None:
+        run.resume(resume_dir)
+    last: dict[str, Any] = {}
+    for epoch in range(run.start_epoch, cfg.epochs):
+        last = run.validate(epoch, run.train_epoch(epoch, progress))
+        run.checkpoint(last)
+        if last["early_stopped"]:
+            break
+    return last
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, dataset: Any, split: str = "test"
+) -> dict[str, Any]:
+    """Lead and set accuracy (argmax and Hungarian) of a checkpoint on one split of a dataset."""
+    model, config, _ = load_trained_model(checkpoint)
+    columns = lead_columns(config, tuple(dataset.leads))
+    rows = dataset.indices(split)
+    signals = np.ascontiguousarray(dataset.signals[rows][:, columns])
+    if len(signals) == 0:
+        raise ValueError(f"the {split!r} split of {dataset.path} holds no records")
+    log_probs = predict_log_probs(model, signals, torch.device("cpu"))
+    check_finite_outputs(log_probs, dataset.ecg_ids[rows], f"the {split} split")
+    weight = np.ones(len(config.leads))
+    found = validation_metrics(log_probs, weight)
+    prefix = f"{split}_"
+    return {prefix + key[len("val_") :]: value for key, value in found.items()} | {
+        f"{split}_records": int(len(signals))
+    }

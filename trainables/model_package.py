@@ -1,0 +1,119 @@
+"""A trained model as plain files: what registry versions, the bundled model and exports hold.
+
+A package is a folder with
+
+- ``leadtune-model.json``: the task, its config, the input it expects (leads, sampling rate,
+  preprocessing), the metrics and where it came from;
+- ``weights.pt``: the state dict, tensors only, read with ``torch.load(weights_only=True)``;
+- optionally ``model.pt2``: a self-contained ``torch.export`` program (torch alone runs it).
+
+No pickled class is stored: a package loads after leadtune's modules move or are renamed (the
+task's spec rebuilds the model from the config), and loading it cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PACKAGE_FILE = "leadtune-model.json"
+WEIGHTS_FILE = "weights.pt"
+PROGRAM_FILE = "model.pt2"
+PACKAGE_FORMAT = 1
+
+
+class PackageError(ValueError):
+    """A folder that is not a readable leadtune model package; the message says why."""
+
+
+def is_package(folder: str | Path) -> bool:
+    return (Path(folder) / PACKAGE_FILE).is_file()
+
+
+def write_package(
+    folder: str | Path,
+    task: str,
+    config: dict[str, Any],
+    state_dict: dict[str, Any],
+    facts: dict[str, Any],
+    program_of: Any = None,
+    dynamic_leads: bool = True,
+) -> Path:
+    """Write a package; ``program_of`` (model, example) also writes ``model.pt2``."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / WEIGHTS_FILE)
+    manifest = {"format": PACKAGE_FORMAT, "task": task, "config": config, **facts}
+    if program_of is not None:
+        model, example = program_of
+        export_program(model, example, folder / PROGRAM_FILE, dynamic_leads)
+        manifest["files"] = {"weights": WEIGHTS_FILE, "program": PROGRAM_FILE}
+    else:
+        manifest["files"] = {"weights": WEIGHTS_FILE}
+    (folder / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return folder
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    file = Path(folder) / PACKAGE_FILE
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{file}: unreadable model package ({exc})") from None
+    if not isinstance(manifest, dict) or "task" not in manifest or "config" not in manifest:
+        raise PackageError(f"{file}: not a leadtune model package (no task and config)")
+    return manifest
+
+
+def load_package(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, config object, manifest) of a package, on the CPU."""
+    import torch
+
+    from leadtune.trainables.tasks import get_task
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    spec = get_task(manifest["task"])
+    try:
+        weights = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise PackageError(
+            f"{folder / WEIGHTS_FILE}: not loaded ({reason}); a package's weights are tensors only"
+        ) from None
+    try:
+        config = spec.config_from_dict(manifest["config"])
+        model = spec.build_model(config)
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise PackageError(
+            f"{folder}: weights do not match the recorded config ({reason})"
+        ) from None
+    model.eval()
+    return model, config, manifest
+
+
+def export_program(model: Any, example: Any, path: Path, dynamic_leads: bool = True) -> None:
+    """``torch.export`` of a ``(B, K, T)`` model with a dynamic batch axis, and a dynamic lead
+    axis (1..K) where the model takes any number of leads."""
+    import torch
+
+    x = torch.as_tensor(example)
+    if x.shape[0] == 1:  # an axis of size 1 would be specialised to 1: export on two examples
+        x = torch.cat([x, x])
+    axes = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if dynamic_leads:
+        axes[1] = torch.export.Dim("leads", min=1, max=x.shape[1])
+    name = next(iter(_argument_names(model)), "x")
+    program = torch.export.export(model, (x,), dynamic_shapes={name: axes})
+    torch.export.save(program, str(path))
+
+
+def _argument_names(model: Any) -> list[str]:
+    import inspect
+
+    return [p for p in inspect.signature(model.forward).parameters if p != "self"]

@@ -1,0 +1,130 @@
+"""Tasks by name: everything the rest of leadtune needs to know about one kind of model.
+
+A task (lead identification, ...) is a package under ``trainables/`` whose ``spec`` module
+registers a :class:`TaskSpec`. ``search`` and the delivery commands (``evaluate``, ``export``,
+``promote``) know no task: they ask the spec for the training function, the data, the model, the
+registered name, the columns of the trial table and the metrics of the summary. Checkpoints,
+MLflow runs and registry versions record the task's name, so every command finds the spec again.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The packages whose spec modules register the built-in tasks.
+BUILTIN_TASKS = ("leadtune.trainables.lead_id.spec",)
+DEFAULT_TASK = "lead_id"
+# More task modules to import, comma-separated (a user's own tasks). Trial workers inherit the
+# variable, so they find the same tasks as the command that started the search.
+TASKS_ENV = "LEADTUNE_TASKS"
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """Which dataset a search or evaluation uses (the CLI's data flags)."""
+
+    source: Path
+    cache_dir: str | None = None
+    limit: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric shown in the trial table, the summary and the report: key and short label."""
+
+    key: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    description: str
+    # The run's settings: a dataclass with from_dict (unknown keys are errors), to_dict,
+    # validate; its defaults reproduce the task's reference.
+    config_class: type
+    # (config dict, data, reporter=None, progress=False) -> last metrics; reports every epoch
+    # through the reporter (Tune's in a trial) and shows a progress bar with ``progress``.
+    train: Callable[..., dict[str, Any]]
+    # DataRequest -> (what every trial gets through the object store, the prepared dataset).
+    load_data: Callable[[DataRequest], tuple[Any, Any]]
+    # (checkpoint folder, prepared dataset, split) -> metrics on that split, keys "<split>_...".
+    evaluate: Callable[[Path, Any, str], dict[str, Any]]
+    # config object -> torch module (untrained); weights come from a checkpoint or registry.
+    build_model: Callable[[Any], Any]
+    # (config object, sampling rate) -> a float32 input example for signatures and exports.
+    example_input: Callable[[Any, int], Any]
+    # The registered model's default name (``leadtune search --register-name`` overrides it).
+    register_name: str
+    # The validation metrics of the trial table (after the searched metric), and the test
+    # metrics the summary reports after promotion.
+    table_metrics: tuple[Column, ...] = ()
+    test_metrics: tuple[Column, ...] = ()
+    # Config fields shown in the trial table (those every trial of the task's spaces has).
+    table_params: tuple[str, ...] = ()
+    # Whether a model takes any number of leads K (lead identification) or exactly the leads of
+    # its config (a diagnosis network's input channels): exports make the lead axis dynamic.
+    variable_leads: bool = True
+
+    def config_from_dict(self, values: dict[str, Any]) -> Any:
+        return self.config_class.from_dict(values)
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task under its name (a second task of the same name is an error)."""
+    if spec.name in TASKS and TASKS[spec.name] is not spec:
+        raise ValueError(f"a task named {spec.name!r} is already registered")
+    TASKS[spec.name] = spec
+    return spec
+
+
+def load_builtin_tasks() -> None:
+    extra = [m.strip() for m in os.environ.get(TASKS_ENV, "").split(",") if m.strip()]
+    for module in (*BUILTIN_TASKS, *extra):
+        importlib.import_module(module)
+
+
+def get_task(name: str | None) -> TaskSpec:
+    """The spec of a task by name (None: the default, lead identification)."""
+    load_builtin_tasks()
+    name = name or DEFAULT_TASK
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}") from None
+
+
+def task_names() -> list[str]:
+    load_builtin_tasks()
+    return sorted(TASKS)
+
+
+def load_trained_model(path: str | Path, map_location: str = "cpu") -> tuple[Any, Any, dict]:
+    """(model in eval mode, config object, checkpoint dict) from a checkpoint folder or file,
+    for whichever task wrote it. Loads tensors and plain data only (see ``training``)."""
+    from leadtune.trainables.training import CheckpointError, load_checkpoint
+
+    state = load_checkpoint(path, map_location=map_location)
+    spec = get_task(state.get("task"))
+    try:
+        config = spec.config_from_dict(state["config"])
+        model = spec.build_model(config)
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"{path}: a {spec.name} checkpoint that does not match its recorded config ({message})"
+        ) from None
+    model.eval()
+    return model, config, state
