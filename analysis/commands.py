@@ -91,15 +91,40 @@ def run_evaluate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     dataset = _prepare(source, args.cache_dir, args.limit, loaded)
+    if args.suite == "labelling":
+        return _labelling_suite(args, loaded, dataset)
     result, arrays = evaluate_model(
         loaded, dataset, split=args.split, n_boot=args.n_boot, seed=args.seed, compare=other
     )
     out = (
-        Path(args.out) if args.out else Path("runs/evaluate") / f"{_slug(args.model)}-{args.split}"
+        Path(args.out)
+        if args.out
+        else Path("runs/evaluate") / f"{_slug(args.model or 'bundled')}-{args.split}"
     )
     files = write_evaluation(result, arrays, out)
     print(format_summary(result))
     print(f"written: {files['markdown']}, {files['json']} (+ confusion PNGs, predictions.npz)")
+    return 0
+
+
+def _labelling_suite(args: argparse.Namespace, loaded: Any, dataset: Any) -> int:
+    from leadtune.analysis.labelling_study import format_markdown, run_labelling_study, write_study
+
+    if loaded.task != "lead_id":
+        raise ValueError(f"--suite labelling needs a lead_id model, not {loaded.task}")
+    result = run_labelling_study(
+        loaded, dataset, args.split, n_boot=min(args.n_boot, 2000), seed=args.seed,
+        threshold=args.swap_threshold,
+    )  # fmt: skip
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs/evaluate")
+        / (f"{_slug(str(args.model or 'bundled'))}-{args.split}-labelling")
+    )
+    files = write_study(result, out)
+    print(format_markdown(result))
+    print(f"written: {files['markdown']}, {files['json']}")
     return 0
 
 
@@ -197,7 +222,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "in the model's fixed order (the model is permutation-equivariant).",
         formatter_class=fmt,
     )
-    evaluate.add_argument("model", help=MODEL_HELP)
+    evaluate.add_argument(
+        "model", nargs="?", default=None,
+        help=MODEL_HELP + " (default: the bundled model)",
+    )  # fmt: skip
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument(
         "--source",
@@ -221,6 +249,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--seed", type=int, default=0, help="bootstrap and permutation-check seed"
     )
+    evaluate.add_argument(
+        "--suite", choices=("paper", "labelling"), default="paper",
+        help="paper: the paper's statistics; labelling: lead accuracy by number of leads "
+        "shown, electrode-reversal detection and false alarms, other recorders",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--swap-threshold", type=float, default=None,
+        help="with --suite labelling: the verdict's threshold in nats (default: the model's)",
+    )  # fmt: skip
     evaluate.set_defaults(func=run_evaluate)
 
     export = subparsers.add_parser(
@@ -230,7 +267,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(JSON + Markdown) and a check that the export reproduces the original's outputs.",
         formatter_class=fmt,
     )
-    export.add_argument("model", help=MODEL_HELP)
+    export.add_argument(
+        "model", nargs="?", default=None,
+        help=MODEL_HELP + " (default: the bundled model)",
+    )  # fmt: skip
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ and run ids")
     export.add_argument(

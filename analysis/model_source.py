@@ -34,6 +34,7 @@ from typing import Any
 from leadtune.search.tracking import check_tracking_uri
 from leadtune.trainables.data.preprocess import preprocess_settings
 from leadtune.trainables.model_package import PACKAGE_FILE, is_package
+from leadtune.trainables.tasks import DEFAULT_TASK
 from leadtune.trainables.training import CHECKPOINT_FILE
 
 CARD_FILE = "model_card.json"
@@ -192,7 +193,7 @@ def _load_checkpoint(path: Path, source: str, cache_roots: list[Path]) -> Loaded
     card = {
         "source": source,
         "kind": "checkpoint",
-        "task": state.get("task", "lead_id"),
+        "task": state.get("task", DEFAULT_TASK),
         "checkpoint": str(folder.resolve()),
         "epoch": state.get("epoch"),
         "validation_metrics": _numbers(state.get("metrics") or {}, prefix="val_"),
@@ -203,7 +204,7 @@ def _load_checkpoint(path: Path, source: str, cache_roots: list[Path]) -> Loaded
         model=model,
         task=card["task"],
         config=config,
-        leads=tuple(config.leads),
+        leads=tuple(getattr(config, "leads", ())),
         fs=fs,
         fingerprint=fingerprint,
         card=card,
@@ -238,6 +239,7 @@ def _from_package(
         "validation_metrics": dict(manifest.get("validation_metrics") or {}),
         "test_metrics": dict(manifest.get("test_metrics") or {}),
         "data": {"fingerprint": fingerprint, "fs": fs, "source": data.get("source", "")},
+        "labelling": manifest.get("labelling") or {},
         **(card or {}),
     }
     checkpoint = (manifest.get("source") or {}).get("checkpoint")
@@ -245,7 +247,7 @@ def _from_package(
         model=model,
         task=manifest["task"],
         config=config,
-        leads=tuple(config.leads),
+        leads=tuple(getattr(config, "leads", ())),
         fs=fs,
         fingerprint=fingerprint,
         card=card,

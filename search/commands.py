@@ -138,6 +138,7 @@ def run_promote_command(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from leadtune.search.settings import add_search_arguments
+    from leadtune.spaces.registry import DEFAULT_SPACE
     from leadtune.trainables.commands import add_data_arguments
 
     search = subparsers.add_parser(
@@ -166,7 +167,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "'champion' alias to it if it beats the current champion on the same validation "
         "metric and data.",
     )
-    promote.add_argument("--study", default="lead_id", help="study name (default: lead_id)")
+    promote.add_argument(
+        "--study", default=DEFAULT_SPACE, help=f"study name (default: {DEFAULT_SPACE})"
+    )
     promote.add_argument(
         "--storage-path", default="runs/search", help="the search's --storage-path (default: "
         "runs/search)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -26,3 +27,20 @@ class LeadtuneOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("tune_trial_id", trial_id)
             config = {**config, OPTUNA_TRIAL_KEY: ot_trial.number}
         return config
+
+
+def make_searcher(
+    define: Callable, metric: str, mode: str, storage: str, study: str, seed: int, search: str
+):
+    """Ray's OptunaSearch on the persistent study, tagging each trial (see module doc)."""
+    import optuna
+
+    return LeadtuneOptunaSearch(
+        search_name=search,
+        space=define,
+        metric=metric,
+        mode=mode,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        study_name=study,
+        storage=optuna.storages.RDBStorage(storage),
+    )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leadtune.spaces.registry import DEFAULT_SPACE
 from leadtune.trainables.tasks import DataRequest
 
 
@@ -26,7 +27,7 @@ def _option(default: Any, help: str, flag: str | None = None, **argparse_kwargs:
 
 @dataclass
 class SearchSettings:
-    space: str = _option("lead_id", "search space name (`leadtune search --list-spaces`)")
+    space: str = _option(DEFAULT_SPACE, "search space name (`leadtune search --list-spaces`)")
     study: str | None = _option(None, "study name (default: the space's name)")
     trials: int = _option(20, "number of trials")
     epochs: int | None = _option(None, "epochs per trial (default: the space's, else the task's)")
@@ -61,9 +62,7 @@ class SearchSettings:
     experiment: str | None = _option(
         None, "with --resume: the search folder to finish (default: the newest unfinished)"
     )
-    register_name: str | None = _option(
-        None, "registered model name (default: the task's, e.g. lead-id)"
-    )
+    register_name: str | None = _option(None, "registered model name (default: the task's)")
     promote: bool = _option(
         True, "skip the test evaluation and registration", flag="--no-promote",
         action="store_false",

@@ -113,25 +113,6 @@ def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: 
     return study, seed + existing
 
 
-def make_searcher(
-    define: Callable, metric: str, mode: str, storage: str, study: str, seed: int, search: str
-):
-    """Ray's OptunaSearch on the persistent study, tagging each trial (see module doc)."""
-    import optuna
-
-    from leadtune.search.searcher import LeadtuneOptunaSearch
-
-    return LeadtuneOptunaSearch(
-        search_name=search,
-        space=define,
-        metric=metric,
-        mode=mode,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        study_name=study,
-        storage=optuna.storages.RDBStorage(storage),
-    )
-
-
 def fail_orphaned_trials(storage: str, study: str, search: str, alive: set[int]) -> list[int]:
     """Fail the RUNNING Optuna trials this search asked for that no Tune trial will finish
     (their numbers are not in ``alive``). Returns their numbers."""

@@ -1,8 +1,8 @@
 """MLflow for searches: the local tracking server (tied to the driver's life), one parent run per
 search, one child run per trial (kept across resumes), and the Tune callback that writes them.
 
-Names: a trial's child run logs its per-epoch metrics under the task's names (``val_loss``,
-``val_lead_accuracy`` ...; step = epoch); the search's parent run logs the best trial's figures
+Names: a trial's child run logs its per-epoch metrics under the task's names (``val_loss`` ...;
+step = epoch); the search's parent run logs the best trial's figures
 as ``search_best_<metric>``, so the two never share a name in MLflow's chart view. Bookkeeping
 (epoch, checkpoint flags, node ids) goes to tags, not metrics.
 """

@@ -112,7 +112,7 @@ class SearchReporter:
 
 
 class _TrialName:
-    """Short trial names and folders (``lead_id_1a2b3c4d``) instead of Ray's config dumps."""
+    """Short trial names and folders (``<task>_1a2b3c4d``) instead of Ray's config dumps."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -420,7 +420,8 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     from ray.tune.search import ConcurrencyLimiter
 
     from leadtune.search.callback import MlflowTrialCallback
-    from leadtune.search.study import SpaceWithFixed, make_searcher, open_study
+    from leadtune.search.searcher import make_searcher
+    from leadtune.search.study import SpaceWithFixed, open_study
 
     settings = plan.settings
     trainable = tune.with_resources(

@@ -11,6 +11,12 @@ if __name__ != "leadtune.spaces":  # imported as a bare top-level name: a second
 
 # Importing the modules registers their spaces.
 from leadtune.spaces import lead_id as _lead_id  # noqa: E402,F401
-from leadtune.spaces.registry import SPACES, SearchSpace, get_space, register_space
+from leadtune.spaces.registry import (
+    DEFAULT_SPACE,
+    SPACES,
+    SearchSpace,
+    get_space,
+    register_space,
+)
 
-__all__ = ["SPACES", "SearchSpace", "get_space", "register_space"]
+__all__ = ["DEFAULT_SPACE", "SPACES", "SearchSpace", "get_space", "register_space"]

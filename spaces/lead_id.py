@@ -1,6 +1,8 @@
-"""Lead-identification spaces: ``lead_id`` (the real search) and ``smoke`` (the same shape, tiny).
+"""Lead-identification spaces: ``lead_id`` (the real search), ``demo`` (a small search on the
+bundled sample that finds a working model in minutes) and ``smoke`` (the lead_id shape with tiny
+models, for tests).
 
-Both are conditional: attention heads exist only where attention is used (``sab``/``isab``) and
+They are conditional: attention heads exist only where attention is used (``sab``/``isab``) and
 only values that divide D are offered; depth only where the context has layers; inducing points
 only for ``isab``.
 """
@@ -27,6 +29,10 @@ REFERENCE_POINT: dict[str, Any] = {
     "dropout": 0.0,
     "batch_size": 38,
     "jitter_sigma_max": 0.015,
+    "gain_max": 0.0,
+    "roll_max": 0,
+    "lowpass_prob": 0.0,
+    "subset_prob": 0.0,
 }
 
 
@@ -62,10 +68,30 @@ def suggest_optimisation(trial: Any, batch_sizes: tuple[int, ...]) -> dict[str, 
     }
 
 
+def suggest_augmentation(trial: Any) -> dict[str, Any]:
+    """The training augmentations beyond the reference's (which are all off at 0)."""
+    return {
+        "gain_max": trial.suggest_float("gain_max", 0.0, 0.5),
+        "roll_max": trial.suggest_categorical("roll_max", [0, 50, 100, 200]),
+        "lowpass_prob": trial.suggest_float("lowpass_prob", 0.0, 0.5),
+        "subset_prob": trial.suggest_categorical("subset_prob", [0.0, 0.25, 0.5]),
+    }
+
+
 def lead_id_space(trial: Any) -> dict[str, Any]:
     return {
         **suggest_architecture(trial, d_choices=(32, 64, 128, 256), max_depth=8),
         **suggest_optimisation(trial, batch_sizes=(16, 32, 38, 64, 128)),
+        **suggest_augmentation(trial),
+    }
+
+
+def demo_space(trial: Any) -> dict[str, Any]:
+    # A small CNN + set attention model (about 120k parameters) that learns the bundled sample
+    # in a few minutes on two cores; the search varies its optimisation only.
+    return {
+        "lr": trial.suggest_float("lr", 1e-3, 6e-3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-2, log=True),
     }
 
 
@@ -86,6 +112,26 @@ register_space(
         define=lead_id_space,
         description="the paper's model family: encoder, context, depth, heads, D, optimiser, jitter",
         initial_points=(REFERENCE_POINT,),
+    )
+)
+
+register_space(
+    SearchSpace(
+        name="demo",
+        define=demo_space,
+        description="a small CNN + set attention model on the bundled sample: learns in minutes",
+        fixed={
+            "encoder": "cnn",
+            "context": "sab",
+            "d_model": 64,
+            "depth": 2,
+            "heads": 4,
+            "width": 0.25,
+            "batch_size": 32,
+            "epochs": 40,
+        },  # fmt: skip
+        initial_points=({"lr": 3e-3, "weight_decay": 1e-4},),
+        table_params=("lr", "weight_decay"),
     )
 )
 

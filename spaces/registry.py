@@ -31,6 +31,8 @@ class SearchSpace:
 
 
 SPACES: dict[str, SearchSpace] = {}
+# What `leadtune search` and `leadtune promote` use when no --space / --study is given.
+DEFAULT_SPACE = "lead_id"
 
 
 def register_space(space: SearchSpace) -> SearchSpace:

@@ -114,65 +114,205 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None, **kwargs) -> su
     )
 
 
-def test_sigint_then_resume_finishes_without_losing_or_duplicating(tmp_path, cache_dir):
-    # Four epochs per trial: after the first checkpoint there is work left for many seconds, so
-    # the interrupt cannot arrive after a fast search has already finished.
-    proc = _run_cli(search_args(tmp_path, cache_dir, "--no-promote", trials=4, epochs=4))
-    # interrupt once at least one trial has reported an epoch
-    deadline = time.monotonic() + 240
+def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
-        if list((tmp_path / "ray").glob("smoke/search-*/lead_id_*/checkpoint_*")):
-            break
-        time.sleep(1)
+        if predicate():
+            return
+        time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()
+    raise AssertionError("timed out waiting")
+
+
+def _state(root: Path) -> dict:
+    return json.loads(next((root / "ray").glob(f"smoke/search-*/{STATE_FILE}")).read_text())
+
+
+def _registered(root: Path, name: str = "lead-id") -> list:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    try:
+        return client.search_model_versions(f"name = '{name}'")
+    except Exception:
+        return []
+
+
+def test_early_sigint_promotes_nothing_and_resume_finishes_every_trial_once(tmp_path, cache_dir):
+    """Ctrl-C right after the first checkpoint: trials that had not finished are not
+    'completed', the search stays resumable, nothing is registered; --resume ends with four
+    unique child runs, four finished Optuna trials and one champion."""
+    proc = _run_cli(search_args(tmp_path, cache_dir, trials=4, epochs=4))
+    _wait_for(lambda: list((tmp_path / "ray").glob("smoke/search-*/lead_id_*/checkpoint_*")), proc)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=180)
-    state = json.loads(next((tmp_path / "ray").glob(f"smoke/search-*/{STATE_FILE}")).read_text())
-    assert state["status"] != "finished", output
-    before = {r.data.tags[TRIAL_TAG]: r for r in child_runs(tmp_path)[2]}
-    done_before = {t for t, r in before.items() if r.data.tags[STATE_TAG] == "completed"}
+    assert proc.returncode == 3, output  # interrupted
+    state = _state(tmp_path)
+    assert state["status"] == "interrupted", output
+    assert len(state.get("trials", {})) < 4  # the unfinished ones were not recorded as ended
+    assert not _registered(tmp_path)  # an interrupted search promotes nothing
+    _, _, children = child_runs(tmp_path)
+    assert all(r.data.tags[STATE_TAG] != "completed" or r.data.tags[TRIAL_TAG] in
+               state.get("trials", {}) for r in children)  # fmt: skip
+    assert all(r.info.status != "RUNNING" for r in children)
 
-    resumed = _run_cli(
-        search_args(tmp_path, cache_dir, "--no-promote", "--resume", trials=4, epochs=4)
-    )
+    resumed = _run_cli(search_args(tmp_path, cache_dir, "--resume", trials=4, epochs=4))
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     client, parents, children = child_runs(tmp_path)
     ids = [r.data.tags[TRIAL_TAG] for r in children]
     assert len(parents) == 1
     assert len(ids) == len(set(ids)) == 4, ids  # no duplicated run, none lost
-    assert done_before <= set(ids)
-    assert all(r.data.tags[STATE_TAG] != "running" for r in children)
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials(tmp_path)) == 4
+    assert all(r.data.tags[STATE_TAG] in ("completed", "early_stopped_scheduler")
+               for r in children)  # fmt: skip
+    trials = optuna_trials(tmp_path)
+    assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) == 4, trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(_registered(tmp_path)) == 1
+    assert client.get_model_version_by_alias("lead-id", "champion").version == "1"
+    assert _state(tmp_path)["status"] == "finished"
 
 
-def test_crashed_trial_is_recorded_and_resume_completes_it(tmp_path, cache_dir):
-    marker = tmp_path / "fault-injected"
-    env = {"LEADTUNE_INJECT_FAULT": f"1:{marker}"}
-    args = search_args(tmp_path, cache_dir, "--no-promote", "--max-failures", "0", trials=3)
-    first = _run_cli(args, env=env)
-    output, _ = first.communicate(timeout=600)
-    assert marker.exists(), output
-    _, _, children = child_runs(tmp_path)
-    states = sorted(r.data.tags[STATE_TAG] for r in children)
-    assert states.count("failed") == 1, states
+def _mlflow_servers(db: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "mlflow" in line and str(db) in line]
 
-    resumed = _run_cli([*args, "--resume"], env=env)
+
+def test_a_killed_driver_leaves_no_server_and_resume_leaves_no_orphaned_optuna_trial(
+    tmp_path, cache_dir
+):
+    args = [a for a in search_args(tmp_path, cache_dir, "--no-promote", trials=3, epochs=3)]
+    at = args.index("--tracking-uri")
+    del args[at : at + 2]  # the search starts its own MLflow server
+    proc = _run_cli(args)
+    db = (tmp_path / "ray" / "mlflow.db").resolve()
+    _wait_for(lambda: list((tmp_path / "ray").glob("smoke/search-*/lead_id_*")), proc)
+    assert _mlflow_servers(db)
+    proc.kill()  # SIGKILL: the driver runs no cleanup at all
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _mlflow_servers(db) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _mlflow_servers(db)
+    shutdown_ray_cluster_of(tmp_path)
+
+    resumed = _run_cli([*args, "--resume"])
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
+    trials = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path}/ray/optuna.db")
+    states = [t.state for t in trials.trials]
+    assert optuna.trial.TrialState.RUNNING not in states, states
+    assert _state(tmp_path)["status"] == "finished"
+
+
+def shutdown_ray_cluster_of(root: Path) -> None:
+    """What a killed driver leaves of its local Ray is Ray's own to clean up; give it time."""
+    time.sleep(2)
+
+
+def test_two_searches_at_once_on_one_study_each_register_their_own_trial(tmp_path, cache_dir):
+    procs = [
+        _run_cli(search_args(tmp_path, cache_dir, "--max-concurrent", "1", trials=2, epochs=1))
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    folders = sorted((tmp_path / "ray" / "smoke").glob("search-*"))
+    assert len(folders) == 2  # distinct folders, even when started in the same second
+    client, parents, children = child_runs(tmp_path)
+    assert len(parents) == 2 and len(children) == 4
+    versions = _registered(tmp_path)
+    assert len(versions) == 2
+    for version in versions:
+        parent = version.tags["leadtune.search_run_id"]
+        trial_runs = {r.data.tags[TRIAL_TAG] for r in children
+                      if r.data.tags["mlflow.parentRunId"] == parent}  # fmt: skip
+        assert version.tags["leadtune.trial_id"] in trial_runs
+
+
+def test_a_task_that_is_not_lead_identification_runs_through_search_and_promotion(
+    tmp_path, monkeypatch
+):
+    """The toy task (tests/toy_task.py): a real search, MLflow runs, promotion under its own
+    name, and a registered package that loads. Its first trial's loss turns non-finite: that
+    trial fails cleanly and the study goes on."""
+    import toy_task  # noqa: F401  (registers the task and the space here)
+
+    from leadtune.analysis import load_model
+    from leadtune.search.settings import SearchSettings
+    from leadtune.search.tuner import run_search
+    from leadtune.trainables.tasks import DataRequest
+
+    monkeypatch.setenv("LEADTUNE_TASKS", "toy_task")  # trial workers import it too
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), *sys.path]))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    try:
+        outcome = run_search(
+            SearchSettings(
+                space="toy", trials=4, max_concurrent=2, max_failures=0, scheduler="fifo",
+                storage_path=str(tmp_path / "runs"), tracking_uri=uri,
+                data=DataRequest(source=tmp_path, progress=False),
+            )
+        )  # fmt: skip
+    finally:
+        shutdown_ray()
+    states = sorted(t["state"] for t in outcome.trials)
+    assert states == ["completed", "completed", "completed", "failed"], outcome.trials
+    assert outcome.status == "finished" and outcome.promotion["registered_model"] == "toy-model"
+    client = MlflowClient(uri)
+    runs = client.search_runs([outcome.experiment_id], max_results=100)
+    failed = [r for r in runs if r.data.tags.get(STATE_TAG) == "failed"]
+    assert (
+        len(failed) == 1 and "non-finite loss at epoch 2" in failed[0].data.tags["leadtune.error"]
+    )
+    assert {r.data.tags.get("leadtune.task") for r in runs} == {"toy"}
+    loaded = load_model("models:/toy-model@champion", uri)
+    assert loaded.task == "toy" and loaded.kind == "registry"
+    assert abs(float(loaded.model.weight) - outcome.best["config"]["slope"]) < 5
+    study = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path}/runs/optuna.db")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3 + ["FAIL"]
+
+
+def test_a_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(tmp_path, cache_dir):
+    """A trial worker crashes once after epoch 1: Tune retries it from that checkpoint
+    (--max-failures 1), it keeps its one MLflow run, and the search finishes."""
+    marker = tmp_path / "fault-injected"
+    env = {"LEADTUNE_INJECT_FAULT": f"1:{marker}"}
+    args = search_args(tmp_path, cache_dir, "--no-promote", "--scheduler", "fifo", trials=2)
+    run = _run_cli(args, env=env)
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0 and marker.exists(), output
     _, parents, children = child_runs(tmp_path)
     ids = [r.data.tags[TRIAL_TAG] for r in children]
-    assert len(parents) == 1 and len(ids) == len(set(ids)) == 3
-    assert all(r.data.tags[STATE_TAG] in ("completed", "early_stopped_scheduler") for r in children)
-    state = json.loads(next((tmp_path / "ray").glob(f"smoke/search-*/{STATE_FILE}")).read_text())
+    assert len(parents) == 1 and len(ids) == len(set(ids)) == 2
+    assert all(r.data.tags[STATE_TAG] == "completed" for r in children)
+    for run_ in children:  # the retried trial continued: epochs 1 and 2 once each
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        steps = [m.step for m in client.get_metric_history(run_.info.run_id, "val_loss")]
+        assert sorted(set(steps)) == [1, 2]
+    assert _state(tmp_path)["status"] == "finished"
+
+
+def test_a_trial_that_fails_for_good_ends_the_search_without_it(tmp_path, cache_dir):
+    marker = tmp_path / "fault-injected"
+    env = {"LEADTUNE_INJECT_FAULT": f"1:{marker}"}
+    args = search_args(tmp_path, cache_dir, "--max-failures", "0", "--scheduler", "fifo",
+                       trials=2)  # fmt: skip
+    run = _run_cli(args, env=env)
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output
+    _, _, children = child_runs(tmp_path)
+    assert sorted(r.data.tags[STATE_TAG] for r in children) == ["completed", "failed"]
+    state = _state(tmp_path)
     assert state["status"] == "finished"
+    failed = next(t for t, r in state["trials"].items() if r["state"] == "failed")
+    assert _registered(tmp_path)[0].tags["leadtune.trial_id"] != failed
 
 
 def test_trials_are_placed_on_both_nodes_of_a_two_node_cluster(tmp_path, cache_dir):
     import ray
     from ray.cluster_utils import Cluster
 
-    from leadtune.search.tuner import SearchSettings, run_search
+    from leadtune.search.settings import SearchSettings
+    from leadtune.search.tuner import run_search
     from leadtune.trainables.tasks import DataRequest
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -195,6 +335,7 @@ def test_trials_are_placed_on_both_nodes_of_a_two_node_cluster(tmp_path, cache_d
             )
         )
         assert all(t["state"] == "completed" for t in outcome.trials), outcome.trials
+        assert outcome.status == "finished"
         node_ids = {t["node_id"] for t in outcome.trials}
         cluster_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     finally:

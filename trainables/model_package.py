@@ -39,14 +39,25 @@ def write_package(
     facts: dict[str, Any],
     program_of: Any = None,
     dynamic_leads: bool = True,
+    half: bool = False,
 ) -> Path:
-    """Write a package; ``program_of`` (model, example) also writes ``model.pt2``."""
+    """Write a package; ``program_of`` (model, example) also writes ``model.pt2``. ``half``
+    stores floating-point weights as float16 (half the size; loading casts them back)."""
     import torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / WEIGHTS_FILE)
-    manifest = {"format": PACKAGE_FORMAT, "task": task, "config": config, **facts}
+    weights = {k: v.detach().cpu() for k, v in state_dict.items()}
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    torch.save(weights, folder / WEIGHTS_FILE)
+    manifest = {
+        "format": PACKAGE_FORMAT,
+        "task": task,
+        "config": config,
+        "weights_dtype": "float16" if half else "as trained",
+        **facts,
+    }
     if program_of is not None:
         model, example = program_of
         export_program(model, example, folder / PROGRAM_FILE, dynamic_leads)

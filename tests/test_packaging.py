@@ -1,0 +1,129 @@
+"""leadtune installs under one name: the wheel holds ``leadtune`` only (with the kernels' C++
+source and the bundled sample), the package list matches the folders, bare names do not
+import, and the import graph runs one way."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = {
+    "leadtune": "leadtune",
+    "leadtune.search": "search",
+    "leadtune.trainables": "trainables",
+    "leadtune.spaces": "spaces",
+    "leadtune.analysis": "analysis",
+    "leadtune.bundled": "data",
+}
+
+
+def test_the_package_list_matches_the_folders() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == FOLDERS
+    found = set()
+    for package, folder in FOLDERS.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder).parts
+            found.add(".".join((package, *relative)))
+    assert set(config["packages"]) == found
+
+
+@pytest.mark.parametrize("bare", ["search", "spaces", "analysis", "trainables"])
+def test_bare_top_level_names_do_not_import(bare: str, tmp_path: Path) -> None:
+    for cwd in (tmp_path, REPO):  # not installed, and not even from the checkout
+        done = subprocess.run(
+            [sys.executable, "-c", f"import {bare}"], cwd=cwd, capture_output=True, text=True
+        )
+        assert done.returncode != 0
+        assert "ModuleNotFoundError" in done.stderr or f"import leadtune.{bare}" in done.stderr
+
+
+def test_the_wheel_holds_leadtune_only_with_its_data(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel = next(tmp_path.glob("leadtune-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"leadtune", wheel.name.split("-")[0]
+            + "-" + wheel.name.split("-")[1] + ".dist-info"}  # fmt: skip
+    assert "leadtune/trainables/lead_id/models/cpu_kernels.cpp" in names
+    assert "leadtune/bundled/ptbxl-sample/records100/00000/00001_lr.dat" in names
+    assert "leadtune/bundled/ptbxl-sample/LICENSE.txt" in names
+    assert not [n for n in names if "__pycache__" in n]
+
+
+LAYERS = ["trainables", "spaces", "search", "analysis"]  # imports may only point left
+
+
+def _leadtune_imports(path: Path, modules: frozenset[str] = frozenset()) -> set[str]:
+    """The leadtune modules a file imports (``from package import submodule`` as the
+    submodule)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("leadtune."):
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules
+            found.update(submodules or {node.module})
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("leadtune."))
+    return found
+
+
+def test_imports_run_one_way_and_search_names_no_task() -> None:
+    """data and tasks -> spaces -> search -> analysis; the CLI and benchmarks on top."""
+    for layer in LAYERS:
+        allowed = set(LAYERS[: LAYERS.index(layer) + 1]) | {"bundled"}
+        for path in (REPO / layer).rglob("*.py"):
+            for module in _leadtune_imports(path):
+                target = module.split(".")[1]
+                assert target in allowed, f"{path.relative_to(REPO)} imports {module}"
+    for path in (REPO / "search").rglob("*.py"):
+        text = path.read_text()
+        for word in ("lead_id", "LeadId", "lead-id"):
+            assert word not in text, f"{path.relative_to(REPO)} names the task ({word})"
+    for path in (REPO / "trainables").rglob("*.py"):
+        if "lead_id" in path.parts:
+            continue  # a task may use the task-neutral modules, not the other way round
+        for module in _leadtune_imports(path):
+            assert ".lead_id" not in module or path.name == "tasks.py", (path, module)
+
+
+def test_the_import_graph_has_no_cycles() -> None:
+    """Every leadtune import, module-level or inside a function, as an edge between modules."""
+    modules: dict[str, Path] = {}
+    for package, folder in FOLDERS.items():
+        for path in (REPO / folder).rglob("*.py"):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
+    names = frozenset(modules)
+    graph = {
+        name: {m for m in _leadtune_imports(path, names) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError(" -> ".join([*trail, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
