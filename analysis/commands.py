@@ -179,7 +179,9 @@ def run_label(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    from leadtune.trainables.commands import DefaultsHelpFormatter
+
+    fmt = DefaultsHelpFormatter
 
     report = subparsers.add_parser(
         "report",
@@ -190,10 +192,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     report.add_argument(
-        "study",
-        nargs="?",
-        default=None,
-        help="study name (default: the only one under --storage-path)",
+        "--study", default=None, help="study name (default: the only one under --storage-path)"
     )
     report.add_argument("--storage-path", default="runs/search", help="the search's --storage-path")
     report.add_argument(

@@ -19,9 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from leadtune.search.state import STATE_FILE
 
-CURVE_METRICS = ("val_loss", "val_lead_accuracy")
+
+def curve_metrics(state: dict[str, Any]) -> list[str]:
+    """The validation metrics a report shows per epoch: the searched one and the task's table
+    metrics (lead and set accuracy for lead identification)."""
+    from leadtune.search.promote import task_of
+    from leadtune.trainables.tasks import get_task
+
+    spec = get_task(task_of(state))
+    return list(dict.fromkeys([state["metric"], *(c.key for c in spec.table_metrics)]))
+
+
 # Below this many finished trials, importances say little; the report says so.
 FEW_TRIALS = 10
 
@@ -36,6 +48,15 @@ class TrialRow:
     best_value: float | None  # of the search metric, best over epochs
     seconds: float | None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    optuna_trial: str | None = None  # the Optuna trial number of this Tune trial
+    best_epoch: int | None = None  # the epoch of best_value (the checkpoint promotion uses)
+
+    def at_best_epoch(self, name: str) -> float | None:
+        """A metric's value at the best epoch: one number per fact, as everywhere else."""
+        for step, value in self.curves.get(name, []):
+            if step == self.best_epoch:
+                return value
+        return None
 
 
 @dataclass
@@ -139,11 +160,11 @@ def collect(search_dir: Path, tracking_uri: str | None) -> SearchData:
     trials = []
     for run in runs:
         curves = {}
-        for name in {*CURVE_METRICS, metric}:
+        for name in {*curve_metrics(state), metric}:
             history = client.get_metric_history(run.info.run_id, name)
             curves[name] = sorted((int(m.step), float(m.value)) for m in history)
-        values = [v for _, v in curves.get(metric, []) if math.isfinite(v)]
-        best_value = (min(values) if mode == "min" else max(values)) if values else None
+        points = [(s, v) for s, v in curves.get(metric, []) if math.isfinite(v)]
+        best = (min if mode == "min" else max)(points, key=lambda p: p[1]) if points else None
         end = run.info.end_time or int(time.time() * 1000)
         trials.append(
             TrialRow(
@@ -152,9 +173,11 @@ def collect(search_dir: Path, tracking_uri: str | None) -> SearchData:
                 state=run.data.tags.get("leadtune.state", run.info.status.lower()),
                 params=dict(run.data.params),
                 metrics={k: float(v) for k, v in run.data.metrics.items()},
-                best_value=best_value,
+                best_value=best[1] if best else None,
                 seconds=(end - run.info.start_time) / 1000 if run.info.start_time else None,
                 curves=curves,
+                optuna_trial=run.data.tags.get("leadtune.optuna_trial"),
+                best_epoch=best[0] if best else None,
             )
         )
     trials.sort(key=lambda t: (t.trial_id, t.run_id))
@@ -194,10 +217,12 @@ def _optuna_facts(state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
             ),
         )
     try:
-        importances = optuna.importance.get_param_importances(study)
+        # fANOVA, asked for by name: Optuna's default evaluator changed to PED-ANOVA in 5.0.
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except (RuntimeError, ValueError) as exc:
         return rows, {}, f"Optuna could not compute importances ({exc})"
-    note = "fANOVA importances (optuna.importance.get_param_importances)"
+    note = "fANOVA importances (optuna.importance.FanovaImportanceEvaluator, seed 0)"
     if len(complete) < FEW_TRIALS:
         note += (
             f"; only {len(complete)} finished trials, so treat them as a rough hint "
@@ -246,8 +271,13 @@ def plot_history(data: SearchData, path: Path) -> Path | None:
     return path
 
 
-def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
-    """Numbers for a parallel-coordinates axis, scaled to [0, 1]; categories get their index."""
+NOT_APPLICABLE = -0.15  # where a conditional parameter a trial does not have is drawn
+
+
+def _axis_values(values: list[Any]) -> tuple[list[float], list[str]]:
+    """Positions in [0, 1] for a parallel-coordinates axis, and the axis' tick labels (bottom,
+    top; or one per category). Log scale where the values span more than a factor 20; a trial
+    without the parameter (conditional) sits at NOT_APPLICABLE."""
     numeric = [_finite(v) for v in values]
     present = [v for v in values if v is not None]
     if (
@@ -261,14 +291,19 @@ def _axis_values(values: list[Any]) -> tuple[list[float], list[str] | None]:
         scale = (lambda x: math.log10(x)) if log else (lambda x: x)
         lo, hi = scale(low), scale(high)
         span = hi - lo or 1.0
-        return [math.nan if n is None else (scale(n) - lo) / span for n in numeric], None
+        ticks = [f"{low:.3g}", f"{high:.3g}" + (" (log)" if log else "")]
+        return [NOT_APPLICABLE if n is None else (scale(n) - lo) / span for n in numeric], ticks
     categories = sorted({str(v) for v in present})
     step = max(len(categories) - 1, 1)
-    return [math.nan if v is None else categories.index(str(v)) / step for v in values], categories
+    return [
+        NOT_APPLICABLE if v is None else categories.index(str(v)) / step for v in values
+    ], categories
 
 
 def plot_parallel(data: SearchData, path: Path) -> Path | None:
-    """One line per finished trial across its parameters and the objective."""
+    """One line per finished trial across its parameters and the objective, coloured by the
+    objective (colour bar); each axis labelled with its range or categories; conditional
+    parameters a trial does not have at 'n/a'."""
     rows = [r for r in data.optuna_trials if r["value"] is not None]
     if not rows:
         return None
@@ -279,21 +314,25 @@ def plot_parallel(data: SearchData, path: Path) -> Path | None:
     columns.append(_axis_values([r["value"] for r in rows]))
     values = [r["value"] for r in rows]
     low, high = min(values), max(values)
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(axes)), 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(axes)), 4.8), dpi=100)
     cmap = plt.get_cmap("viridis_r" if data.mode == "min" else "viridis")
+    norm = plt.Normalize(low, high if high > low else low + 1e-9)
     for i, value in enumerate(values):
         ys = [column[0][i] for column in columns]
-        shade = 0.5 if high == low else (value - low) / (high - low)
-        ax.plot(range(len(axes)), ys, "-o", color=cmap(shade), alpha=0.8, markersize=3)
-    for j, (_, categories) in enumerate(columns):
+        ax.plot(range(len(axes)), ys, "-o", color=cmap(norm(value)), alpha=0.8, markersize=3)
+    for j, (_, ticks) in enumerate(columns):
         ax.axvline(j, color="grey", lw=0.5)
-        if categories:
-            step = max(len(categories) - 1, 1)
-            for k, name in enumerate(categories):
-                ax.text(j + 0.03, k / step, name, fontsize=7, va="center")
+        step = max(len(ticks) - 1, 1)
+        for y, text in zip((k / step for k in range(len(ticks))), ticks):
+            ax.text(j + 0.04, y, text, fontsize=7, va="center")
+        if any(column_value == NOT_APPLICABLE for column_value in columns[j][0]):
+            ax.text(j + 0.04, NOT_APPLICABLE, "n/a", fontsize=7, va="center", color="grey")
     ax.set_xticks(range(len(axes)), axes, rotation=30, ha="right")
-    ax.set_yticks([0, 1], ["low", "high"])
-    ax.set_title(f"Parallel coordinates (colour: {data.metric}, brighter = better)")
+    ax.set_yticks([])
+    ax.set_ylim(NOT_APPLICABLE - 0.08, 1.08)
+    ax.set_title(f"Parallel coordinates (Optuna trials; colour: {data.metric})")
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
+    bar.set_label(f"{data.metric} ({'lower' if data.mode == 'min' else 'higher'} is better)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -315,20 +354,38 @@ def plot_importances(data: SearchData, path: Path) -> Path | None:
     return path
 
 
+def _robust_limits(values: list[float]) -> tuple[float, float] | None:
+    """y-limits that show the bulk of the curves: one diverged trial must not squash the rest."""
+    finite = np.array([v for v in values if math.isfinite(v)])
+    if finite.size < 4:
+        return None
+    low, high = np.percentile(finite, [2, 98])
+    pad = 0.08 * (high - low or abs(high) or 1.0)
+    return float(low - pad), float(high + pad)
+
+
 def plot_learning_curves(data: SearchData, path: Path) -> Path | None:
-    """val_loss and val_lead_accuracy per epoch, one line per trial."""
-    if not any(t.curves.get(m) for t in data.trials for m in CURVE_METRICS):
+    """The searched metric and the task's table metrics per epoch, one line per trial (labelled
+    with its Optuna trial number and Tune id); y-limits on the 2nd-98th percentiles."""
+    names = curve_metrics(data.state)
+    if not any(t.curves.get(m) for t in data.trials for m in names):
         return None
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4), dpi=100)
-    for ax, name in zip(axes, CURVE_METRICS):
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), dpi=100)
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, names):
+        everything = []
         for trial in data.trials:
             curve = trial.curves.get(name) or []
             if curve:
                 epochs, values = zip(*curve)
-                ax.plot(epochs, values, "-o", markersize=3, label=trial.trial_id)
+                everything += values
+                ax.plot(epochs, values, "-o", markersize=3, label=_trial_label(trial))
+        limits = _robust_limits(everything)
+        if limits:
+            ax.set_ylim(*limits)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name)
@@ -341,9 +398,12 @@ def plot_learning_curves(data: SearchData, path: Path) -> Path | None:
     return path
 
 
+def _trial_label(trial: TrialRow) -> str:
+    return f"#{trial.optuna_trial} {trial.trial_id}" if trial.optuna_trial else trial.trial_id
+
+
 # -- writing -------------------------------------------------------------------------------------
 
-TABLE_METRICS = ("val_loss", "val_lead_accuracy", "val_set_accuracy", "val_lead_accuracy_hungarian")
 HIDDEN_PARAMS = ("seed", "num_threads", "device", "amp")
 
 
@@ -367,7 +427,9 @@ def _short(value: str | None) -> str:
 
 
 def trials_table(data: SearchData) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: trial, state, epochs, best metric, last metrics, duration, params."""
+    """Header and rows: trial (Optuna number and Tune id), state, epochs, the best epoch and
+    every metric at that epoch (the figures of the checkpoint promotion would use), duration,
+    and the parameters that vary."""
     varied = sorted(
         {
             k
@@ -376,10 +438,10 @@ def trials_table(data: SearchData) -> tuple[list[str], list[list[str]]]:
             if k not in HIDDEN_PARAMS and len({u.params.get(k) for u in data.trials}) > 1
         }
     )
-    metric_columns = [m for m in TABLE_METRICS if m != data.metric]
+    metric_columns = [m for m in curve_metrics(data.state) if m != data.metric]
     header = (
-        ["trial", "state", "epochs", f"best {data.metric}"]
-        + [f"last {m}" for m in metric_columns]
+        ["optuna", "trial", "state", "epochs", "best epoch", data.metric]
+        + metric_columns
         + ["seconds"]
         + varied
     )
@@ -387,11 +449,12 @@ def trials_table(data: SearchData) -> tuple[list[str], list[list[str]]]:
     for t in data.trials:
         epochs = max((s for s, _ in t.curves.get(data.metric, [])), default=None)
         rows.append(
-            [t.trial_id, t.state, _fmt(epochs), _fmt(t.best_value)]
-            + [_fmt(t.metrics.get(m)) for m in metric_columns]
+            [t.optuna_trial or "–", t.trial_id, t.state, _fmt(epochs), _fmt(t.best_epoch),
+             _fmt(t.best_value)]
+            + [_fmt(t.at_best_epoch(m)) for m in metric_columns]
             + [_fmt(t.seconds, 1)]
             + [_short(t.params.get(k)) for k in varied]
-        )
+        )  # fmt: skip
     return header, rows
 
 
@@ -495,11 +558,14 @@ def render_html(data: SearchData, plots: dict[str, str]) -> str:
         f"<code>{esc(str(s.get('data_fingerprint'))[:16])}</code></li></ul>",
         "<h2>Best trial</h2>",
     ]
-    parts += [f"<p>{esc(line).replace('**', '')}</p>" for line in _best_lines(data) if line]
-    parts.append("<h2>Trials</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header))
+    parts += [f"<p>{_markdown_inline(line)}</p>" for line in _best_lines(data) if line]
+    parts.append(
+        "<h2>Trials</h2><div style='overflow-x:auto'><table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in header)
+    )
     for row in rows:
         parts.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>")
-    parts.append("</table><h2>Parameter importances</h2>")
+    parts.append("</table></div><h2>Parameter importances</h2>")
     parts.append(f"<p>{esc(data.importance_note)}.</p>")
     for key, title in (
         ("importances", "Parameter importances"),
@@ -510,9 +576,26 @@ def render_html(data: SearchData, plots: dict[str, str]) -> str:
         if key in plots:
             if key != "importances":
                 parts.append(f"<h2>{esc(title)}</h2>")
-            parts.append(f"<img src='{esc(plots[key])}' alt='{esc(title)}'>")
+            # Embedded: the page renders wherever it is opened, MLflow's artifact view included.
+            parts.append(f"<img src='{_data_uri(plots, key)}' alt='{esc(title)}'>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _markdown_inline(line: str) -> str:
+    """A Markdown line with **bold** and `code` as HTML."""
+    import re
+
+    text = html.escape(line)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _data_uri(plots: dict[str, str], key: str) -> str:
+    import base64
+
+    path = Path(plots[f"_path_{key}"])
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def write_report(
@@ -534,8 +617,12 @@ def write_report(
         written = draw(data, plot_dir / f"{key}.png")
         if written is not None:
             plots[key] = f"plots/{key}.png"
+            plots[f"_path_{key}"] = str(written)
     report = out_dir / f"report.{fmt}"
     report.write_text(render_markdown(data, plots) if fmt == "md" else render_html(data, plots))
+    # MLflow shows HTML artifacts in its UI: the attached copy always has the plots embedded.
+    (out_dir / "report.html").write_text(render_html(data, plots))
+    plots = {k: v for k, v in plots.items() if not k.startswith("_path_")}
     csv_path = write_csv(data, out_dir / "trials.csv")
     best = data.best()
     summary = {

@@ -806,11 +806,13 @@ def print_search(results: list[dict[str, Any]]) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from leadtune.trainables.commands import DefaultsHelpFormatter
+
     bench = subparsers.add_parser(
         "bench",
         help="training and inference speed of the reference model, fast path vs plain PyTorch",
         description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     bench.add_argument(
         "--model",

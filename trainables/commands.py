@@ -16,6 +16,23 @@ from pathlib import Path
 from typing import Any
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default once: appended as "(default: X)" unless the help
+    already says it, and left out where there is none (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
 def default_source() -> str:
     """The bundled PTB-XL sample (``leadtune.bundled``), in a checkout or an installed wheel."""
     from leadtune.bundled import sample_dir
@@ -215,6 +232,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train one model of a task (no search)",
         description="Train one model. Settings: the task's defaults (its reference), then "
         "--config YAML, then flags.",
+        formatter_class=DefaultsHelpFormatter,
     )
     train.add_argument(
         "--task",

@@ -91,8 +91,10 @@ def _add_dataset_options(parser: argparse.ArgumentParser, require_source: bool) 
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from leadtune.trainables.commands import DefaultsHelpFormatter
+
     """Add `data` (with `prepare` and `summary`) to the leadtune CLI."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = DefaultsHelpFormatter
     data = subparsers.add_parser(
         "data",
         help="prepare and inspect the cached PTB-XL arrays",

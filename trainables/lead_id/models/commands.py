@@ -12,6 +12,8 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
+    from leadtune.trainables.commands import DefaultsHelpFormatter
+
     parser = subparsers.add_parser(
         "models",
         help="list lead-identification encoders and contexts with parameter counts",
@@ -21,7 +23,7 @@ def add_parser(subparsers: Any) -> None:
             "(inception_gru + 5 set attention blocks). Encoder counts are compared with the "
             "paper's Table VI at D = 128."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--d-model",
