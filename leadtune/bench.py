@@ -377,13 +377,9 @@ def measure_data_pipeline(data: Any, settings: BenchSettings, repeats: int = 3) 
     import numpy as np
     import torch
 
-    from leadtune.trainables.lead_id.train import (
-        LeadIdConfig,
-        augment_batch,
-        device_batches,
-        iterate_batches,
-        lead_columns,
-    )
+    from leadtune.trainables.lead_id.config import LeadIdConfig
+    from leadtune.trainables.lead_id.train import augment_batch, lead_columns
+    from leadtune.trainables.training import device_batches, iterate_batches
 
     config = LeadIdConfig(batch_size=settings.batch_size)
     columns = lead_columns(config, data.leads)
@@ -441,7 +437,7 @@ def measure_epochs(data: Any, settings: BenchSettings, log: Any) -> list[dict[st
     for variant, build in (("fast", None), ("plain", create_plain_model)):
         log(f"  measuring one epoch of the {variant} model on {len(data.train)} records")
         with tempfile.TemporaryDirectory(prefix="leadtune-bench-epoch-") as tmp:
-            from leadtune.trainables.lead_id.train import LocalReporter
+            from leadtune.trainables.training import LocalReporter
 
             last = train_lead_id(config, data, LocalReporter(Path(tmp)), build_model=build)
         results.append(
@@ -478,11 +474,38 @@ ACCURACY_CONFIG = {
 }
 
 
-def compare_training(data: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
-    """Train the fast model and the plain rendering from the same seed on the same batches."""
-    from leadtune.trainables.lead_id.models.plain_reference import create_plain_model
-    from leadtune.trainables.lead_id.train import LocalReporter, train_lead_id
+def with_artefacts_first(data: Any, count: int) -> tuple[Any, dict[str, Any]]:
+    """The training records sorted so that the ``count`` kept hold every record above 5 mV
+    (pacemaker spikes, electrode pops, saturation): the fast path must agree with the plain one
+    on what real data holds, not on a clean sample."""
+    import dataclasses
 
+    import numpy as np
+
+    peaks = np.abs(data.train).max(axis=(1, 2))
+    loud = np.flatnonzero(peaks > 5.0)
+    order = np.concatenate([loud, np.setdiff1d(np.arange(len(peaks)), loud)])[:count]
+    ids = data.ids("train", order)
+    chosen = dataclasses.replace(data, train=data.train[order], train_ids=ids)
+    facts = {
+        "records": int(len(order)),
+        "above_5_mv": int((peaks[order] > 5).sum()),
+        "above_10_mv": int((peaks[order] > 10).sum()),
+        "largest_peak_mv": round(float(peaks[order].max()), 2),
+        "largest_peak_ecg_id": int(ids[int(np.argmax(peaks[order]))]),
+    }
+    return chosen, facts
+
+
+def compare_training(data: Any, config: dict[str, Any], log: Any) -> dict[str, Any]:
+    """Train the fast model and the plain rendering from the same seed on the same batches,
+    on real records that include the data's artefacts."""
+    from leadtune.trainables.lead_id.models.plain_reference import create_plain_model
+    from leadtune.trainables.lead_id.train import train_lead_id
+    from leadtune.trainables.training import LocalReporter
+
+    data, facts = with_artefacts_first(data, config["max_train_records"])
+    log(f"  training records: {json.dumps(facts)}")
     histories = {}
     for variant, build in (("fast", None), ("plain", create_plain_model)):
         log(f"  training the {variant} model: {json.dumps(config)}")
@@ -490,7 +513,7 @@ def compare_training(data: Any, config: dict[str, Any], log: Any) -> dict[str, A
             reporter = LocalReporter(Path(tmp))
             train_lead_id(config, data, reporter, build_model=build)
             histories[variant] = [{key: m[key] for key in ACCURACY_KEYS} for m in reporter.history]
-    return {"config": config, **histories}
+    return {"config": config, "training_records": facts, **histories}
 
 
 ACCURACY_KEYS = (
@@ -558,7 +581,9 @@ def tree_pss_bytes(root: int) -> int:
 def measure_search(settings: BenchSettings, log: Any) -> list[dict[str, Any]]:
     """A small search with 1 and with 2 concurrent trials: wall time, summed trial time, peak
     memory of the whole process tree (driver, Ray, trial workers)."""
-    from leadtune.search.tuner import STATE_FILE, SearchSettings, run_search
+    from leadtune.search.settings import SearchSettings
+    from leadtune.search.state import STATE_FILE
+    from leadtune.search.tuner import run_search
     from leadtune.trainables.tasks import DataRequest
 
     source = Path(settings.source or sample_dir())
@@ -783,6 +808,7 @@ def _megabytes(value: int | None) -> str:
 
 def print_accuracy(result: dict[str, Any]) -> None:
     print(f"\ntraining fast vs plain, same seed and batches: {json.dumps(result['config'])}")
+    print(f"  on real training records with artefacts: {json.dumps(result['training_records'])}")
     for variant in ("fast", "plain"):
         last = result[variant][-1]
         print(

@@ -202,6 +202,11 @@ def artifact_location_for(tracking_uri: str) -> str | None:
     return None
 
 
+# Tells MLflow's UI this is model training, not a GenAI app: the experiment opens on its runs
+# (MLflow 3 otherwise guesses, and opened the traces overview for a search).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -209,7 +214,7 @@ def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     if experiment is None:
         try:
             return client.create_experiment(
-                name, artifact_location=artifact_location_for(tracking_uri)
+                name, artifact_location=artifact_location_for(tracking_uri), tags=EXPERIMENT_TAGS
             )
         except MlflowException:  # created meanwhile by a concurrent search
             experiment = client.get_experiment_by_name(name)

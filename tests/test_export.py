@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -133,3 +134,37 @@ def test_export_fails_when_outputs_differ_beyond_tolerance(env, tmp_path):
         export_model(loaded, tmp_path, tolerance=-1.0, onnx=False)
     card = json.loads((tmp_path / "model_card.json").read_text())
     assert card["verification"]["passed"] is False
+
+
+def _pickled_globals(weights_file) -> set[str]:
+    """The module.name globals a torch.save file's pickle refers to."""
+    import pickletools
+
+    with zipfile.ZipFile(weights_file) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    names, strings = set(), []
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif opcode.name == "STACK_GLOBAL":
+            names.add(f"{strings[-2]}.{strings[-1]}")
+        elif opcode.name == "GLOBAL":
+            names.add(arg.replace(" ", "."))
+    return names
+
+
+def test_a_registered_version_names_no_python_class(env):
+    """What the registry holds survives any refactoring of leadtune: a JSON file (task, config)
+    and tensors; no pickled class or module path that a move or rename could break."""
+    from mlflow.tracking import MlflowClient
+
+    from leadtune.analysis.model_source import _download
+
+    version = MlflowClient(env.tracking_uri).get_model_version("lead-id", env.version)
+    folder = _download(version.source, env.tracking_uri)
+    manifest = (folder / "leadtune-model.json").read_text()
+    assert '"task": "lead_id"' in manifest and "leadtune.trainables" not in manifest
+    used = _pickled_globals(folder / "weights.pt")
+    assert used and all(name.startswith(("torch.", "collections.")) for name in used), used
+    state = torch.load(folder / "weights.pt", weights_only=True)  # tensors only
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
