@@ -53,7 +53,25 @@ def run_report(args: argparse.Namespace) -> int:
     print(f"  importances: {data.importance_note}")
     if "mlflow" in files:
         print(f"  attached to MLflow parent run {data.state['parent_run_id']}: {files['mlflow']}")
+    if data.state.get("space") == "lead_subsets":
+        _lead_subsets_table(data, out)
     return 0
+
+
+def _lead_subsets_table(data: Any, out: Path) -> None:
+    """The lead-subsets study's table: every trial's best checkpoint once on the test split."""
+    from mlflow.tracking import MlflowClient
+
+    from leadtune.analysis import lead_subsets
+
+    print("  evaluating each configuration's models once on the test split ...", file=sys.stderr)
+    table = lead_subsets.lead_subsets_table(
+        data.search_dir, data.state, MlflowClient(data.tracking_uri)
+    )
+    records = f"{data.state.get('data_source')}, labelled test ECGs"
+    files = lead_subsets.write(table, out / "lead_subsets", records)
+    print(lead_subsets.format_markdown(table, records))
+    print(f"  lead-subsets table: {files['markdown']}, {files['csv']}, plot {files['plot']}")
 
 
 def _prepare(source: str, cache_dir: str | None, limit: int | None, loaded: Any):
@@ -91,6 +109,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     dataset = _prepare(source, args.cache_dir, args.limit, loaded)
+    if loaded.task == "diagnosis":
+        return _diagnosis_evaluation(args, loaded, dataset)
     if args.suite == "labelling":
         return _labelling_suite(args, loaded, dataset)
     result, arrays = evaluate_model(
@@ -104,6 +124,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     files = write_evaluation(result, arrays, out)
     print(format_summary(result))
     print(f"written: {files['markdown']}, {files['json']} (+ confusion PNGs, predictions.npz)")
+    return 0
+
+
+def _diagnosis_evaluation(args: argparse.Namespace, loaded: Any, dataset: Any) -> int:
+    from leadtune.analysis.diagnosis_evaluation import evaluate_diagnosis, format_markdown, write
+
+    result = evaluate_diagnosis(loaded, dataset, args.split, min(args.n_boot, 2000), args.seed)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs/evaluate") / (f"{_slug(str(args.model or 'model'))}-{args.split}")
+    )
+    files = write(result, out)
+    print(format_markdown(result))
+    print(f"written: {files['markdown']}, {files['json']}")
     return 0
 
 

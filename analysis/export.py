@@ -320,6 +320,7 @@ def export_model(
             "data": {**card["data"], "fs": loaded.fs},
             "preprocessing": preprocess_settings(card["preprocessing"]),
             "validation_metrics": card["validation_metrics"],
+            "val_thresholds": loaded.card.get("val_thresholds"),
             "test_metrics": card["test_metrics"],
             "source": card["origin"],
         },

@@ -197,6 +197,7 @@ def _load_checkpoint(path: Path, source: str, cache_roots: list[Path]) -> Loaded
         "checkpoint": str(folder.resolve()),
         "epoch": state.get("epoch"),
         "validation_metrics": _numbers(state.get("metrics") or {}, prefix="val_"),
+        "val_thresholds": (state.get("metrics") or {}).get("val_thresholds"),
         "test_metrics": {},
         "data": {"fingerprint": fingerprint, "fs": fs, "source": data.get("source", "")},
     }
@@ -240,6 +241,7 @@ def _from_package(
         "test_metrics": dict(manifest.get("test_metrics") or {}),
         "data": {"fingerprint": fingerprint, "fs": fs, "source": data.get("source", "")},
         "labelling": manifest.get("labelling") or {},
+        "val_thresholds": manifest.get("val_thresholds"),
         **(card or {}),
     }
     checkpoint = (manifest.get("source") or {}).get("checkpoint")

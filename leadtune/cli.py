@@ -16,7 +16,7 @@ from leadtune import __version__
 # Order is the order shown in --help: the path the data takes.
 COMMAND_MODULES = (
     "leadtune.trainables.data.commands",  # leadtune data prepare|summary
-    "leadtune.trainables.lead_id.models.commands",  # leadtune models
+    "leadtune.trainables.catalogue",  # leadtune models
     "leadtune.trainables.commands",  # leadtune train
     "leadtune.bench",  # leadtune bench
     "leadtune.search.commands",  # leadtune search, leadtune promote

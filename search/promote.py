@@ -205,6 +205,7 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
                 "data": data,
                 "epoch": state.get("epoch"),
                 "validation_metrics": _numbers(state.get("metrics") or {}, "val_"),
+                "val_thresholds": (state.get("metrics") or {}).get("val_thresholds"),
                 "test_metrics": {k: v for k, v in test_metrics.items() if _is_number(v)},
                 "source": {"checkpoint": str(checkpoint), "run_id": run_id, **tags},
             },

@@ -134,8 +134,10 @@ class SearchPlan:
     mode: str
     root: Path
     optuna_storage: str
-    fixed: dict[str, Any]
+    fixed: dict[str, Any]  # the space's fixed settings, --set and --epochs: they win
     register_name: str
+    # the search's own defaults (seed, threads), which a space may vary
+    defaults: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)
     search_dir: Path | None = None
 
@@ -183,12 +185,13 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     fixed = {**space.fixed, **settings.overrides}
     if settings.epochs is not None:
         fixed["epochs"] = settings.epochs
-    fixed.setdefault("seed", settings.seed)
-    fixed.setdefault("num_threads", max(1, int(settings.cpus_per_trial)))
     plan.fixed = fixed
+    plan.defaults = {"seed": settings.seed, "num_threads": max(1, int(settings.cpus_per_trial))}
     from leadtune.search.study import SpaceWithFixed
 
-    check_space(SpaceWithFixed(space.define, fixed), fixed, spec.config_from_dict)
+    check_space(
+        SpaceWithFixed(space.define, fixed), {**plan.defaults, **fixed}, spec.config_from_dict
+    )
     if settings.address is None:  # a local Ray gets this machine's cores and GPUs, no more
         check_resources(settings, local_resources())
     return plan
@@ -464,7 +467,7 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     )
     return tune.Tuner(
         trainable,
-        param_space=dict(plan.fixed),
+        param_space={**plan.defaults, **plan.fixed},
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
             scheduler=scheduler,

@@ -10,6 +10,7 @@ if __name__ != "leadtune.spaces":  # imported as a bare top-level name: a second
     )
 
 # Importing the modules registers their spaces.
+from leadtune.spaces import diagnosis as _diagnosis  # noqa: E402,F401
 from leadtune.spaces import lead_id as _lead_id  # noqa: E402,F401
 from leadtune.spaces.registry import (
     DEFAULT_SPACE,

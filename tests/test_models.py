@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from leadtune.trainables import catalogue as models_commands
 from leadtune.trainables.lead_id.models import (
     CONTEXTS,
     ENCODERS,
@@ -22,7 +23,6 @@ from leadtune.trainables.lead_id.models import (
     describe_models,
     register_encoder,
 )
-from leadtune.trainables.lead_id.models import commands as models_commands
 from leadtune.trainables.lead_id.models.encoders import (
     PAPER_ENCODER_PARAMETERS,
     released_unused_encoder_parameters,
@@ -343,7 +343,7 @@ def test_models_command_prints_table_and_json(capsys: pytest.CaptureFixture[str]
 
 
 def test_models_command_module_imports_without_torch() -> None:
-    code = "import sys, leadtune.trainables.lead_id.models.commands; print('torch' in sys.modules)"
+    code = "import sys, leadtune.trainables.catalogue; print('torch' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # The packages whose spec modules register the built-in tasks.
-BUILTIN_TASKS = ("leadtune.trainables.lead_id.spec",)
+BUILTIN_TASKS = ("leadtune.trainables.lead_id.spec", "leadtune.trainables.diagnosis.spec")
 DEFAULT_TASK = "lead_id"
 # More task modules to import, comma-separated (a user's own tasks). Trial workers inherit the
 # variable, so they find the same tasks as the command that started the search.
@@ -70,9 +70,18 @@ class TaskSpec:
     test_metrics: tuple[Column, ...] = ()
     # Config fields shown in the trial table (those every trial of the task's spaces has).
     table_params: tuple[str, ...] = ()
+    # The validation metric that picks a run's best epoch (spaces may search on another).
+    metric: str = "val_loss"
+    mode: str = "min"
     # Whether a model takes any number of leads K (lead identification) or exactly the leads of
     # its config (a diagnosis network's input channels): exports make the lead axis dynamic.
     variable_leads: bool = True
+    # ``leadtune models``: (feature width D) -> one row per model part with keys kind, name,
+    # parameters, published_parameters (None when unpublished), description; the note says
+    # where the published counts come from. Tasks whose networks have no width knob ignore D.
+    describe_models: Callable[[int], list[dict[str, Any]]] | None = None
+    models_note: str = ""
+    models_use_d_model: bool = False
 
     def config_from_dict(self, values: dict[str, Any]) -> Any:
         return self.config_class.from_dict(values)

@@ -51,6 +51,12 @@ def train(
     return train_lead_id(config, data=data, reporter=reporter, progress=progress)
 
 
+def describe_models(d_model: int) -> list[dict[str, Any]]:
+    from leadtune.trainables.lead_id.models import describe_models as rows
+
+    return rows(d_model=d_model)
+
+
 SPEC = register_task(
     TaskSpec(
         name="lead_id",
@@ -72,5 +78,11 @@ SPEC = register_task(
             Column("test_lead_accuracy", "test lead accuracy (argmax)"),
         ),
         table_params=("encoder", "context", "d_model", "lr", "batch_size"),
+        describe_models=describe_models,
+        models_note=(
+            "published: Table VI of the paper (encoders at D = 128), the released code "
+            "(reference model)."
+        ),
+        models_use_d_model=True,
     )
 )

@@ -1,7 +1,7 @@
 """Lead-identification models, built by name: ``create_model(encoder="inception_gru", ...)``.
 
 Importing this package is cheap: torch and the model modules load on first use of one of the
-names below, so ``leadtune --help`` (which imports ``trainables.models.commands``) stays fast.
+names below, so ``leadtune --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``leadtune models``: the registered encoders and contexts, with their parameter counts.
+"""``leadtune models``: each task's models with their parameter counts (lead identification's
+encoders and contexts, the diagnosis networks), against the published sizes.
 
 Imports nothing heavy at module level (torch loads inside the command), so building the CLI
 parser stays fast.
@@ -16,38 +17,48 @@ def add_parser(subparsers: Any) -> None:
 
     parser = subparsers.add_parser(
         "models",
-        help="list lead-identification encoders and contexts with parameter counts",
+        help="list each task's models with parameter counts",
         description=(
-            "List the registered per-lead encoders and lead contexts with their parameter "
-            "counts at feature width D, and the reference model's total "
-            "(inception_gru + 5 set attention blocks). Encoder counts are compared with the "
-            "paper's Table VI at D = 128."
+            "lead_id: the registered per-lead encoders and lead contexts with their parameter "
+            "counts at feature width D, and the reference model's total (inception_gru + 5 set "
+            "attention blocks), encoders compared with the paper's Table VI at D = 128. "
+            "diagnosis: the six networks for 12 leads and 5 classes, compared with the counts "
+            "of their sources."
         ),
         formatter_class=DefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--task",
+        default="lead_id",
+        help="the task whose models to list (lead_id, diagnosis, or one added by LEADTUNE_TASKS)",
     )
     parser.add_argument(
         "--d-model",
         type=_positive_int,
         default=128,
-        help="feature width D the counts are computed at (a multiple of the 8 heads)",
+        help="lead_id: feature width D the counts are computed at (a multiple of the 8 heads)",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.set_defaults(func=run_models)
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from leadtune.trainables.lead_id.models import describe_models
+    from leadtune.trainables.tasks import get_task
 
-    rows = describe_models(d_model=args.d_model)
+    spec = get_task(args.task)
+    if spec.describe_models is None:
+        raise SystemExit(f"leadtune models: task {spec.name!r} lists no models")
+    rows = spec.describe_models(args.d_model)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(format_table(rows, args.d_model))
+    print(format_table(rows, args.d_model if spec.models_use_d_model else None, spec.models_note))
     return 0
 
 
-def format_table(rows: list[dict[str, Any]], d_model: int) -> str:
-    header = ("kind", "name", f"params (D={d_model})", "published", "description")
+def format_table(rows: list[dict[str, Any]], d_model: int | None, note: str = "") -> str:
+    header = ("kind", "name", f"params (D={d_model})" if d_model else "params", "published",
+              "description")  # fmt: skip
     body = [
         (
             str(row["kind"]),
@@ -70,10 +81,8 @@ def format_table(rows: list[dict[str, Any]], d_model: int) -> str:
         ]
         lines.append("  ".join(cells))
     lines.insert(1, "-" * len(lines[0]))
-    lines.append("")
-    lines.append(
-        "published: Table VI of the paper (encoders), the released code (reference model)."
-    )
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
