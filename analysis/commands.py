@@ -40,7 +40,8 @@ def _slug(text: str) -> str:
 
 @_mlflow_errors_as_one_line
 def run_report(args: argparse.Namespace) -> int:
-    from leadtune.analysis.report import collect, find_search, write_report
+    from leadtune.analysis.report import collect, write_report
+    from leadtune.search.state import find_search
 
     search_dir = find_search(Path(args.storage_path), args.study, args.experiment)
     data = collect(search_dir, args.tracking_uri)
@@ -296,7 +297,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     export = subparsers.add_parser(
         "export",
-        help="write a torch-only model (TorchScript, torch.export, ONNX) with a model card",
+        help="write a torch-only model (torch.export .pt2; TorchScript, ONNX extras) with a model card",
         description="Export a model to a folder that loads with torch alone, with a model card "
         "(JSON + Markdown) and a check that the export reproduces the original's outputs.",
         formatter_class=fmt,

@@ -89,35 +89,6 @@ class SearchData:
 # -- finding a search ----------------------------------------------------------------------------
 
 
-def find_search(storage_path: Path, study: str | None, experiment: str | None = None) -> Path:
-    """The search folder: --experiment if given, else the study's newest under storage_path."""
-    if experiment:
-        path = Path(experiment)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(
-                f"{path}: not a leadtune search folder (no {STATE_FILE}); pass a folder "
-                "search-YYYYmmdd-HHMMSS written by `leadtune search`"
-            )
-        return path
-    storage = Path(storage_path)
-    if study is None:
-        studies = sorted({p.parent.parent.name for p in storage.glob(f"*/*/{STATE_FILE}")})
-        if len(studies) != 1:
-            found = ", ".join(studies) if studies else "none"
-            raise FileNotFoundError(
-                f"{storage}: give the STUDY to report on (studies found: {found}); "
-                "or pass --storage-path of the search"
-            )
-        study = studies[0]
-    found = sorted(p.parent for p in (storage / study).glob(f"*/{STATE_FILE}"))
-    if not found:
-        raise FileNotFoundError(
-            f"no search of study {study!r} under {storage}; pass --storage-path (the search's) "
-            "and the study name"
-        )
-    return found[-1]
-
-
 def tracking_uri_for(search_dir: Path, state: dict[str, Any], given: str | None) -> str | None:
     """--tracking-uri, else the one the search was given, else its own SQLite database."""
     if given:

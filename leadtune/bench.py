@@ -697,6 +697,19 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """With --json the readable figures go to stderr and stdout carries one JSON object."""
+    import contextlib
+
+    if not args.json:
+        return _run_bench(args)
+    with contextlib.redirect_stdout(sys.stderr):
+        report: dict = {}
+        code = _run_bench(args, report)
+    print(json.dumps(report, indent=2, default=str))
+    return code
+
+
+def _run_bench(args: argparse.Namespace, report_out: dict | None = None) -> int:
     settings = settings_from_args(args)
 
     def log(message: str) -> None:
@@ -760,9 +773,8 @@ def run_bench(args: argparse.Namespace) -> int:
             os.unlink(batch_file)
     report["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average at the end: {report['load_average_end']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-        print(f"figures written to {args.json}")
+    if report_out is not None:
+        report_out.update(report)
     fast = next(r for r in report["models"][0]["rows"] if r["variant"] == "fast")
     print(f"train: {fast['train_ecg_per_second']:.1f} ECG/s")
     print(f"infer: {fast['infer_ecg_per_second']:.1f} ECG/s")
@@ -875,7 +887,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--search", action="store_true", help="time a small search with 1 and 2 trials at once"
     )
-    bench.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    bench.add_argument(
+        "--json", action="store_true",
+        help="print every figure as JSON on standard output (the readable lines go to stderr)",
+    )  # fmt: skip
     group = bench.add_argument_group("model overrides (smoke tests)")
     group.add_argument("--d-model", type=int, default=None, help="feature width D")
     group.add_argument("--width", type=float, default=None, help="encoder channel multiplier")

@@ -53,8 +53,10 @@ class MlflowTrialCallback(Callback):
         search_dir: Path,
         task: str,
         metric: str,
+        dataset_input: Any = None,
     ) -> None:
         self._tracking_uri = tracking_uri
+        self.dataset_input = dataset_input  # the data every trial reads, on each child run
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.search_dir = Path(search_dir)
@@ -110,6 +112,8 @@ class MlflowTrialCallback(Callback):
             )
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=_params(training_config(trial.config)))
+            if self.dataset_input is not None:
+                self.client.log_inputs(run_id, datasets=[self.dataset_input])
         self._runs[trial.trial_id] = run_id
         return run_id
 

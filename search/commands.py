@@ -138,7 +138,6 @@ def run_promote_command(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from leadtune.search.settings import add_search_arguments
-    from leadtune.spaces.registry import DEFAULT_SPACE
     from leadtune.trainables.commands import add_data_arguments
 
     search = subparsers.add_parser(
@@ -168,7 +167,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "metric and data.",
     )
     promote.add_argument(
-        "--study", default=DEFAULT_SPACE, help=f"study name (default: {DEFAULT_SPACE})"
+        "--study", default=None, help="study name (default: the only one under --storage-path)"
     )
     promote.add_argument(
         "--storage-path", default="runs/search", help="the search's --storage-path (default: "

@@ -34,7 +34,8 @@ class SearchSettings:
     max_concurrent: int = _option(1, "trials running at once")
     cpus_per_trial: float = _option(1.0, "CPU cores per trial (also its torch threads)")
     gpus_per_trial: float = _option(0.0, "GPUs per trial; fractions share a GPU, e.g. 0.25")
-    scheduler: str = _option("asha", "asha stops weak trials early; fifo runs all to the end",
+    scheduler: str | None = _option(None, "asha stops weak trials early; fifo runs all to the "
+                             "end (default: the space's, else asha)",
                              choices=("asha", "fifo"))  # fmt: skip
     max_failures: int = _option(1, "retries of a crashed trial, from its last checkpoint")
     time_budget_s: float | None = _option(
@@ -67,6 +68,10 @@ class SearchSettings:
         True, "skip the test evaluation and registration", flag="--no-promote",
         action="store_false",
     )  # fmt: skip
+    system_metrics: bool = _option(
+        False, "log CPU, memory and GPU use to the search's parent run every 10 s (MLflow "
+        "system metrics)", action="store_true",
+    )  # fmt: skip
     overrides: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "fix a training setting for every trial, e.g. --set leads=precordial",
@@ -84,7 +89,7 @@ class SearchSettings:
             raise ValueError("--cpus-per-trial must be positive")
         if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial % 1):
             raise ValueError("--gpus-per-trial must be a fraction in (0, 1] or a whole number")
-        if self.scheduler not in ("asha", "fifo"):
+        if self.scheduler not in (None, "asha", "fifo"):
             raise ValueError(f"--scheduler must be asha or fifo, got {self.scheduler!r}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("--epochs must be at least 1")

@@ -108,16 +108,27 @@ def latest_unfinished(study_dir: Path) -> Path | None:
     return None
 
 
-def find_search(storage_path: Path, study: str, given: str | None = None) -> Path:
-    """The search folder named by ``--experiment``, else the study's newest search."""
+def find_search(storage_path: Path, study: str | None, given: str | None = None) -> Path:
+    """The search folder named by ``--experiment``, else the study's newest search; without a
+    study, the only study under ``storage_path`` (several: a one-line error naming them)."""
     if given:
         path = Path(given)
         read_state(path)  # a one-line error where it is not a search folder
         return path
-    found = searches(Path(storage_path) / study)
+    storage = Path(storage_path)
+    if study is None:
+        studies = sorted({p.parent.parent.name for p in storage.glob(f"*/*/{STATE_FILE}")})
+        if len(studies) != 1:
+            raise FileNotFoundError(
+                f"{storage}: pass --study (studies found: {', '.join(studies) or 'none'}), or "
+                "the --storage-path the search used"
+            )
+        study = studies[0]
+    found = searches(storage / study)
     if not found:
         raise FileNotFoundError(
-            f"no search of study {study!r} under {storage_path}; pass --storage-path and --study"
+            f"no search of study {study!r} under {storage}; pass the --storage-path the search "
+            "used and --study"
         )
     return found[-1]
 

@@ -9,6 +9,7 @@ as ``search_best_<metric>``, so the two never share a name in MLflow's chart vie
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -238,6 +239,37 @@ def finite_metrics(result: dict[str, Any]) -> dict[str, float]:
         elif isinstance(value, (int, float)) and math.isfinite(value):
             out[key] = float(value)
     return out
+
+
+def dataset_input(dataset: Any, source: str, context: str) -> Any:
+    """The prepared dataset as an MLflow dataset input (name, fingerprint as digest, source
+    folder, per-split counts and preprocessing as its profile), so runs show what they read."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    fingerprint = str(getattr(dataset, "fingerprint", "unknown"))
+    profile: dict[str, Any] = {"fingerprint": fingerprint}
+    splits = getattr(dataset, "splits", None)
+    labelled = getattr(dataset, "labelled", None)
+    if splits is not None:
+        for split in ("train", "val", "test"):
+            in_split = splits == split
+            profile[f"{split}_records"] = int(in_split.sum())
+            if labelled is not None:
+                profile[f"{split}_labelled"] = int((in_split & labelled).sum())
+    manifest = getattr(dataset, "manifest", {}) or {}
+    preprocess = manifest.get("settings", {}).get("preprocess", {})
+    schema = {"signals": "float32 (N, leads, T), mV", "leads": list(getattr(dataset, "leads", ())),
+              "fs": preprocess.get("fs"), "preprocess": preprocess}  # fmt: skip
+    resolved = Path(source).resolve()
+    entity = Dataset(
+        name=resolved.name or "ecg",
+        digest=fingerprint[:16],
+        source_type="local",
+        source=json.dumps({"uri": str(resolved)}),
+        schema=json.dumps(schema, default=str),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])
 
 
 def git_commit() -> str:

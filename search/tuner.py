@@ -30,7 +30,7 @@ from leadtune.search import state as search_state
 from leadtune.search.results import finite, summarise_trials, trial_runs
 from leadtune.search.settings import SearchSettings, check_storage_and_urls
 from leadtune.search.study import check_space, training_config
-from leadtune.search.tracking import TRACKING_URI_ENV, sqlite_uri
+from leadtune.search.tracking import TRACKING_URI_ENV, dataset_input, sqlite_uri
 
 FAULT_ENV = "LEADTUNE_INJECT_FAULT"  # "EPOCH:MARKER_FILE": crash once after EPOCH (tests)
 BEST_FILE = "leadtune_best.json"  # a trial's running best, kept with each checkpoint
@@ -271,6 +271,9 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
             "with the same --source and --limit"
         )
     experiment_id, parent_run_id = _parent_run(plan, client, tracking_uri, fingerprint)
+    source = str(plan.settings.data.source)
+    if not plan.resumed:
+        client.log_inputs(parent_run_id, datasets=[dataset_input(dataset, source, "training")])
     search_state.write_state(
         plan.search_dir,
         status=search_state.RUNNING,
@@ -294,9 +297,11 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
         driver_pid=os.getpid(),
     )
     started = time.perf_counter()
+    monitor = _system_metrics(plan, parent_run_id, tracking_uri)
     try:
         _start_ray(plan)
-        tuner = _build_tuner(plan, data, tracking_uri, experiment_id, parent_run_id)
+        trial_input = dataset_input(dataset, source, "training")
+        tuner = _build_tuner(plan, data, tracking_uri, experiment_id, parent_run_id, trial_input)
         _log(
             f"search {plan.study} ({plan.spec.name}): {plan.settings.trials} trial(s), up to "
             f"{plan.settings.max_concurrent} at once; MLflow experiment {experiment_id}, parent "
@@ -308,6 +313,9 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
         client.set_terminated(parent_run_id, "FAILED")
         search_state.write_state(plan.search_dir, status=search_state.INTERRUPTED)
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
     outcome = _conclude(plan, grid, client, tracking_uri, experiment_id, parent_run_id, started)
     if outcome.status == search_state.FINISHED and outcome.best and plan.settings.promote:
         from leadtune.search.promote import promote_best
@@ -319,6 +327,18 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
             register_name=plan.register_name,
         )
     return outcome
+
+
+def _system_metrics(plan: SearchPlan, parent_run_id: str, tracking_uri: str) -> Any:
+    """With --system-metrics: MLflow's monitor logging this machine's CPU, memory (and GPU)
+    use to the parent run every 10 s while the trials run."""
+    if not plan.settings.system_metrics:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(parent_run_id, sampling_interval=10, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def _parent_run(plan: SearchPlan, client: Any, tracking_uri: str, fingerprint: str):
@@ -417,7 +437,7 @@ def check_resources(settings: SearchSettings, available: dict[str, float]) -> No
 
 
 def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: str,
-                 parent_run_id: str):  # fmt: skip
+                 parent_run_id: str, trial_input: Any = None):  # fmt: skip
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -446,15 +466,17 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
         SpaceWithFixed(plan.space.define, plan.fixed), plan.objective, plan.mode,
         plan.optuna_storage, plan.study, seed, plan.search_dir.name,
     )  # fmt: skip
+    epochs = int(plan.fixed.get("epochs") or plan.spec.config_class().epochs)
     scheduler = (
-        ASHAScheduler(max_t=int(plan.fixed.get("epochs", 30)), grace_period=1, reduction_factor=2)
-        if settings.scheduler == "asha"
+        ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2)
+        if (settings.scheduler or plan.space.scheduler) == "asha"
         else FIFOScheduler()
     )
     callback = MlflowTrialCallback(
-        tracking_uri, experiment_id, parent_run_id, plan.search_dir, plan.spec.name, plan.metric
-    )
-    reporter = tune.CLIReporter(
+        tracking_uri, experiment_id, parent_run_id, plan.search_dir, plan.spec.name, plan.metric,
+        dataset_input=trial_input,
+    )  # fmt: skip
+    reporter = _StderrReporter(
         metric_columns={
             "epoch": "epoch",
             plan.objective: plan.objective,
@@ -492,6 +514,22 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
             verbose=1,
         ),
     )
+
+
+def _stderr_reporter_class() -> type:
+    from ray import tune
+
+    class StderrReporter(tune.CLIReporter):
+        """Tune's trial table on stderr: stdout carries only the result (``--json``)."""
+
+        def _print(self, msg: str) -> None:
+            print(msg, file=sys.stderr, flush=True)
+
+    return StderrReporter
+
+
+def _StderrReporter(**kwargs: Any) -> Any:  # noqa: N802 (a class made when Ray is imported)
+    return _stderr_reporter_class()(**kwargs)
 
 
 # -- the conclusion --------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ class SearchSpace:
     # Config fields shown in the live trial table (only those every trial of the space has;
     # empty: the task's defaults).
     table_params: tuple[str, ...] = ()
+    # Tune's scheduler unless --scheduler says otherwise: asha stops weak trials early; fifo
+    # runs every trial to the end (a grid whose every cell is a result, e.g. lead_subsets).
+    scheduler: str = "asha"
 
 
 SPACES: dict[str, SearchSpace] = {}
@@ -39,6 +42,8 @@ def register_space(space: SearchSpace) -> SearchSpace:
     """Add a space under its name (a second space of the same name is an error)."""
     if space.name in SPACES:
         raise ValueError(f"a search space named {space.name!r} is already registered")
+    if space.scheduler not in ("asha", "fifo"):
+        raise ValueError(f"space {space.name!r}: scheduler must be asha or fifo")
     if space.mode not in ("min", "max"):
         raise ValueError(f"space {space.name!r}: mode must be 'min' or 'max', got {space.mode!r}")
     SPACES[space.name] = space

@@ -186,16 +186,19 @@ def test_plots_importances_and_mlflow_attachment(search, markdown_report):
 
 def test_html_report_to_another_folder(search, tmp_path):
     out = tmp_path / "html"
-    assert main(["report", "mini", "--storage-path", str(search["storage"]), "--format", "html",
+    assert main(["report", "--study", "mini", "--storage-path", str(search["storage"]), "--format", "html",
                  "--out", str(out), "--no-mlflow"]) == 0  # fmt: skip
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<table>" in page
-    assert "src='plots/history.png'" in page and (out / "plots" / "history.png").is_file()
+    assert "src='data:image/png;base64," in page and (out / "plots" / "history.png").is_file()
 
 
 def test_a_single_trial_gets_a_note_instead_of_importances(tmp_path, capsys):
     small = run_small_search(tmp_path, "one", trials=1)
-    assert main(["report", "one", "--storage-path", str(small["storage"]), "--no-mlflow"]) == 0
+    assert (
+        main(["report", "--study", "one", "--storage-path", str(small["storage"]), "--no-mlflow"])
+        == 0
+    )
     report = small["search_dir"] / "report"
     assert "at least 2 finished trials" in (report / "report.md").read_text()
     assert not (report / "plots" / "importances.png").exists()
@@ -203,6 +206,6 @@ def test_a_single_trial_gets_a_note_instead_of_importances(tmp_path, capsys):
 
 
 def test_unknown_study_is_a_one_line_error(search, capsys):
-    assert main(["report", "nosuch", "--storage-path", str(search["storage"])]) == 2
+    assert main(["report", "--study", "nosuch", "--storage-path", str(search["storage"])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("leadtune: error:") and "nosuch" in err and "\n" not in err

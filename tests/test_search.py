@@ -73,8 +73,14 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
     parent = parents[0]
     assert parent.data.tags["leadtune.data_fingerprint"]
     assert "search_best_val_loss" in parent.data.metrics  # not a trial metric's name
+    fingerprint = parent.data.tags["leadtune.data_fingerprint"]
+    for run in [parent, *children]:  # the data read, as an MLflow dataset with its fingerprint
+        (used,) = run.inputs.dataset_inputs
+        assert used.dataset.digest == fingerprint[:16] and used.dataset.source_type == "local"
+    bookkeeping = {"epoch", "should_checkpoint", "done", "training_iteration"}
     for run in children:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert not bookkeeping & set(run.data.metrics), run.data.metrics.keys()
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2] or (
             run.data.tags[STATE_TAG] == "early_stopped_scheduler" and len(history) == 1

@@ -69,10 +69,30 @@ def _flag_kind(name: str, default: Any, annotation: str) -> tuple[Any, str | Non
     return str, None
 
 
-def _shown(default: Any) -> str:
+def _shown(name: str, default: Any) -> str:
     if isinstance(default, tuple):
         return ",".join(default) if default else "none"
-    return "all seen leads" if default is None else str(default)
+    if default is None:
+        return "all seen leads" if name in ("leads", "loss_leads") else "none"
+    return str(default)
+
+
+def field_comments(config_class: type) -> dict[str, str]:
+    """Each field's trailing comment in the config class's source, used as its flag's help (the
+    dataclass stays the one place a setting is described)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+):[^#]*=[^#]*#\s*(.+)$", line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +104,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     tasks = sorted(task_names(), key=lambda name: name != DEFAULT_TASK)
     owners: dict[str, list[tuple[str, Any]]] = {}
     fields: dict[str, list[dataclasses.Field]] = {task: [] for task in tasks}
+    comments: dict[str, list[tuple[str, str]]] = {}
     for task in tasks:
         config_class = get_task(task).config_class
         defaults = config_class()
+        for name, comment in field_comments(config_class).items():
+            comments.setdefault(name, []).append((task, comment))
         for field in dataclasses.fields(config_class):
             if field.name not in owners:
                 fields[task].append(field)
@@ -98,12 +121,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         for field in fields[task]:
             per_task = owners[field.name]
             kind, help_text = _flag_kind(field.name, per_task[0][1], str(field.type))
-            if len({_shown(default) for _, default in per_task}) == 1:
-                shown = _shown(per_task[0][1])
+            said = comments.get(field.name, [])
+            if len(per_task) == 1 or len({c for _, c in said}) == 1:
+                described = said[0][1] if said else None
+            else:
+                described = "; ".join(f"{task}: {comment}" for task, comment in said)
+            help_text = "; ".join(t for t in (described, help_text) if t)
+            if len({_shown(field.name, default) for _, default in per_task}) == 1:
+                shown = _shown(field.name, per_task[0][1])
                 if len(per_task) > 1:
                     shown += f" (tasks {', '.join(name for name, _ in per_task)})"
             else:
-                shown = ", ".join(f"{_shown(default)} ({name})" for name, default in per_task)
+                shown = ", ".join(
+                    f"{_shown(field.name, default)} ({name})" for name, default in per_task
+                )
             group.add_argument(
                 "--" + field.name.replace("_", "-"),
                 dest=f"cfg_{field.name}",

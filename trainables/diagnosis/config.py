@@ -54,7 +54,7 @@ class DiagnosisConfig:
     """One diagnosis run. Defaults: the PTB-XL benchmark's recipe with ``resnet1d_wang``."""
 
     # model
-    model: str = "resnet1d_wang"
+    model: str = "resnet1d_wang"  # resnet1d_wang | inception1d | xresnet1d | lead_minimal | resnet34_1d | ecg_xplaim
     depth: int = 101  # xresnet1d only: 18, 34, 50 or 101
     width: float = 1.0  # channel multiplier (1.0 = the published sizes)
     dropout: float | None = None  # None: the model's own (benchmark head .25/.5, ...)

@@ -19,27 +19,27 @@ class LeadIdConfig:
     """One lead-identification run. Defaults reproduce the reference model and its training."""
 
     # model
-    encoder: str = "inception_gru"
-    context: str = "sab"
-    d_model: int = 128
-    depth: int = 5
-    heads: int = 8
-    ffn_mult: int = 4
-    inducing_points: int = 16
-    dropout: float = 0.0
+    encoder: str = "inception_gru"  # per-lead encoder (`leadtune models` lists them)
+    context: str = "sab"  # across-lead context: none | deepsets | sab | isab
+    d_model: int = 128  # feature width D (a multiple of heads)
+    depth: int = 5  # set attention blocks
+    heads: int = 8  # attention heads
+    ffn_mult: int = 4  # feed-forward width as a multiple of D
+    inducing_points: int = 16  # ISAB only
+    dropout: float = 0.0  # in the set attention blocks and head
     width: float = 1.0  # encoder channel multiplier; < 1 for fast smoke runs
     # optimisation
-    lr: float = 7e-4
-    lr_min: float = 1e-7
-    weight_decay: float = 1e-4
+    lr: float = 7e-4  # peak learning rate (AdamW)
+    lr_min: float = 1e-7  # cosine schedule floor
+    weight_decay: float = 1e-4  # AdamW, decoupled
     batch_size: int = 38
     epochs: int = 30
     # augmentation (training batches only) and leads. The reference uses jitter and shuffled
     # lead order; the others are off by default and can be searched over.
-    jitter_prob: float = 0.5
-    jitter_sigma_min: float = 0.001
+    jitter_prob: float = 0.5  # share of ECGs given Gaussian noise
+    jitter_sigma_min: float = 0.001  # noise sigma range, mV
     jitter_sigma_max: float = 0.015
-    shuffle_leads: bool = True
+    shuffle_leads: bool = True  # present leads in a random order
     gain_max: float = 0.0  # per-ECG gain drawn log-uniformly in [1/(1+g), 1+g] (other devices)
     roll_max: int = 0  # circular time shift of up to this many samples, per ECG
     lowpass_prob: float = 0.0  # share of ECGs low-passed at 15-45 Hz (other front-end filters)
@@ -48,13 +48,13 @@ class LeadIdConfig:
     leads: tuple[str, ...] = LEADS  # waveforms the model sees
     loss_leads: tuple[str, ...] | None = None  # restrict the loss to these (None = all seen leads)
     # data size (None = the whole split); small values make smoke runs fast
-    max_train_records: int | None = None
-    max_val_records: int | None = None
+    max_train_records: int | None = None  # use the first N of the training split
+    max_val_records: int | None = None  # use the first N of the validation split
     # run
-    seed: int = 0
+    seed: int = 0  # initialisation, batches, augmentation
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    num_threads: int | None = None
+    num_threads: int | None = None  # torch threads (None: all cores; a trial: its CPUs)
     early_stopping_patience: int | None = None  # epochs without val-loss improvement
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a non-finite loss/gradient
 
