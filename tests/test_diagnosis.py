@@ -64,7 +64,9 @@ def test_named_lead_configurations_cover_both_tables() -> None:
     assert len({(p["leads"], p["seed"]) for p in points}) == len(points) == 22
     first_twelve = {p["leads"] for p in points[:12]}  # a study cut to 12 trials spans 12 to 1 lead
     assert len(first_twelve) == 6 and {"12", "II"} <= first_twelve
-    assert get_space("lead_subsets").scheduler == "fifo"  # every cell of the table trained to the end
+    assert (
+        get_space("lead_subsets").scheduler == "fifo"
+    )  # every cell of the table trained to the end
     for name in ("12", "limb6", "I-II-V2", "I-II-III", "II-V2-V5", "I-II", "II-V2", "II", "V5",
                  "I", "V2", "cinc6", "cinc4", "cinc3", "cinc2"):  # fmt: skip
         assert DiagnosisConfig.from_dict({"leads": name}).leads == LEAD_CONFIGS[name]

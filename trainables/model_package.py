@@ -83,7 +83,7 @@ def load_package(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, config object, manifest) of a package, on the CPU."""
     import torch
 
-    from leadtune.trainables.tasks import get_task
+    from leadtune.trainables.tasks import build_trained, get_task
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -96,15 +96,12 @@ def load_package(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
             f"{folder / WEIGHTS_FILE}: not loaded ({reason}); a package's weights are tensors only"
         ) from None
     try:
-        config = spec.config_from_dict(manifest["config"])
-        model = spec.build_model(config)
-        model.load_state_dict(weights)
+        model, config = build_trained(spec, manifest["config"], weights)
     except (RuntimeError, ValueError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise PackageError(
             f"{folder}: weights do not match the recorded config ({reason})"
         ) from None
-    model.eval()
     return model, config, manifest
 
 

@@ -11,6 +11,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable
@@ -87,6 +88,17 @@ class TaskSpec:
         return self.config_class.from_dict(values)
 
 
+def reject_unknown_settings(config_class: type, values: dict[str, Any]) -> None:
+    """A config's ``from_dict`` guard: unknown keys are an error naming them and the known
+    ones, never silently ignored (a typo in ``--set`` or a YAML file must not vanish)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+
+
 TASKS: dict[str, TaskSpec] = {}
 
 
@@ -119,6 +131,15 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
+def build_trained(spec: TaskSpec, config_values: dict[str, Any], weights: dict) -> tuple[Any, Any]:
+    """(model in eval mode, config object): the task's model built from a recorded config with
+    its trained weights. Raises what the config check or ``load_state_dict`` raises."""
+    config = spec.config_from_dict(config_values)
+    model = spec.build_model(config)
+    model.load_state_dict(weights)
+    return model.eval(), config
+
+
 def load_trained_model(path: str | Path, map_location: str = "cpu") -> tuple[Any, Any, dict]:
     """(model in eval mode, config object, checkpoint dict) from a checkpoint folder or file,
     for whichever task wrote it. Loads tensors and plain data only (see ``training``)."""
@@ -127,13 +148,10 @@ def load_trained_model(path: str | Path, map_location: str = "cpu") -> tuple[Any
     state = load_checkpoint(path, map_location=map_location)
     spec = get_task(state.get("task"))
     try:
-        config = spec.config_from_dict(state["config"])
-        model = spec.build_model(config)
-        model.load_state_dict(state["model"])
+        model, config = build_trained(spec, state["config"], state["model"])
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         message = " ".join(str(exc).split())[:200]
         raise CheckpointError(
             f"{path}: a {spec.name} checkpoint that does not match its recorded config ({message})"
         ) from None
-    model.eval()
     return model, config, state

@@ -98,6 +98,38 @@ def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     return file
 
 
+def report_epoch(reporter: Any, task: str, parts: Any, metrics: dict[str, Any],
+                 reported: dict[str, Any] | None = None, **extra: Any) -> None:  # fmt: skip
+    """Write an epoch's checkpoint (tensors and plain data) to a temporary folder and hand it,
+    with the epoch's metrics, to the reporter, which keeps it where it belongs.
+
+    ``parts`` is the training state: ``model``, ``optimizer``, ``scheduler``, ``streams``
+    (:class:`RandomStreams`), ``cfg`` (the config) and ``data`` (with ``fingerprint``, ``fs``,
+    ``source``); ``extra`` adds the task's own bookkeeping (its best value so far, ...).
+    """
+    import tempfile
+
+    state = {
+        "task": task,
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "rng": parts.streams.state(),
+        "epoch": metrics["epoch"],
+        "config": parts.cfg.to_dict(),
+        "metrics": metrics,
+        "data": {
+            "fingerprint": parts.data.fingerprint,
+            "fs": parts.data.fs,
+            "source": parts.data.source,
+        },  # fmt: skip
+        **extra,
+    }
+    with tempfile.TemporaryDirectory(prefix="leadtune-ckpt-") as tmp:
+        save_checkpoint(Path(tmp), state)
+        reporter.report(dict(metrics if reported is None else reported), Path(tmp))
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """The checkpoint file of a checkpoint folder (or the file itself)."""
     path = Path(path)

@@ -15,6 +15,7 @@ from typing import Any
 
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.data.ptbxl import SUPERCLASSES
+from leadtune.trainables.tasks import reject_unknown_settings
 
 LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
 # Named lead configurations: Lead-Minimal's eleven and the PhysioNet/CinC Challenge 2021 sets.
@@ -84,12 +85,7 @@ class DiagnosisConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DiagnosisConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        reject_unknown_settings(cls, values)
         values = dict(values)
         if "leads" in values:
             values["leads"] = resolve_leads(values["leads"])

@@ -13,7 +13,6 @@ the single test evaluation. The plumbing is :mod:`leadtune.trainables.training`'
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,8 @@ from leadtune.trainables.training import (
     check_finite_outputs,
     iterate_batches,
     load_checkpoint,
+    report_epoch,
     resolve_device,
-    save_checkpoint,
 )
 
 TASK = "diagnosis"
@@ -267,29 +266,11 @@ class DiagnosisTraining:
         return found
 
     def checkpoint(self, found: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory(prefix="leadtune-ckpt-") as tmp:
-            save_checkpoint(
-                Path(tmp),
-                {
-                    "task": TASK,
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "rng": self.streams.state(),
-                    "epoch": found["epoch"],
-                    "best_val_macro_auroc": self.best_auroc,
-                    "stale_epochs": self.stale_epochs,
-                    "config": self.cfg.to_dict(),
-                    "metrics": found,
-                    "data": {
-                        "fingerprint": self.data.fingerprint,
-                        "fs": self.data.fs,
-                        "source": self.data.source,
-                    },
-                },
-            )
-            reported = {k: v for k, v in found.items() if k != "val_thresholds"}
-            self.reporter.report(reported, Path(tmp))
+        report_epoch(
+            self.reporter, TASK, self, found,
+            reported={k: v for k, v in found.items() if k != "val_thresholds"},
+            best_val_macro_auroc=self.best_auroc, stale_epochs=self.stale_epochs,
+        )  # fmt: skip
 
 
 def train_diagnosis(

@@ -8,6 +8,7 @@ from typing import Any
 
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.lead_id.models.registry import ModelConfig
+from leadtune.trainables.tasks import reject_unknown_settings
 
 PRECORDIAL = ("V1", "V2", "V3", "V4", "V5", "V6")
 LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
@@ -61,12 +62,7 @@ class LeadIdConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LeadIdConfig:
         """Build from a flat dict (Tune config, YAML); unknown keys are an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        reject_unknown_settings(cls, values)
         values = dict(values)
         for key in ("leads", "loss_leads"):
             if isinstance(values.get(key), str):

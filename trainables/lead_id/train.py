@@ -11,7 +11,6 @@ device, random streams, batches, the guard) is task-neutral: :mod:`leadtune.trai
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +36,8 @@ from leadtune.trainables.training import (
     device_batches,
     iterate_batches,
     load_checkpoint,
+    report_epoch,
     resolve_device,
-    save_checkpoint,
 )
 
 TASK = "lead_id"
@@ -393,28 +392,10 @@ class LeadIdTraining:
 
     def checkpoint(self, metrics_now: dict[str, Any]) -> None:
         """Write this epoch's checkpoint (tensors and plain data) and report it."""
-        with tempfile.TemporaryDirectory(prefix="leadtune-ckpt-") as tmp:
-            save_checkpoint(
-                Path(tmp),
-                {
-                    "task": TASK,
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "rng": self.streams.state(),
-                    "epoch": metrics_now["epoch"],
-                    "best_val_loss": self.best_val_loss,
-                    "stale_epochs": self.stale_epochs,
-                    "config": self.cfg.to_dict(),
-                    "metrics": metrics_now,
-                    "data": {
-                        "fingerprint": self.data.fingerprint,
-                        "fs": self.data.fs,
-                        "source": self.data.source,
-                    },
-                },
-            )
-            self.reporter.report(dict(metrics_now), Path(tmp))
+        report_epoch(
+            self.reporter, TASK, self, metrics_now,
+            best_val_loss=self.best_val_loss, stale_epochs=self.stale_epochs,
+        )  # fmt: skip
 
 
 def train_lead_id(
