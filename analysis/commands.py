@@ -75,6 +75,11 @@ def _lead_subsets_table(data: Any, out: Path) -> None:
     print(f"  lead-subsets table: {files['markdown']}, {files['csv']}, plot {files['plot']}")
 
 
+def _record_exists(record: str) -> bool:
+    path = Path(record)
+    return path.exists() or path.with_name(path.name + ".hea").is_file()
+
+
 def _prepare(source: str, cache_dir: str | None, limit: int | None, loaded: Any):
     from leadtune.trainables.data.cache import prepare_dataset
     from leadtune.trainables.data.preprocess import PreprocessConfig
@@ -101,7 +106,10 @@ def _default_source(loaded: Any) -> str:
 def run_evaluate(args: argparse.Namespace) -> int:
     from leadtune.analysis.evaluate import evaluate_model, format_summary, write_evaluation
     from leadtune.analysis.model_source import load_model
+    from leadtune.trainables.runtime import check_writable
 
+    if args.out:
+        check_writable(Path(args.out), "--out")
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     other = load_model(args.compare, args.tracking_uri, args.cache_dir) if args.compare else None
     source = args.source or _default_source(loaded)
@@ -168,7 +176,9 @@ def _labelling_suite(args: argparse.Namespace, loaded: Any, dataset: Any) -> int
 def run_export(args: argparse.Namespace) -> int:
     from leadtune.analysis.export import CARD_MARKDOWN, export_model
     from leadtune.analysis.model_source import load_model
+    from leadtune.trainables.runtime import check_writable
 
+    check_writable(Path(args.out), "--out")
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     card = export_model(loaded, Path(args.out), tolerance=args.tolerance, onnx=not args.no_onnx)
     print(f"exported {loaded.source} to {args.out}")
@@ -193,7 +203,15 @@ def run_export(args: argparse.Namespace) -> int:
 def run_label(args: argparse.Namespace) -> int:
     from leadtune.analysis.label import SCHEMA, label_paths
     from leadtune.analysis.model_source import load_model
+    from leadtune.trainables.runtime import check_writable
 
+    if args.csv:
+        check_writable(Path(args.csv), "--csv", file=True)
+    if not any(_record_exists(r) for r in args.records):
+        raise FileNotFoundError(
+            f"no such record: {', '.join(args.records)}; pass a WFDB record (NAME, NAME.hea) or "
+            "a folder of them"
+        )
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     if loaded.task != "lead_id":
         raise ValueError(f"{args.model} is a {loaded.task} model; label needs a lead_id model")
@@ -215,7 +233,12 @@ def run_label(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from leadtune.trainables.commands import DefaultsHelpFormatter
+    from leadtune.trainables.commands import (
+        DefaultsHelpFormatter,
+        non_negative_float,
+        positive_float,
+        positive_int,
+    )
 
     fmt = DefaultsHelpFormatter
 
@@ -280,7 +303,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--tracking-uri", default=None, help="MLflow URI for models:/ and run ids"
     )
-    evaluate.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples")
+    evaluate.add_argument("--n-boot", type=positive_int, default=10_000, help="bootstrap resamples")
     evaluate.add_argument(
         "--seed", type=int, default=0, help="bootstrap and permutation-check seed"
     )
@@ -290,7 +313,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "shown, electrode-reversal detection and false alarms, other recorders",
     )  # fmt: skip
     evaluate.add_argument(
-        "--swap-threshold", type=float, default=None,
+        "--swap-threshold", type=non_negative_float, default=None,
         help="with --suite labelling: the verdict's threshold in nats (default: the model's)",
     )  # fmt: skip
     evaluate.set_defaults(func=run_evaluate)
@@ -312,7 +335,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir", default=None, help="dataset cache root holding the training data's manifest"
     )
     export.add_argument(
-        "--tolerance", type=float, default=1e-4, help="max abs logit difference allowed"
+        "--tolerance", type=positive_float, default=1e-4, help="max abs logit difference allowed"
     )
     export.add_argument("--no-onnx", action="store_true", help="skip the ONNX file")
     export.set_defaults(func=run_export)

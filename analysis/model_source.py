@@ -267,9 +267,10 @@ def _from_package(
 def _client(tracking_uri: str | None, what: str):
     uri = default_tracking_uri(tracking_uri)
     if not uri:
+        missing = "" if is_package(bundled_model_dir()) else "no bundled model is installed, and "
         raise ModelSourceError(
-            f"{what} needs an MLflow tracking URI; pass --tracking-uri (e.g. "
-            "sqlite:///runs/search/mlflow.db or http://host:5000)"
+            f"{missing}{what} needs an MLflow tracking URI; pass --model (a checkpoint or model "
+            "folder) or --tracking-uri (e.g. sqlite:///runs/search/mlflow.db or http://host:5000)"
         )
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise ModelSourceError(

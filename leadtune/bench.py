@@ -86,6 +86,16 @@ class BenchSettings:
             raise ValueError("--leads must be at most 12")
         if self.warmup < 0:
             raise ValueError("--warmup must be at least 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        from leadtune.trainables.lead_id.models.registry import ModelConfig
+
+        for name in self.models:  # the model each worker will build, checked here
+            model = {"d_model": MODEL_SIZES[name], "n_classes": 12, **self.model_overrides}
+            try:
+                ModelConfig(**model).validate()
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"model {name} with {self.model_overrides}: {exc}") from None
         return self
 
 

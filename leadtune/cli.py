@@ -28,8 +28,16 @@ class CommandError(Exception):
     """An error the user can fix; printed as one line without a traceback."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors: what was wrong and where the help is, no usage block.
+    Sub-command parsers are made of the same class (``add_subparsers`` uses the parent's)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="leadtune",
         description="Hyperparameter search for ECG deep learning (Ray Tune + Optuna + MLflow).",
     )
@@ -58,10 +66,19 @@ def quiet_third_party_output() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party_output()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 2
+    if extra:  # reported like argparse's own errors, with the sub-command's help
+        print(
+            f"leadtune {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+            f"(see leadtune {args.command} --help)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if argv is None:
         from leadtune.trainables import runtime
 

@@ -96,14 +96,14 @@ def _fmt(value: Any) -> str:
 
 
 def run_promote_command(args: argparse.Namespace) -> int:
-    from leadtune.search.promote import promote_best
-    from leadtune.search.settings import check_writable
-    from leadtune.search.state import find_search, read_state
+    from leadtune.search.promote import check_finished, promote_best
+    from leadtune.search.state import find_search
     from leadtune.search.tracking import MlflowServer, check_tracking_uri, sqlite_uri
+    from leadtune.trainables.runtime import check_writable
 
     root = Path(args.storage_path).resolve()
     search_dir = find_search(root, args.study, args.experiment)
-    saved = read_state(search_dir)
+    saved = check_finished(search_dir)  # before any server starts
     tracking_uri = args.tracking_uri or saved.get("tracking_uri_given")
     server = None
     if tracking_uri is None:

@@ -65,6 +65,17 @@ def best_trial(search_dir: Path, saved: dict[str, Any], spec: Any, client: Any) 
     return (min if mode == "min" else max)(ranked, key=lambda r: r["value"])
 
 
+def check_finished(search_dir: Path) -> dict[str, Any]:
+    """The search's saved state, if it finished: only a finished search is promoted."""
+    saved = search_state.read_state(search_dir)
+    if saved.get("status") != search_state.FINISHED:
+        raise ValueError(
+            f"search {search_dir} has not finished (status {saved.get('status')!r}); finish it "
+            "with `leadtune search --resume` before promoting"
+        )
+    return saved
+
+
 def promote_best(
     tracking_uri: str,
     experiment_path: Path,
@@ -78,12 +89,7 @@ def promote_best(
     from leadtune.trainables.tasks import DataRequest, get_task
 
     search_dir = Path(experiment_path)
-    saved = search_state.read_state(search_dir)
-    if saved.get("status") != search_state.FINISHED:
-        raise ValueError(
-            f"search {search_dir} has not finished (status {saved.get('status')!r}); finish it "
-            "with `leadtune search --resume` before promoting"
-        )
+    saved = check_finished(search_dir)
     spec = get_task(task_of(saved))
     metric, mode = saved["metric"], saved["mode"]
     register_name = register_name or saved.get("register_name") or spec.register_name

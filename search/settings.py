@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from leadtune.spaces.registry import DEFAULT_SPACE
+from leadtune.trainables.runtime import check_writable
 from leadtune.trainables.tasks import DataRequest
 
 
@@ -170,20 +170,6 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
 # -- checks before anything starts ---------------------------------------------------------------
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    """Create ``folder`` if needed and write a probe file in it; one line if that fails."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".leadtune-write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(
-            f"{flag} {folder} is not writable ({exc.strerror or exc}); pass a folder you can "
-            "write to"
-        ) from None
-
-
 def check_optuna_storage(url: str) -> None:
     """A parseable SQLAlchemy URL whose database answers (SQLite: its folder exists)."""
     import sqlalchemy
@@ -230,6 +216,7 @@ def check_storage_and_urls(settings: SearchSettings, root: Path, optuna_storage:
     from leadtune.search.tracking import check_tracking_uri
 
     check_writable(root, "--storage-path")
-    check_optuna_storage(optuna_storage)
+    if settings.optuna_storage:  # the default lives under --storage-path, checked just above
+        check_optuna_storage(optuna_storage)
     if settings.tracking_uri:
         check_tracking_uri(settings.tracking_uri, "--tracking-uri")

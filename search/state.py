@@ -118,10 +118,13 @@ def find_search(storage_path: Path, study: str | None, given: str | None = None)
     storage = Path(storage_path)
     if study is None:
         studies = sorted({p.parent.parent.name for p in storage.glob(f"*/*/{STATE_FILE}")})
-        if len(studies) != 1:
+        if not studies:
             raise FileNotFoundError(
-                f"{storage}: pass --study (studies found: {', '.join(studies) or 'none'}), or "
-                "the --storage-path the search used"
+                f"no leadtune search under {storage}; pass the --storage-path a search used"
+            )
+        if len(studies) > 1:
+            raise FileNotFoundError(
+                f"several studies under {storage} ({', '.join(studies)}); pass --study NAME"
             )
         study = studies[0]
     found = searches(storage / study)

@@ -16,12 +16,16 @@ MLflow bookkeeping, promotion).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,10 +163,14 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
 
     space = get_space(settings.space)
     spec = get_task(space.task)
-    study = settings.study or space.name
+    study = check_study_name(settings.study or space.name)
     root = Path(settings.storage_path).resolve()
     optuna_storage = settings.optuna_storage or sqlite_uri(root / "optuna.db")
     check_storage_and_urls(settings, root, optuna_storage)
+    if spec.check_data is not None:
+        spec.check_data(settings.data)
+    if settings.address not in (None, "auto"):
+        check_ray_address(settings.address)
     plan = SearchPlan(
         settings=settings,
         space=space,
@@ -182,6 +190,11 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
         plan.metric, plan.mode = plan.previous["metric"], plan.previous["mode"]
         plan.register_name = settings.register_name or plan.previous["register_name"]
         return plan
+    if plan.metric not in spec.searchable_metrics:
+        raise ValueError(
+            f"--metric {plan.metric} is not a validation metric of the {spec.name} task; one of "
+            f"{', '.join(spec.searchable_metrics)}"
+        )
     fixed = {**space.fixed, **settings.overrides}
     if settings.epochs is not None:
         fixed["epochs"] = settings.epochs
@@ -195,6 +208,48 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     if settings.address is None:  # a local Ray gets this machine's cores and GPUs, no more
         check_resources(settings, local_resources())
     return plan
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM (a scheduler's or ``timeout``'s stop) ends the search like Ctrl-C: Tune stops
+    the trials, the search is left interrupted and resumable, and the MLflow server stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_study_name(study: str) -> str:
+    """A study name is a folder and an MLflow experiment name: letters, digits, ``_.-``, not
+    starting with a dot (so ``--study ../x`` cannot leave the storage path)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", study):
+        raise ValueError(
+            f"--study {study!r}: use letters, digits, '_', '.' and '-' (not first), at most 100"
+        )
+    return study
+
+
+def check_ray_address(address: str) -> None:
+    """``--address host:port`` answers (a cluster's head); 'auto' is left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ValueError(
+            f"--address {address}: no Ray cluster answers there ({reason}); start it "
+            "(ray start --head) or pass --address auto on a cluster node"
+        ) from None
 
 
 def local_resources() -> dict[str, float]:
@@ -229,7 +284,7 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
     plan = plan_search(settings)
     if plan.search_dir is None:
         plan.search_dir = search_state.new_search_dir(plan.root / plan.study)
-    with search_state.run_lock(plan.search_dir):
+    with search_state.run_lock(plan.search_dir), _sigterm_as_sigint():
         server = None
         tracking_uri = settings.tracking_uri or plan.previous.get("tracking_uri_given")
         if tracking_uri is None:

@@ -78,11 +78,43 @@ def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path):
         (["search", "--space", "nope"], "unknown search space 'nope'"),
         (
             ["train", "--config", "/nonexistent.yaml"],
-            "config file /nonexistent.yaml does not exist",
+            "--config /nonexistent.yaml: no such file",
         ),
+        (
+            ["train", "--task", "diagnosis", "--encoder", "cnn"],
+            "--encoder is a setting of the lead_id task",
+        ),
+        (["train", "--max-train-records", "0"], "max_train_records must be at least 1"),
+        (["train", "--resume", "/nonexistent/epoch_001"], "no leadtune checkpoint"),
+        (["search", "--study", "../escape"], "--study '../escape'"),
+        (["search", "--metric", "val_nosuch"], "--metric val_nosuch is not a validation metric"),
+        (["search", "--set", "lr=abc"], "setting lr must be a number"),
+        (["search", "--address", "127.0.0.1:1"], "no Ray cluster answers"),
+        (["label", "/nonexistent/record"], "no such record"),
+        (["report", "--storage-path", "/nonexistent/runs"], "no leadtune search under"),
     ],
 )
-def test_bad_input_is_a_one_line_error(argv, message, capsys):
+def test_bad_input_is_a_one_line_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default folders (runs/...) land here, and must stay absent
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("leadtune: error: ") and message in err[-1], err
+    assert not (tmp_path / "runs").exists()  # nothing created before the error
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--limit", "0"], "argument --limit: must be at least 1"),
+        (["evaluate", "--n-boot", "0"], "argument --n-boot: must be at least 1"),
+        (["data", "prepare", "--source", ".", "--train-folds", "11"], "strat_folds are 1-10"),
+        (["train", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    ],
+)
+def test_flag_errors_are_one_line_with_a_pointer_to_help(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    if exit_info.value.code != 2:
+        raise AssertionError(exit_info.value.code)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line and line.endswith("--help)"), line

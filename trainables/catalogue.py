@@ -13,7 +13,7 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
-    from leadtune.trainables.commands import DefaultsHelpFormatter
+    from leadtune.trainables.commands import DefaultsHelpFormatter, positive_int
 
     parser = subparsers.add_parser(
         "models",
@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--d-model",
-        type=_positive_int,
+        type=positive_int,
         default=128,
         help="lead_id: feature width D the counts are computed at (a multiple of the 8 heads)",
     )
@@ -84,13 +84,3 @@ def format_table(rows: list[dict[str, Any]], d_model: int | None, note: str = ""
     if note:
         lines += ["", note]
     return "\n".join(lines)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value

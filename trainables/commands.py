@@ -145,23 +145,86 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults < YAML file (--config) < command-line flags, as a flat dict."""
+def config_from_args(args: argparse.Namespace, task: str | None = None) -> dict[str, Any]:
+    """Defaults < YAML file (--config) < command-line flags, as a flat dict. A flag of another
+    task's setting is an error that says whose it is."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        import yaml
+        values.update(_read_config_file(Path(args.config)))
+    given = {key[4:]: value for key, value in vars(args).items()
+             if key.startswith("cfg_") and value is not None}  # fmt: skip
+    if task is not None and given:
+        from leadtune.trainables.tasks import get_task, task_names
 
-        path = Path(args.config)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of setting: value at the top level")
-        values.update(loaded.get("train", loaded))
-    for key, value in vars(args).items():
-        if key.startswith("cfg_") and value is not None:
-            values[key[4:]] = value
+        own = {f.name for f in dataclasses.fields(get_task(task).config_class)}
+        for name in given:
+            if name not in own:
+                owners = [t for t in task_names()
+                          if name in {f.name for f in dataclasses.fields(get_task(t).config_class)}]  # fmt: skip
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"{flag} is a setting of the {' and '.join(owners)} task, not of {task}; "
+                    f"drop it or pass --task {owners[0]}"
+                )
+    values.update(given)
     return values
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML file of settings: flat, or all under one ``train:`` key."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; pass a YAML file of settings")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise ValueError(f"--config {path}: not a readable YAML file ({reason})") from None
+    if isinstance(loaded, dict) and "train" in loaded:
+        beside = sorted(set(loaded) - {"train"})
+        if beside:
+            raise ValueError(
+                f"--config {path}: top-level key(s) {', '.join(map(str, beside))} beside 'train:'; "
+                "put every setting under train: (or all of them at the top level)"
+            )
+        loaded = loaded["train"] or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: expected a mapping of setting: value")
+    return loaded
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,8 +238,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", default=None, help="dataset cache root (default: ~/.cache/leadtune)"
     )
     group.add_argument(
-        "--limit", type=int, default=None, help="use only the first N records (default: all)"
-    )
+        "--limit", type=positive_int, default=None,
+        help="use only the first N records (default: all)",
+    )  # fmt: skip
 
 
 def data_request(args: argparse.Namespace, progress: bool = True):
@@ -190,24 +254,23 @@ def data_request(args: argparse.Namespace, progress: bool = True):
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from leadtune.trainables.runtime import check_writable
     from leadtune.trainables.tasks import get_task
-    from leadtune.trainables.training import LocalReporter
+    from leadtune.trainables.training import LocalReporter, checkpoint_file
 
     spec = get_task(args.task)
-    config = spec.config_from_dict(config_from_args(args))  # fails before any work
+    config = spec.config_from_dict(config_from_args(args, spec.name))  # fails before any work
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    except OSError as exc:
-        raise ValueError(
-            f"cannot write to --out {out} ({exc.strerror}); pass a writable folder"
-        ) from None
+    check_writable(out, "--out")
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None:
+        checkpoint_file(resume)  # one line if it is not a checkpoint
     data, _ = spec.load_data(data_request(args))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     print(f"training {spec.name}: {describe_config(config)} from {args.source}", file=sys.stderr)
 
     bar = tqdm(total=config.epochs, desc="epochs", unit="epoch", file=sys.stderr)
-    resume = Path(args.resume) if args.resume else None
     if resume is not None:
         bar.update(_checkpoint_epoch(resume))
     shown = [("train_loss", "loss"), ("val_loss", "val_loss")] + [

@@ -209,3 +209,32 @@ def _holder(path: Path) -> str:
     except OSError:
         return ""
     return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def check_writable(path: Path, flag: str, file: bool = False) -> None:
+    """That ``path`` (a folder, or with ``file`` a file to be written) can be written, checked
+    before any work starts and without creating anything: a probe file goes into the nearest
+    folder that already exists and is removed at once. One line naming the flag if not."""
+    import uuid
+
+    path = Path(path).absolute()
+    target = path.parent if file else path
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    else:
+        probe = existing / f".leadtune-write-test-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if file and path.is_dir():
+        problem = "it is a folder"
+    if problem:
+        raise ValueError(
+            f"{flag} {path} cannot be written ({problem}); pass a path you can write to"
+        )

@@ -80,6 +80,11 @@ class TaskSpec:
     # ``leadtune models``: (feature width D) -> one row per model part with keys kind, name,
     # parameters, published_parameters (None when unpublished), description; the note says
     # where the published counts come from. Tasks whose networks have no width knob ignore D.
+    # Every validation metric an epoch reports beyond the table's (what --metric may name).
+    val_metrics: tuple[str, ...] = ()
+    # DataRequest -> None, raising a one-line ValueError when the source cannot be this task's
+    # data (missing folder or tables); cheap, run before any search starts.
+    check_data: Callable[[DataRequest], None] | None = None
     describe_models: Callable[[int], list[dict[str, Any]]] | None = None
     models_note: str = ""
     models_use_d_model: bool = False
@@ -87,16 +92,70 @@ class TaskSpec:
     def config_from_dict(self, values: dict[str, Any]) -> Any:
         return self.config_class.from_dict(values)
 
+    @property
+    def searchable_metrics(self) -> list[str]:
+        """The validation metrics every epoch reports, any of which a search may optimise."""
+        names = [self.metric, "val_loss", *(c.key for c in self.table_metrics), *self.val_metrics]
+        return list(dict.fromkeys(names))
 
-def reject_unknown_settings(config_class: type, values: dict[str, Any]) -> None:
+
+def checked_settings(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
     """A config's ``from_dict`` guard: unknown keys are an error naming them and the known
-    ones, never silently ignored (a typo in ``--set`` or a YAML file must not vanish)."""
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
+    ones, never silently ignored (a typo in ``--set`` or a YAML file must not vanish), and a
+    value of the wrong kind (``lr: abc``, ``epochs: 2.5``) is an error naming the setting.
+    Numbers written as text (YAML reads ``1e-3`` as a string) are converted."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(
-            f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
         )
+    checked = {}
+    for name, value in values.items():
+        annotation = str(fields[name].type)
+        value = _from_text(annotation, value)
+        problem = _kind_problem(annotation, value)
+        if problem:
+            raise ValueError(f"setting {name} must be {problem}, got {value!r}")
+        checked[name] = value
+    return checked
+
+
+def check_at_least_one(config: Any, names: tuple[str, ...]) -> None:
+    """Optional whole-number settings (record caps, threads, patience): None or >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
+
+
+def _from_text(annotation: str, value: Any) -> Any:
+    kinds = {part.strip() for part in annotation.split("|")}
+    if not isinstance(value, str) or not kinds & {"int", "float"}:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if "float" not in kinds and number.is_integer() else number
+
+
+def _kind_problem(annotation: str, value: Any) -> str | None:
+    """What kind ``value`` should be for a field annotated ``annotation``, if it is not."""
+    if value is None:
+        return None if "None" in annotation else "given (not None)"
+    kinds = {part.strip() for part in annotation.split("|")}
+    if "bool" in kinds:
+        return None if isinstance(value, bool) else "true or false"
+    if kinds & {"float"}:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if kinds & {"int"}:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "a whole number"
+    if kinds == {"str"}:
+        return None if isinstance(value, str) else "a string"
+    return None  # tuples of lead names and other composite settings check themselves
 
 
 TASKS: dict[str, TaskSpec] = {}

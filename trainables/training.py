@@ -151,9 +151,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:
         if isinstance(exc, OSError):
             raise CheckpointError(f"{file}: unreadable ({exc})") from None
-        reason = " ".join(str(exc).split())
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         if "weights_only" in reason or "Unsupported global" in reason:
             reason = "it holds Python objects besides tensors and plain data"
+        elif file.stat().st_size == 0:
+            reason = "the file is empty"
         raise CheckpointError(
             f"{file}: not loaded, {reason[:200]}; leadtune only loads checkpoints of tensors "
             "and plain data, which it writes itself (a file from elsewhere could run code)"

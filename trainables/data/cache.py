@@ -553,7 +553,13 @@ def prepare_dataset(
         return dataset
 
     datasets_dir = final_dir.parent
-    datasets_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        datasets_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot create the dataset cache in {datasets_dir} ({exc.strerror or exc}); pass a "
+            "writable --cache-dir (or set LEADTUNE_CACHE)"
+        ) from None
     key = final_dir.name
     _remove_stale_builds(datasets_dir, key)
     build_dir = datasets_dir / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"

@@ -10,6 +10,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from leadtune.trainables.commands import non_negative_float, positive_int
+
 _DEFAULT_FOLDS = {"train": tuple(range(1, 9)), "val": (9,), "test": (10,)}
 
 
@@ -32,7 +34,19 @@ def parse_folds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"invalid folds {text!r}; write a range like 1-8, a list like 1,2,3, or none"
         ) from None
+    if any(not 1 <= fold <= 10 for fold in folds):
+        raise argparse.ArgumentTypeError(f"invalid folds {text!r}: PTB-XL's strat_folds are 1-10")
     return tuple(dict.fromkeys(folds))
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {value}")
+    return value
 
 
 def _add_dataset_options(parser: argparse.ArgumentParser, require_source: bool) -> None:
@@ -49,10 +63,12 @@ def _add_dataset_options(parser: argparse.ArgumentParser, require_source: bool) 
         default=None,
         help="cache root (None: $LEADTUNE_CACHE, else ~/.cache/leadtune)",
     )
-    parser.add_argument("--fs", type=int, default=100, help="sampling rate of the cache, Hz")
+    parser.add_argument(
+        "--fs", type=positive_int, default=100, help="sampling rate of the cache, Hz"
+    )
     parser.add_argument(
         "--highpass-hz",
-        type=float,
+        type=non_negative_float,
         default=0.5,
         help="Butterworth high-pass cut-off in Hz; 0 disables it",
     )
@@ -63,13 +79,13 @@ def _add_dataset_options(parser: argparse.ArgumentParser, require_source: bool) 
     )
     parser.add_argument(
         "--clip-mv",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="clip the filtered signals to +-this many mV (0: no clipping, as the reference)",
     )
     parser.add_argument(
         "--max-bad-fraction",
-        type=float,
+        type=_fraction,
         default=0.02,
         help="fail if more than this fraction of records cannot be read",
     )
@@ -84,7 +100,7 @@ def _add_dataset_options(parser: argparse.ArgumentParser, require_source: bool) 
     )
     parser.add_argument(
         "--limit",
-        type=int,
+        type=positive_int,
         default=None,
         help="only the first N records of the chosen folds, by ecg_id (for quick trials)",
     )
@@ -110,7 +126,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
     )
     _add_dataset_options(prepare, require_source=True)
-    prepare.add_argument("--workers", type=int, default=1, help="reader processes")
+    prepare.add_argument("--workers", type=positive_int, default=1, help="reader processes")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     prepare.set_defaults(func=run_prepare)
 

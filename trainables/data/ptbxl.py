@@ -68,6 +68,14 @@ def database_files(source: Path) -> tuple[Path, Path]:
     return files
 
 
+def check_source(request: Any) -> None:
+    """A DataRequest's source is a PTB-XL folder (the two tables present); its limit, if any,
+    is positive. For the tasks' ``check_data``: one line before any search starts."""
+    database_files(Path(request.source))
+    if request.limit is not None and request.limit < 1:
+        raise DatasetError(f"--limit must be at least 1 record, got {request.limit}")
+
+
 def _read_csv(path: Path, required: tuple[str, ...], **kwargs: Any) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, **kwargs)

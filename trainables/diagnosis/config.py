@@ -15,7 +15,7 @@ from typing import Any
 
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.data.ptbxl import SUPERCLASSES
-from leadtune.trainables.tasks import reject_unknown_settings
+from leadtune.trainables.tasks import check_at_least_one, checked_settings
 
 LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
 # Named lead configurations: Lead-Minimal's eleven and the PhysioNet/CinC Challenge 2021 sets.
@@ -85,8 +85,7 @@ class DiagnosisConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DiagnosisConfig:
-        reject_unknown_settings(cls, values)
-        values = dict(values)
+        values = checked_settings(cls, values)
         if "leads" in values:
             values["leads"] = resolve_leads(values["leads"])
         config = cls(**values)
@@ -125,8 +124,13 @@ class DiagnosisConfig:
             )
         if self.schedule not in ("onecycle", "cosine"):
             raise ValueError(f"schedule must be onecycle or cosine, got {self.schedule!r}")
-        if not 0 <= self.label_smoothing < 1 or self.mixup_alpha < 0:
-            raise ValueError("need 0 <= label_smoothing < 1 and mixup_alpha >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got {self.mixup_alpha}")
+        check_at_least_one(
+            self, ("max_train_records", "max_val_records", "num_threads", "early_stopping_patience")
+        )
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.stochastic_depth is not None and not 0 <= self.stochastic_depth < 1:

@@ -79,6 +79,12 @@ def describe_models(d_model: int) -> list[dict[str, Any]]:
     ]
 
 
+def check_data(request: DataRequest) -> None:
+    from leadtune.trainables.data.ptbxl import check_source
+
+    check_source(request)
+
+
 SPEC = register_task(
     TaskSpec(
         name="diagnosis",
@@ -104,6 +110,7 @@ SPEC = register_task(
         metric="val_macro_auroc",
         mode="max",
         variable_leads=False,
+        check_data=check_data,
         describe_models=describe_models,
         models_note="published: counted on the sources' own layouts (../shared/DIAGNOSIS_NOTES.md).",
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.lead_id.models.registry import ModelConfig
-from leadtune.trainables.tasks import reject_unknown_settings
+from leadtune.trainables.tasks import check_at_least_one, checked_settings
 
 PRECORDIAL = ("V1", "V2", "V3", "V4", "V5", "V6")
 LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
@@ -62,8 +62,7 @@ class LeadIdConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LeadIdConfig:
         """Build from a flat dict (Tune config, YAML); unknown keys are an error, not ignored."""
-        reject_unknown_settings(cls, values)
-        values = dict(values)
+        values = checked_settings(cls, values)
         for key in ("leads", "loss_leads"):
             if isinstance(values.get(key), str):
                 values[key] = LEAD_SETS.get(values[key]) or tuple(values[key].split(","))
@@ -118,6 +117,9 @@ class LeadIdConfig:
                 f"subset_min_leads must be between 1 and the {len(self.leads)} leads seen, "
                 f"got {self.subset_min_leads}"
             )
+        check_at_least_one(
+            self, ("max_train_records", "max_val_records", "num_threads", "early_stopping_patience")
+        )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda":

@@ -57,6 +57,12 @@ def describe_models(d_model: int) -> list[dict[str, Any]]:
     return rows(d_model=d_model)
 
 
+def check_data(request: DataRequest) -> None:
+    from leadtune.trainables.data.ptbxl import check_source
+
+    check_source(request)
+
+
 SPEC = register_task(
     TaskSpec(
         name="lead_id",
@@ -78,6 +84,8 @@ SPEC = register_task(
             Column("test_lead_accuracy", "test lead accuracy (argmax)"),
         ),
         table_params=("encoder", "context", "d_model", "lr", "batch_size"),
+        val_metrics=("val_lead_accuracy", "val_set_accuracy"),
+        check_data=check_data,
         describe_models=describe_models,
         models_note=(
             "published: Table VI of the paper (encoders at D = 128), the released code "
