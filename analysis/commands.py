@@ -61,13 +61,12 @@ def run_report(args: argparse.Namespace) -> int:
 
 def _lead_subsets_table(data: Any, out: Path) -> None:
     """The lead-subsets study's table: every trial's best checkpoint once on the test split."""
-    from mlflow.tracking import MlflowClient
-
     from leadtune.analysis import lead_subsets
+    from leadtune.search.tracking import mlflow_client
 
     print("  evaluating each configuration's models once on the test split ...", file=sys.stderr)
     table = lead_subsets.lead_subsets_table(
-        data.search_dir, data.state, MlflowClient(data.tracking_uri)
+        data.search_dir, data.state, mlflow_client(data.tracking_uri)
     )
     records = f"{data.state.get('data_source')}, labelled test ECGs"
     files = lead_subsets.write(table, out / "lead_subsets", records)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leadtune.search.tracking import check_tracking_uri
+from leadtune.search.tracking import check_tracking_uri, mlflow_client, use_tracking_uri
 from leadtune.trainables.data.preprocess import preprocess_settings
 from leadtune.trainables.model_package import PACKAGE_FILE, is_package
 from leadtune.trainables.tasks import DEFAULT_TASK
@@ -278,12 +278,8 @@ def _client(tracking_uri: str | None, what: str):
             "run `leadtune search` first or pass the database the search wrote"
         )
     check_tracking_uri(uri, "--tracking-uri")
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    use_tracking_uri(uri)
+    return mlflow_client(uri), uri
 
 
 def _registry_version(client: Any, uri_text: str, tracking_uri: str):

@@ -1,6 +1,6 @@
 """`leadtune report`: a readable report of one search, from what the search stored.
 
-Sources: the search folder's ``leadtune_search.json`` (which study, MLflow parent run, Optuna
+Sources: the search folder's ``leadtune_search.state`` (which study, MLflow parent run, Optuna
 storage), the MLflow child runs (one per trial: params, per-epoch metrics with step = epoch,
 state, duration) and the Optuna study (objective values, parameter importances).
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from leadtune.search.state import STATE_FILE
+from leadtune.search.state import read_state
 
 
 def curve_metrics(state: dict[str, Any]) -> list[str]:
@@ -115,13 +115,13 @@ def collect(search_dir: Path, tracking_uri: str | None) -> SearchData:
     from leadtune.search.tracking import check_tracking_uri
 
     search_dir = Path(search_dir)
-    state = json.loads((search_dir / STATE_FILE).read_text())
+    state = read_state(search_dir)
     uri = check_tracking_uri(
         tracking_uri_for(search_dir, state, tracking_uri), f"the report of {search_dir}"
     )
-    from mlflow.tracking import MlflowClient
+    from leadtune.search.tracking import mlflow_client
 
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     metric, mode = state["metric"], state["mode"]
     runs = client.search_runs(
         [state["experiment_id"]],
@@ -632,11 +632,10 @@ def _log_to_parent(data: SearchData, out_dir: Path) -> str:
     """Attach the report to the search's parent run (artifact folder ``report/``)."""
     import shutil
 
-    from mlflow.tracking import MlflowClient
-
     from leadtune.analysis.model_source import proxied_local_path
+    from leadtune.search.tracking import mlflow_client
 
-    client = MlflowClient(data.tracking_uri)
+    client = mlflow_client(data.tracking_uri)
     run_id = data.state["parent_run_id"]
     run = client.get_run(run_id)
     artifact_uri = run.info.artifact_uri or ""

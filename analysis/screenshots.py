@@ -78,10 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-ms", type=int, default=20000, help="render time per page")
     args = parser.parse_args(argv)
 
-    from mlflow.tracking import MlflowClient
-
     from leadtune.search.state import find_search, read_state
-    from leadtune.search.tracking import MlflowServer
+    from leadtune.search.tracking import MlflowServer, mlflow_client
 
     try:
         chromium = find_chromium(args.chromium)
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     server = MlflowServer(db_path=db, artifacts=storage / "mlartifacts").start()
     try:
-        urls = pages(MlflowClient(server.uri), state, server.uri)
+        urls = pages(mlflow_client(server.uri), state, server.uri)
         for name, url in urls.items():
             path = screenshot(chromium, url, out / f"{name}.png", args.size, args.wait_ms)
             print(f"{name}: {url} -> {path}")

@@ -592,7 +592,7 @@ def measure_search(settings: BenchSettings, log: Any) -> list[dict[str, Any]]:
     """A small search with 1 and with 2 concurrent trials: wall time, summed trial time, peak
     memory of the whole process tree (driver, Ray, trial workers)."""
     from leadtune.search.settings import SearchSettings
-    from leadtune.search.state import STATE_FILE
+    from leadtune.search.state import read_state
     from leadtune.search.tuner import run_search
     from leadtune.trainables.tasks import DataRequest
 
@@ -627,7 +627,7 @@ def measure_search(settings: BenchSettings, log: Any) -> list[dict[str, Any]]:
             with TreeMemorySampler() as sampler:
                 outcome = run_search(search)
             total = time.perf_counter() - started
-            state = json.loads((Path(outcome.experiment_path) / STATE_FILE).read_text())
+            state = read_state(Path(outcome.experiment_path))
             trial_seconds = [t.get("seconds") or 0.0 for t in outcome.trials]
             results.append(
                 {

@@ -18,6 +18,7 @@ from leadtune.search.tracking import (
     TRIAL_TAG,
     finite_metrics,
     flat_params,
+    mlflow_client,
 )
 
 
@@ -77,9 +78,7 @@ class MlflowTrialCallback(Callback):
     @property
     def client(self) -> Any:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
 
     def run_id_for(self, trial: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from leadtune.search import state as search_state
 from leadtune.search.results import load_results, summarise_trials, trial_runs
-from leadtune.search.tracking import TASK_TAG
+from leadtune.search.tracking import TASK_TAG, mlflow_client, use_tracking_uri
 
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"
@@ -34,12 +34,15 @@ def better(new: float, old: float, mode: str) -> bool:
 
 
 def task_of(saved: dict[str, Any]) -> str:
-    """The task of a search (searches written before tasks were recorded: their space's)."""
+    """The task of a search. Searches written before tasks were recorded: their space's task
+    when the space is registered here, else the default task (the only task back then)."""
     if saved.get("task"):
         return saved["task"]
-    from leadtune.spaces import get_space
+    from leadtune.spaces import SPACES
+    from leadtune.trainables.tasks import DEFAULT_TASK
 
-    return get_space(saved["space"]).task
+    space = SPACES.get(saved.get("space", ""))
+    return space.task if space is not None else DEFAULT_TASK
 
 
 def best_trial(search_dir: Path, saved: dict[str, Any], spec: Any, client: Any) -> dict[str, Any]:
@@ -84,7 +87,6 @@ def promote_best(
     force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate, register and (maybe) crown the best model of a search. Returns the decision."""
-    from mlflow.tracking import MlflowClient
 
     from leadtune.trainables.tasks import DataRequest, get_task
 
@@ -93,7 +95,7 @@ def promote_best(
     spec = get_task(task_of(saved))
     metric, mode = saved["metric"], saved["mode"]
     register_name = register_name or saved.get("register_name") or spec.register_name
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     best = best_trial(search_dir, saved, spec, client)
     checkpoint, val_value = Path(best["best_checkpoint"]), float(best["value"])
     _log(
@@ -192,7 +194,6 @@ def _registered_version(client: Any, name: str, run_id: str, checkpoint: Path) -
 def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoint: Path,
               test_metrics: dict[str, Any], tags: dict[str, str]) -> Any:  # fmt: skip
     """Write the model package into the trial's run and register it as a new version."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     from leadtune.trainables.model_package import write_package
@@ -236,7 +237,7 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
                 name, version.version, f"leadtune.{key}", repr(float(value))
             )
     client.set_tag(run_id, "leadtune.promoted", f"{name}/{version.version}")
-    mlflow.set_tracking_uri(client.tracking_uri)
+    use_tracking_uri(client.tracking_uri)
     return client.get_model_version(name, version.version)
 
 

@@ -2,8 +2,8 @@
 
 Every search gets a folder of its own, ``<storage>/<study>/search-YYYYmmdd-HHMMSS[-N]`` (created
 atomically, so two searches started in the same second never share one), which Ray Tune also
-writes its experiment into. ``leadtune_search.json`` there records the search's settings and its
-status:
+writes its experiment into. ``leadtune_search.state`` there (JSON) records the search's settings
+and its status:
 
 - ``running``: the driver holds the search's run lock (see :func:`run_lock`);
 - ``interrupted``: at least one trial did not reach an end (Ctrl-C, a killed driver, a crash);
@@ -13,6 +13,11 @@ status:
 
 A trial's own end is recorded by the driver as it happens (``trials`` in the state file, see
 ``tracking.MlflowTrialCallback``): a trial whose end was not recorded never counts as completed.
+The state file's name must not end in ``.json`` or ``.pkl``: on resume, Tune copies every such file
+of the experiment folder into its staging folder and copies them back over the originals at each
+experiment snapshot, which would put back the state as it was when the resume started (and lose
+the trial ends recorded since). Searches from leadtune 0.1 have ``leadtune_search.json``; it is
+read when the new file is absent and replaced by it at the next write.
 Locks are ``flock`` locks, which the kernel releases when their process dies, so a killed
 process never leaves a lock behind.
 """
@@ -30,7 +35,8 @@ from typing import Any
 
 from leadtune.trainables.runtime import LockBusy, file_lock
 
-STATE_FILE = "leadtune_search.json"
+STATE_FILE = "leadtune_search.state"
+LEGACY_STATE_FILE = "leadtune_search.json"  # leadtune 0.1
 RUN_LOCK = ".leadtune-run.lock"
 
 RUNNING, INTERRUPTED, FINISHED = "running", "interrupted", "finished"
@@ -59,8 +65,19 @@ def new_search_dir(study_dir: Path) -> Path:
     raise AssertionError("unreachable")
 
 
-def read_state(path: Path) -> dict[str, Any]:
+def state_file(path: Path) -> Path:
+    """The search's state file: ``leadtune_search.state``, else a 0.1 search's legacy one."""
     file = Path(path) / STATE_FILE
+    legacy = Path(path) / LEGACY_STATE_FILE
+    return legacy if not file.is_file() and legacy.is_file() else file
+
+
+def is_search_dir(path: Path) -> bool:
+    return state_file(path).is_file()
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    file = state_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a leadtune search folder (no {STATE_FILE})")
     return json.loads(file.read_text())
@@ -68,9 +85,10 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def write_state(path: Path, **values: Any) -> dict[str, Any]:
     """Merge ``values`` into the state file, atomically (readers never see half a file)."""
-    file = Path(path) / STATE_FILE
-    state = json.loads(file.read_text()) if file.exists() else {}
+    current = state_file(path)
+    state = json.loads(current.read_text()) if current.exists() else {}
     state.update(values)
+    file = Path(path) / STATE_FILE
     path.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(state, indent=2, default=str))
@@ -88,7 +106,7 @@ def record_trial_end(path: Path, trial_id: str, state: str, **facts: Any) -> Non
 
 def searches(study_dir: Path) -> list[Path]:
     """The study's search folders, oldest first."""
-    return sorted(p.parent for p in Path(study_dir).glob(f"*/{STATE_FILE}"))
+    return sorted(p for p in Path(study_dir).glob("*/") if is_search_dir(p))
 
 
 def is_running(path: Path) -> bool:
@@ -117,7 +135,7 @@ def find_search(storage_path: Path, study: str | None, given: str | None = None)
         return path
     storage = Path(storage_path)
     if study is None:
-        studies = sorted({p.parent.parent.name for p in storage.glob(f"*/*/{STATE_FILE}")})
+        studies = sorted({p.parent.name for p in storage.glob("*/*/") if is_search_dir(p)})
         if not studies:
             raise FileNotFoundError(
                 f"no leadtune search under {storage}; pass the --storage-path a search used"

@@ -33,6 +33,40 @@ PARENT_METRIC_PREFIX = "search_best_"
 # -- the tracking URI ----------------------------------------------------------------------------
 
 
+def mlflow_client(uri: str) -> Any:
+    """A client whose runs *and* registry live at ``uri``.
+
+    ``MlflowClient(uri)`` alone takes its registry from the process-wide registry URI, which an
+    earlier command in the same process (``evaluate models:/...``, a notebook) may have pointed
+    elsewhere; then a promotion would register into another database."""
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///") or uri in _SQLITE_READY:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Two processes creating (or upgrading) the same new database at once fail in MLflow's
+    # migrations; the first to hold the lock does it, the other then finds it done.
+    from leadtune.trainables.runtime import file_lock
+
+    db = Path(uri[len("sqlite:///") :])
+    with file_lock(db.with_name(db.name + ".lock"), f"another process to set up {db}"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _SQLITE_READY.add(uri)
+    return client
+
+
+_SQLITE_READY: set[str] = set()
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point MLflow's process-wide tracking and registry URIs at ``uri`` (both, always)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 def check_tracking_uri(uri: str | None, what: str) -> str:
     """Fail fast (one line) on a missing database or a server that does not answer."""
     if not uri:

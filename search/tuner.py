@@ -34,7 +34,13 @@ from leadtune.search import state as search_state
 from leadtune.search.results import finite, summarise_trials, trial_runs
 from leadtune.search.settings import SearchSettings, check_storage_and_urls
 from leadtune.search.study import check_space, training_config
-from leadtune.search.tracking import TRACKING_URI_ENV, dataset_input, sqlite_uri
+from leadtune.search.tracking import (
+    TRACKING_URI_ENV,
+    dataset_input,
+    mlflow_client,
+    sqlite_uri,
+    use_tracking_uri,
+)
 
 FAULT_ENV = "LEADTUNE_INJECT_FAULT"  # "EPOCH:MARKER_FILE": crash once after EPOCH (tests)
 BEST_FILE = "leadtune_best.json"  # a trial's running best, kept with each checkpoint
@@ -307,14 +313,11 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
 
 
 def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     os.environ[TRACKING_URI_ENV] = tracking_uri
     # The classic reporter: one compact trial table every 20 s instead of a box per result.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    use_tracking_uri(tracking_uri)
+    client = mlflow_client(tracking_uri)
 
     _log(f"loading data from {plan.settings.data.source} ...")
     data, dataset = plan.spec.load_data(plan.settings.data)

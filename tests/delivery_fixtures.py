@@ -110,13 +110,13 @@ def register_like_promote(
     with the alias champion.
     """
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     from leadtune.search.promote import register_checkpoint
+    from leadtune.search.tracking import mlflow_client
     from leadtune.trainables.lead_id.train import evaluate_checkpoint
     from leadtune.trainables.tasks import get_task
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     db_dir = Path(tracking_uri[len("sqlite:///") :]).parent
     experiment_id = client.create_experiment(
         "delivery", artifact_location=(db_dir / "mlartifacts").as_uri()
@@ -172,12 +172,12 @@ def register_pickled_like_before(
     the version."""
     import mlflow
     import mlflow.pytorch
-    from mlflow.tracking import MlflowClient
 
+    from leadtune.search.tracking import mlflow_client, use_tracking_uri
     from leadtune.trainables.tasks import load_trained_model
 
-    client = MlflowClient(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow_client(tracking_uri)
+    use_tracking_uri(tracking_uri)
     experiment = client.get_experiment_by_name("delivery")
     run = client.create_run(experiment.experiment_id, tags={"leadtune.trial_id": "old"})
     model, _, _ = load_trained_model(checkpoint)

@@ -87,6 +87,10 @@ def test_preprocess_config():
         "highpass_hz": 0.5,
         "highpass_order": 4,
         "zero_phase": False,
+        "clip_mv": None,
     }
+    assert PreprocessConfig(clip_mv=0).clip_mv is None
+    with pytest.raises(ValueError, match="clip_mv"):
+        PreprocessConfig(clip_mv=-1)
     with pytest.raises(ValueError, match="Nyquist"):
         PreprocessConfig(fs=100, highpass_hz=60)

@@ -179,7 +179,8 @@ def test_thresholds_are_chosen_on_validation_and_applied_unchanged_to_test(sampl
 
 def test_a_diagnosis_smoke_search_registers_an_ecg_diagnosis_champion(tmp_path, capsys) -> None:
     import ray
-    from mlflow.tracking import MlflowClient
+
+    from leadtune.search.tracking import mlflow_client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     try:
@@ -196,7 +197,7 @@ def test_a_diagnosis_smoke_search_registers_an_ecg_diagnosis_champion(tmp_path, 
     assert outcome["task"] == "diagnosis" and outcome["promotion"]["registered_model"] == (
         "ecg-diagnosis"
     )
-    champion = MlflowClient(uri).get_model_version_by_alias("ecg-diagnosis", "champion")
+    champion = mlflow_client(uri).get_model_version_by_alias("ecg-diagnosis", "champion")
     assert champion.tags["leadtune.task"] == "diagnosis"
     assert 0 <= float(champion.tags["leadtune.test_macro_auroc"]) <= 1
     assert main(["evaluate", "models:/ecg-diagnosis@champion", "--tracking-uri", uri,

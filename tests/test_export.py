@@ -156,11 +156,10 @@ def _pickled_globals(weights_file) -> set[str]:
 def test_a_registered_version_names_no_python_class(env):
     """What the registry holds survives any refactoring of leadtune: a JSON file (task, config)
     and tensors; no pickled class or module path that a move or rename could break."""
-    from mlflow.tracking import MlflowClient
-
     from leadtune.analysis.model_source import _download
+    from leadtune.search.tracking import mlflow_client
 
-    version = MlflowClient(env.tracking_uri).get_model_version("lead-id", env.version)
+    version = mlflow_client(env.tracking_uri).get_model_version("lead-id", env.version)
     folder = _download(version.source, env.tracking_uri)
     manifest = (folder / "leadtune-model.json").read_text()
     assert '"task": "lead_id"' in manifest and "leadtune.trainables" not in manifest

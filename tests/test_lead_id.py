@@ -76,6 +76,31 @@ def test_training_learns_and_checkpoints_load(tiny_data, tmp_path):
     assert out.shape == (2, 12, 12)
 
 
+def test_init_from_starts_at_the_checkpoints_weights(tiny_data, tmp_path):
+    """A warm start (fine-tuning) begins with the given run's weights: after one epoch at a
+    negligible learning rate the parameters are still the checkpoint's, and a fresh start's
+    are not."""
+    base = LocalReporter(tmp_path / "base")
+    train_lead_id({**TINY, "epochs": 4, "lr": 5e-3}, tiny_data, reporter=base)
+    config = {**TINY, "epochs": 1, "lr": 1e-12, "init_from": str(tmp_path / "base" / "epoch_004")}
+    train_lead_id(config, tiny_data, reporter=LocalReporter(tmp_path / "warm"))
+    train_lead_id(
+        {**config, "init_from": None}, tiny_data, reporter=LocalReporter(tmp_path / "fresh")
+    )
+
+    def parameters(folder):
+        model, _, _ = load_trained_model(folder)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    trained = parameters(tmp_path / "base" / "epoch_004")
+    assert torch.allclose(parameters(tmp_path / "warm" / "epoch_001"), trained, atol=1e-6)
+    assert not torch.allclose(parameters(tmp_path / "fresh" / "epoch_001"), trained, atol=1e-2)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        train_lead_id(
+            {**config, "d_model": 32}, tiny_data, reporter=LocalReporter(tmp_path / "other")
+        )
+
+
 def test_augment_batch_labels_follow_the_shuffled_leads():
     config = LeadIdConfig(jitter_prob=0.0)
     x = torch.arange(3 * 12 * 5, dtype=torch.float32).reshape(3, 12, 5)

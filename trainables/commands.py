@@ -265,6 +265,8 @@ def run_train(args: argparse.Namespace) -> int:
     resume = Path(args.resume) if args.resume else None
     if resume is not None:
         checkpoint_file(resume)  # one line if it is not a checkpoint
+    if getattr(config, "init_from", None):
+        checkpoint_file(Path(config.init_from))
     data, _ = spec.load_data(data_request(args))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))

@@ -293,7 +293,7 @@ class StepGuard:
         finite = bool(torch.isfinite(torch.stack([loss.detach().float(), *norms])).all())
         if finite:
             return True
-        what = "loss" if not math.isfinite(float(loss)) else "gradient"
+        what = "loss" if not math.isfinite(float(loss.detach())) else "gradient"
         if self.skip:
             self.skipped += 1
             return False

@@ -228,7 +228,7 @@ class DiagnosisTraining:
             ids = self.data.train_ids[rows] if self.data.train_ids is not None else rows
             if self.guard.step_is_finite(loss, parameters, epoch + 1, step, ids):
                 self.optimizer.step()
-                total += float(loss) * len(rows)
+                total += float(loss.detach()) * len(rows)
                 count += len(rows)
             elif kept is not None:
                 self.guard.restore(self.model, kept)

@@ -290,6 +290,20 @@ class LeadIdTraining:
         )
         self.guard = StepGuard(skip=cfg.skip_nonfinite_steps)
         self.start_epoch, self.best_val_loss, self.stale_epochs = 0, math.inf, 0
+        if cfg.init_from:
+            self.warm_start(Path(cfg.init_from))
+
+    def warm_start(self, folder: Path) -> None:
+        """Start from another run's weights (fine-tuning); optimiser and schedule start fresh."""
+        state = load_checkpoint(folder, map_location=self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[1:2] or [str(error)]
+            raise ValueError(
+                f"init_from {folder}: its weights do not fit this model ({first[0].strip()}); "
+                "give the same model settings the checkpoint was trained with"
+            ) from None
 
     def resume(self, folder: Path) -> None:
         """Continue exactly where an interrupted run stopped: model, optimiser, schedule,
