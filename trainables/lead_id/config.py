@@ -58,9 +58,7 @@ class LeadIdConfig:
     num_threads: int | None = None  # torch threads (None: all cores; a trial: its CPUs)
     early_stopping_patience: int | None = None  # epochs without val-loss improvement
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a non-finite loss/gradient
-    init_from: str | None = (
-        None  # warm start: model weights of this checkpoint folder (same model settings), fresh optimiser and schedule
-    )
+    init_from: str | None = None  # warm start from a checkpoint's weights (fresh optimiser)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LeadIdConfig:
