@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,13 @@ def judge(
     log_probs: np.ndarray,
     assigned: np.ndarray,
     threshold: float,
+    look_again: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Verdict:
-    """Compare the header's labelling with the named reversals and the best labelling."""
+    """Compare the header's labelling with the named reversals and the best labelling.
+
+    A reversal that inverts leads is scored on the signal with those leads re-inverted, which
+    needs the model again; ``look_again(signs)`` gives that table where it was computed in a
+    batch beforehand (the labelling study), else the model runs here."""
     leads = list(loaded.leads)
     named = [i for i, lead in enumerate(header_leads) if lead in leads]
     names = [header_leads[i] for i in named]
@@ -168,7 +174,11 @@ def judge(
             continue
         table = log_probs
         if (signs < 0).any():  # re-invert: the model must look again
-            table = log_probabilities(loaded, signal * signs[:, None])
+            table = (
+                look_again(signs)
+                if look_again is not None
+                else log_probabilities(loaded, signal * signs[:, None])
+            )
         scores[reversal.key] = score(table, labels)
     best = max(scores, key=scores.get)
     margin = scores[best] - scores["identity"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from leadtune.analysis.label import judge, log_probabilities
+from leadtune.analysis.label import judge
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.lead_id import metrics
 from leadtune.trainables.lead_id.config import LIMB, PRECORDIAL
@@ -70,23 +70,49 @@ def accuracy_by_lead_set(loaded: Any, signals: np.ndarray, n_boot: int, seed: in
     return found
 
 
+def _tables(loaded: Any, signals: np.ndarray) -> np.ndarray:
+    """(N, K, M) log-probabilities of 10 s records, as ``label.log_probabilities`` gives them
+    one record at a time, computed in batches."""
+    from leadtune.analysis.evaluate import predict
+
+    return metrics.log_softmax(predict(loaded.model, np.ascontiguousarray(signals, np.float32)))
+
+
+def _verdicts(loaded: Any, recorded: np.ndarray, threshold: float) -> list[Any]:
+    """``label.judge`` on every record of ``recorded`` under PTB-XL's header names, with the
+    model run once per batch for the records and once for each re-inverting reversal."""
+    header = list(LEADS)
+    base = _tables(loaded, recorded)
+    again: dict[tuple[float, ...], np.ndarray] = {}
+    for reversal in REVERSALS:
+        _, signs = reversal.undo(header)
+        if (signs < 0).any() and tuple(signs) not in again:
+            again[tuple(signs)] = _tables(loaded, recorded * signs[None, :, None])
+    return [
+        judge(
+            loaded,
+            recorded[n],
+            header,
+            base[n],
+            metrics.hungarian_assign(base[n]),
+            threshold,
+            look_again=lambda signs, n=n: again[tuple(signs)][n],
+        )  # fmt: skip
+        for n in range(len(recorded))
+    ]
+
+
 def reversal_detection(loaded: Any, signals: np.ndarray, threshold: float) -> dict:
     """Detection and false-alarm rates of the labelling verdict on synthetic reversals."""
     margins_untouched, flagged_untouched = [], 0
     results: dict[str, Any] = {}
-    for signal in signals:
-        log_probs = log_probabilities(loaded, signal)
-        verdict = judge(loaded, signal, list(LEADS), log_probs,
-                        metrics.hungarian_assign(log_probs), threshold)  # fmt: skip
+    for verdict in _verdicts(loaded, signals, threshold):
         margins_untouched.append(verdict.margin_nats or 0.0)
         flagged_untouched += verdict.status == "swap_suspected"
     for reversal in REVERSALS:
         detected = named = 0
-        for signal in signals:
-            recorded = reversal.apply(signal)
-            log_probs = log_probabilities(loaded, recorded)
-            verdict = judge(loaded, recorded, list(LEADS), log_probs,
-                            metrics.hungarian_assign(log_probs), threshold)  # fmt: skip
+        recorded = np.stack([reversal.apply(signal) for signal in signals])
+        for verdict in _verdicts(loaded, recorded, threshold):
             detected += verdict.status == "swap_suspected"
             named += verdict.reversal == reversal.key
         results[reversal.key] = {

@@ -65,8 +65,8 @@ def should_reexec(command: str | None, environ: Mapping[str, str] | None = None)
     )
 
 
-def reexec_with_allocator_settings(argv: Sequence[str]) -> None:
-    """Replace this process by ``python -m leadtune <argv>`` with :data:`ALLOCATOR_ENV` set.
+def reexec_with_allocator_settings(argv: Sequence[str], module: str = "leadtune") -> None:
+    """Replace this process by ``python -m <module> <argv>`` with :data:`ALLOCATOR_ENV` set.
 
     Does not return. ``LEADTUNE_NO_REEXEC`` is set in the new process too, so it can never
     loop, even where glibc ignores the variables.
@@ -75,7 +75,7 @@ def reexec_with_allocator_settings(argv: Sequence[str]) -> None:
     environ[NO_REEXEC_ENV] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "leadtune", *argv], environ)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], environ)
 
 
 def ray_runtime_env(gpus_per_trial: float = 0.0) -> dict[str, dict[str, str]]:
