@@ -48,10 +48,17 @@ def mlflow_client(uri: str) -> Any:
     from leadtune.trainables.runtime import file_lock
 
     db = Path(uri[len("sqlite:///") :])
-    with file_lock(db.with_name(db.name + ".lock"), f"another process to set up {db}"):
+    try:
+        lock = file_lock(db.with_name(db.name + ".lock"), f"another process to set up {db}")
+        lock.__enter__()
+    except OSError:  # a folder this process cannot write to: a database it only reads
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
+    finally:
+        lock.__exit__(None, None, None)
     _SQLITE_READY.add(uri)
     return client
 

@@ -60,6 +60,8 @@ def test_the_wheel_holds_leadtune_only_with_its_data(tmp_path: Path) -> None:
     assert "leadtune/trainables/lead_id/models/cpu_kernels.cpp" in names
     assert "leadtune/bundled/ptbxl-sample/records100/00000/00001_lr.dat" in names
     assert "leadtune/bundled/ptbxl-sample/LICENSE.txt" in names
+    for part in ("leadtune-model.json", "weights.pt", "MODEL_CARD.md"):  # the shipped model
+        assert f"leadtune/bundled/models/lead-id/{part}" in names
     assert not [n for n in names if "__pycache__" in n]
 
 
