@@ -581,7 +581,9 @@ def _stderr_reporter_class() -> type:
         """Tune's trial table on stderr: stdout carries only the result (``--json``)."""
 
         def _print(self, msg: str) -> None:
-            print(msg, file=sys.stderr, flush=True)
+            # "Result logdir" names Ray's temporary session folder, not where results go.
+            kept = [line for line in msg.splitlines() if not line.startswith("Result logdir:")]
+            print("\n".join(kept), file=sys.stderr, flush=True)
 
     return StderrReporter
 
