@@ -106,7 +106,7 @@ def record_trial_end(path: Path, trial_id: str, state: str, **facts: Any) -> Non
 
 def searches(study_dir: Path) -> list[Path]:
     """The study's search folders, oldest first."""
-    return sorted(p for p in Path(study_dir).glob("*/") if is_search_dir(p))
+    return sorted(p for p in Path(study_dir).glob("*") if p.is_dir() and is_search_dir(p))
 
 
 def is_running(path: Path) -> bool:
@@ -135,7 +135,9 @@ def find_search(storage_path: Path, study: str | None, given: str | None = None)
         return path
     storage = Path(storage_path)
     if study is None:
-        studies = sorted({p.parent.name for p in storage.glob("*/*/") if is_search_dir(p)})
+        studies = sorted(
+            {p.parent.name for p in storage.glob("*/*") if p.is_dir() and is_search_dir(p)}
+        )
         if not studies:
             raise FileNotFoundError(
                 f"no leadtune search under {storage}; pass the --storage-path a search used"

@@ -100,7 +100,7 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
     assert float(champion.tags["leadtune.val_value"]) == pytest.approx(best_loss, abs=1e-9)
     assert outcome["best"]["value"] == pytest.approx(best_loss, abs=1e-9)
     assert parent.data.metrics["search_best_val_loss"] == pytest.approx(best_loss, abs=1e-9)
-    state = read_state(next((tmp_path / "ray").glob("smoke/search-*/")))
+    state = read_state(next((tmp_path / "ray").glob("smoke/search-*")))
     assert state["status"] == "finished" and len(state["trials"]) == 6
     promoted_run = client.get_run(champion.run_id)
     assert "test_lead_accuracy" in promoted_run.data.metrics
@@ -130,7 +130,7 @@ def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240) -> None:
 
 
 def _state(root: Path) -> dict:
-    return read_state(next((root / "ray").glob("smoke/search-*/")))
+    return read_state(next((root / "ray").glob("smoke/search-*")))
 
 
 def _registered(root: Path, name: str = "lead-id") -> list:
