@@ -46,8 +46,10 @@ def screenshot(chromium: str, url: str, path: Path, size: str, wait_ms: int) -> 
 
 def pages(client, state: dict, base: str) -> dict[str, str]:
     """name -> URL: the experiment, the best trial's child run, the registered model."""
+    from leadtune.search.tracking import ui_url
+
     experiment = client.get_experiment(state["experiment_id"])
-    urls = {"experiment": f"{base}/#/experiments/{experiment.experiment_id}"}
+    urls = {"experiment": ui_url(base, experiment.experiment_id)}
     parent = state.get("parent_run_id")
     children = client.search_runs(
         [experiment.experiment_id],
@@ -57,10 +59,10 @@ def pages(client, state: dict, base: str) -> dict[str, str]:
     )
     if children:
         run = children[0].info.run_id
-        urls["child_run"] = f"{base}/#/experiments/{experiment.experiment_id}/runs/{run}"
+        urls["child_run"] = ui_url(base, experiment.experiment_id, run)
     name = state.get("register_name")
     if name and client.search_model_versions(f"name = '{name}'"):
-        urls["model"] = f"{base}/#/models/{name}"
+        urls["model"] = f"{base}/#/models/{name}?workflowType=machine_learning"
     return urls
 
 

@@ -50,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Third-party output a leadtune user cannot act on: MLflow's "View run at http://..." links (they
 # point at a server leadtune stops when the command ends; the summary names the durable URI),
-# and its INFO lines about table creation and registry waits.
-QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# its INFO lines about table creation and registry waits (MLflow sets its loggers' level from
+# MLFLOW_LOGGING_LEVEL when it is imported, in this process, the server and every Ray worker),
+# and Tune's hint about how often it snapshots the experiment state (short demo trials trigger
+# it; nothing to change). Each is a default: a user's own setting wins.
+QUIET_ENV = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
 
 
 def quiet_third_party_output() -> None:

@@ -35,6 +35,7 @@ def run_search_command(args: argparse.Namespace) -> int:
 
 
 def format_summary(outcome: Any) -> str:
+    from leadtune.search.tracking import ui_url
     from leadtune.trainables.tasks import get_task
 
     spec = get_task(outcome.task)
@@ -70,9 +71,10 @@ def format_summary(outcome: Any) -> str:
         "",
         f"MLflow: experiment {outcome.study} ({outcome.experiment_id}), parent run "
         f"{outcome.parent_run_id}",
-        f"  browse: mlflow ui --backend-store-uri {durable}"
+        f"  browse: mlflow ui --backend-store-uri {durable}, then "
+        f"{ui_url('http://127.0.0.1:5000', outcome.experiment_id)}"
         if durable.startswith("sqlite:")
-        else f"  browse: {durable}",
+        else f"  browse: {ui_url(durable, outcome.experiment_id)}",
         f"results: {outcome.experiment_path}",
     ]
     p = outcome.promotion

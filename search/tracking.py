@@ -244,9 +244,16 @@ def artifact_location_for(tracking_uri: str) -> str | None:
     return None
 
 
-# Tells MLflow's UI this is model training, not a GenAI app: the experiment opens on its runs
-# (MLflow 3 otherwise guesses, and opened the traces overview for a search).
+# Tells MLflow's UI this is model training, not a GenAI app (MLflow 3 otherwise guesses).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A page of MLflow's UI that opens on the runs. MLflow 3.17's UI shows every experiment in
+    its GenAI mode (traces overview) unless the page's ``workflowType`` says otherwise or the
+    user switched once; the experiment's ``mlflow.experimentKind`` tag does not decide it."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
