@@ -105,6 +105,7 @@ def _default_source(loaded: Any) -> str:
 def run_evaluate(args: argparse.Namespace) -> int:
     from leadtune.analysis.evaluate import evaluate_model, format_summary, write_evaluation
     from leadtune.analysis.model_source import load_model
+    from leadtune.trainables.data.ptbxl import database_files
     from leadtune.trainables.runtime import check_writable
 
     if args.out:
@@ -112,6 +113,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     other = load_model(args.compare, args.tracking_uri, args.cache_dir) if args.compare else None
     source = args.source or _default_source(loaded)
+    database_files(Path(source))  # a wrong folder is one line, before any other output
     print(
         f"[leadtune] evaluating {loaded.source} on the {args.split} split of {source}",
         file=sys.stderr,
@@ -313,7 +315,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     evaluate.add_argument(
         "--swap-threshold", type=non_negative_float, default=None,
-        help="with --suite labelling: the verdict's threshold in nats (default: the model's)",
+        help="with --suite labelling: one threshold in nats for every hypothesis (default: the "
+        "model's, one per hypothesis)",
     )  # fmt: skip
     evaluate.set_defaults(func=run_evaluate)
 
@@ -371,7 +374,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     label.add_argument(
         "--json", action="store_true",
-        help="JSON on stdout (schema leadtune.label/1): one object per record, a list for several",
+        help="JSON on stdout (schema leadtune.label/2): one object per record, a list for several",
     )  # fmt: skip
     label.add_argument("--csv", default=None, metavar="FILE", help="one CSV row per record")
     label.set_defaults(func=run_label)

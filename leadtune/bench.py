@@ -721,6 +721,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _run_bench(args: argparse.Namespace, report_out: dict | None = None) -> int:
     settings = settings_from_args(args)
+    if settings.source:  # a wrong folder is one line, before any other output
+        from leadtune.trainables.data.ptbxl import database_files
+
+        database_files(Path(settings.source))
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

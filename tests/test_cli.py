@@ -92,12 +92,16 @@ def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path):
         (["search", "--address", "127.0.0.1:1"], "no Ray cluster answers"),
         (["label", "/nonexistent/record"], "no such record"),
         (["report", "--storage-path", "/nonexistent/runs"], "no leadtune search under"),
+        (["evaluate", "--source", "/nonexistent/ptbxl"], "PTB-XL folder not found"),
+        (["bench", "--source", "/nonexistent/ptbxl"], "PTB-XL folder not found"),
     ],
 )
 def test_bad_input_is_a_one_line_error(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default folders (runs/...) land here, and must stay absent
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert len(err) == 1 and not out.strip(), (out, err)  # the error and nothing else
     assert err[-1].startswith("leadtune: error: ") and message in err[-1], err
     assert not (tmp_path / "runs").exists()  # nothing created before the error
 
