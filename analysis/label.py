@@ -11,15 +11,20 @@ hypotheses (see :mod:`leadtune.trainables.lead_id.reversals`):
 - *identity*: the header is right;
 - each *named electrode reversal* whose leads the header names (LA/RA, LA/LL, RA/LL, precordial
   neighbours): the channels are re-inverted and relabelled as the reversal says, and scored;
-- *other*: the best labelling of all (Hungarian), for swaps no name describes.
+- *pair*: the best exchange of two named channels' labels, for a single exchange no name
+  describes;
+- *other*: the best labelling of all (Hungarian), for any other swap.
 
 A hypothesis' score is the summed log-probability the model gives the named channels' labels
-under it. A swap is suspected when the best hypothesis beats the identity by more than the
-model's threshold (in nats; chosen on validation data so that correct records are rarely
-flagged, and recorded with the model). A named reversal is reported when it is within
-``NAME_SLACK`` nats of the best labelling; otherwise the exchanged channels are listed.
+under it. A swap is suspected when some hypothesis beats the identity by more than that
+hypothesis' own threshold (in nats; chosen on validation data so that correct records are rarely
+flagged, and recorded with the model: a neighbour-precordial reversal moves few nats and needs a
+low threshold, the free "other" labelling a high one, as it also gathers every lead the model is
+unsure of). A named reversal is reported when it
+scores within ``NAME_SLACK`` nats of the best hypothesis; otherwise the exchanged channels of
+the best labelling are listed.
 
-Output: a readable table, ``--json`` (schema ``leadtune.label/1``, below), and for folders a CSV
+Output: a readable table, ``--json`` (schema ``leadtune.label/2``, below), and for folders a CSV
 row per record (``--csv``). Exit status: 0 all records labelled and none flagged, 1 a swap is
 suspected in at least one record, 2 at least one record could not be read.
 """
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +44,14 @@ from leadtune.analysis.model_source import LoadedModel
 from leadtune.trainables.lead_id import metrics
 from leadtune.trainables.lead_id.reversals import REVERSALS
 
-SCHEMA = "leadtune.label/1"
+SCHEMA = "leadtune.label/2"
 # Nats per record by which the best hypothesis must beat the header's labelling to flag a swap,
 # where the model records none (see the bundled model's card for the value chosen on validation).
 DEFAULT_SWAP_THRESHOLD = 3.0
 # A named reversal within this many nats of the best labelling is named.
 NAME_SLACK = 1.0
+# Hypotheses that name no reversal: the best single exchange, the best labelling of all.
+UNNAMED = ("pair", "other")
 EXIT_OK, EXIT_SWAP, EXIT_UNREADABLE = 0, 1, 2
 CSV_FIELDS = (
     "record", "status", "reversal", "margin_nats", "channels", "header_names", "assigned",
@@ -68,10 +75,14 @@ class ChannelLabel:
 @dataclass
 class Verdict:
     status: str  # agrees | swap_suspected | no_header_leads
+    # the hypothesis the margin is about ("other", "pair" or a reversal's key): for a suspected
+    # swap the one reported, for "agrees" the one closest to its threshold
+    hypothesis: str | None = None
     reversal: str | None = None  # a named reversal's key, e.g. "LA-RA"
     reversal_name: str | None = None
-    margin_nats: float | None = None  # best hypothesis minus the header's (identity) score
-    threshold_nats: float | None = None
+    margin_nats: float | None = None  # that hypothesis' score minus the header's (identity)
+    threshold_nats: float | None = None  # that hypothesis' threshold
+    flagged_by: list[str] = field(default_factory=list)  # hypotheses above their thresholds
     exchanged: list[list[str]] = field(default_factory=list)  # header lead -> assigned lead
     scores: dict[str, float] = field(default_factory=dict)  # every hypothesis tested
 
@@ -139,16 +150,31 @@ def log_probabilities(loaded: LoadedModel, signal: np.ndarray) -> np.ndarray:
     return metrics.log_softmax(log_probs.mean(axis=0))
 
 
-def judge(
+def as_thresholds(value: float | Mapping[str, float]) -> dict[str, float]:
+    """Thresholds by hypothesis key (``other`` and each reversal's key); one number applies to
+    every hypothesis."""
+    if isinstance(value, Mapping):
+        found = {str(k): float(v) for k, v in value.items()}
+        if "other" not in found:
+            raise ValueError("swap thresholds need an 'other' entry (the default of every key)")
+        return found
+    return {"other": float(value)}
+
+
+def threshold_of(thresholds: Mapping[str, float], key: str) -> float:
+    return float(thresholds.get(key, thresholds["other"]))
+
+
+def hypothesis_scores(
     loaded: LoadedModel,
     signal: np.ndarray,
     header_leads: list[str | None],
     log_probs: np.ndarray,
     assigned: np.ndarray,
-    threshold: float,
     look_again: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> Verdict:
-    """Compare the header's labelling with the named reversals and the best labelling.
+) -> dict[str, float] | None:
+    """Every hypothesis' score (summed log-probability of the named channels' labels under it);
+    None where the header names no standard lead or names one twice.
 
     A reversal that inverts leads is scored on the signal with those leads re-inverted, which
     needs the model again; ``look_again(signs)`` gives that table where it was computed in a
@@ -157,14 +183,19 @@ def judge(
     named = [i for i, lead in enumerate(header_leads) if lead in leads]
     names = [header_leads[i] for i in named]
     if not named or len(set(names)) != len(names):
-        return Verdict(status="no_header_leads")
+        return None
 
     def score(table: np.ndarray, labels: list[str | None]) -> float:
         return float(sum(table[i, leads.index(labels[i])] for i in named))
 
     scores = {"identity": score(log_probs, header_leads)}
-    best_labels = [leads[j] for j in assigned]
-    scores["other"] = score(log_probs, best_labels)
+    scores["other"] = score(log_probs, [leads[j] for j in assigned])
+    if len(named) >= 2:  # the best single exchange: labels a, b of channels i, j swapped
+        columns = [leads.index(header_leads[i]) for i in named]
+        own = log_probs[named][:, columns]  # [i, j]: channel i's log-probability of j's label
+        mine = np.diag(own)
+        gain = own + own.T - mine[:, None] - mine[None, :]
+        scores["pair"] = scores["identity"] + float(gain[np.triu_indices(len(named), 1)].max())
     present = set(names)
     for reversal in REVERSALS:
         if not set(reversal.leads) <= present:
@@ -180,41 +211,82 @@ def judge(
                 else log_probabilities(loaded, signal * signs[:, None])
             )
         scores[reversal.key] = score(table, labels)
-    best = max(scores, key=scores.get)
-    margin = scores[best] - scores["identity"]
-    if best == "identity" or margin <= threshold:
-        return Verdict("agrees", margin_nats=round(margin, 3), threshold_nats=threshold,
+    return scores
+
+
+def decide(
+    scores: dict[str, float] | None,
+    thresholds: Mapping[str, float],
+    header_leads: list[str | None],
+    best_labels: list[str],
+) -> Verdict:
+    """The verdict from the hypotheses' scores: a swap is suspected when some hypothesis beats
+    the header's labelling (identity) by more than its own threshold (``flagged_by``). A named
+    reversal is reported when it scores within ``NAME_SLACK`` nats of the best hypothesis;
+    otherwise the exchanged channels of the best labelling are listed."""
+    if scores is None:
+        return Verdict(status="no_header_leads")
+    margins = {
+        key: value - scores["identity"] for key, value in scores.items() if key != "identity"
+    }
+    excess = {key: margin - threshold_of(thresholds, key) for key, margin in margins.items()}
+    closest = max(excess, key=excess.get)
+    if excess[closest] <= 0:
+        return Verdict("agrees", hypothesis=closest, margin_nats=round(margins[closest], 3),
+                       threshold_nats=threshold_of(thresholds, closest),
                        scores=_rounded(scores))  # fmt: skip
-    named_best = max(
-        (key for key in scores if key not in ("identity", "other")),
-        key=scores.get,
-        default=None,
-    )
-    reversal = None
-    if named_best is not None and scores[named_best] >= scores[best] - NAME_SLACK:
-        reversal = next(r for r in REVERSALS if r.key == named_best)
-        margin = scores[named_best] - scores["identity"]
+    flagged = sorted((key for key in excess if excess[key] > 0), key=excess.get, reverse=True)
+    # which swap it is: the named reversal that fits as well as the best labelling of all (within
+    # NAME_SLACK), else the best labelling, whose exchanged channels are listed
+    best = max(margins, key=margins.get)
+    fitting = [k for k in margins if k not in UNNAMED and margins[k] >= margins[best] - NAME_SLACK]
+    hypothesis = max(fitting, key=margins.get) if fitting else best
+    reversal = next((r for r in REVERSALS if r.key == hypothesis), None)
     exchanged = [
-        [header_leads[i], best_labels[i]] for i in named if header_leads[i] != best_labels[i]
+        [lead, label]
+        for lead, label in zip(header_leads, best_labels)
+        if lead is not None and lead != label
     ]
     return Verdict(
         status="swap_suspected",
+        hypothesis=hypothesis,
         reversal=reversal.key if reversal else None,
         reversal_name=reversal.name if reversal else None,
-        margin_nats=round(margin, 3),
-        threshold_nats=threshold,
+        margin_nats=round(margins[hypothesis], 3),
+        threshold_nats=threshold_of(thresholds, hypothesis),
+        flagged_by=flagged,
         exchanged=exchanged,
         scores=_rounded(scores),
     )
+
+
+def judge(
+    loaded: LoadedModel,
+    signal: np.ndarray,
+    header_leads: list[str | None],
+    log_probs: np.ndarray,
+    assigned: np.ndarray,
+    thresholds: float | Mapping[str, float],
+    look_again: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Verdict:
+    """Compare the header's labelling with the named reversals and the best labelling."""
+    scores = hypothesis_scores(loaded, signal, header_leads, log_probs, assigned, look_again)
+    best_labels = [loaded.leads[j] for j in assigned]
+    return decide(scores, as_thresholds(thresholds), header_leads, best_labels)
 
 
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in scores.items()}
 
 
-def swap_threshold(loaded: LoadedModel) -> float:
-    value = (loaded.card.get("labelling") or {}).get("swap_threshold_nats")
-    return float(value) if value is not None else DEFAULT_SWAP_THRESHOLD
+def swap_thresholds(loaded: LoadedModel) -> dict[str, float]:
+    """The model's thresholds by hypothesis (its card's, chosen on validation), else the
+    default for every hypothesis."""
+    labelling = loaded.card.get("labelling") or {}
+    if labelling.get("swap_thresholds_nats"):
+        return as_thresholds(labelling["swap_thresholds_nats"])
+    value = labelling.get("swap_threshold_nats")
+    return as_thresholds(float(value) if value is not None else DEFAULT_SWAP_THRESHOLD)
 
 
 def label_signal(
@@ -222,7 +294,7 @@ def label_signal(
     signal: np.ndarray,
     header_names: list[str],
     header_leads: list[str | None],
-    threshold: float | None = None,
+    threshold: float | Mapping[str, float] | None = None,
 ) -> tuple[list[ChannelLabel], np.ndarray, Verdict]:
     """Label the channels of one (K, T) signal and judge its header; (channels, probabilities
     (K, M), verdict)."""
@@ -251,7 +323,7 @@ def label_signal(
         )
     verdict = judge(
         loaded, signal, header_leads, log_probs, assigned,
-        swap_threshold(loaded) if threshold is None else threshold,
+        swap_thresholds(loaded) if threshold is None else threshold,
     )  # fmt: skip
     return channels, probs, verdict
 
@@ -330,8 +402,9 @@ def format_record(result: RecordLabels) -> str:
         lines.append("  the header names no standard leads (or names one twice): nothing compared")
     elif v.status == "agrees":
         lines.append(
-            f"  the header agrees with the signal (no hypothesis beats it by more than "
-            f"{v.threshold_nats:g} nats)"
+            "  the header agrees with the signal (no hypothesis beats it by more than its "
+            f"threshold; closest: {v.hypothesis}, {v.margin_nats:+.1f} nats against "
+            f"{v.threshold_nats:g})"
         )
     elif v.reversal:
         lines.append(

@@ -85,7 +85,7 @@ def test_the_labelling_studys_batched_verdicts_are_labels_own(ptbxl_sample) -> N
     """The study judges records in batches; `leadtune label` judges one record at a time. On
     real records, untouched and under each named reversal, both give the same verdicts."""
     from leadtune.analysis import load_model
-    from leadtune.analysis.label import judge, log_probabilities
+    from leadtune.analysis.label import judge, log_probabilities, swap_thresholds
     from leadtune.analysis.labelling_study import _verdicts
     from leadtune.trainables.data.records import read_record
     from leadtune.trainables.lead_id import metrics
@@ -98,12 +98,45 @@ def test_the_labelling_studys_batched_verdicts_are_labels_own(ptbxl_sample) -> N
             for i in range(1, 4)
         ]
     )
-    for reversal in (None, *(r for r in REVERSALS if r.key in ("LA-RA", "RA-LL", "V2-V3"))):
-        recorded = signals if reversal is None else np.stack([reversal.apply(s) for s in signals])
-        batched = _verdicts(loaded, recorded.astype(np.float32), 3.0)
-        for signal, verdict in zip(recorded, batched):
-            table = log_probabilities(loaded, signal)
-            single = judge(loaded, signal, list(LEADS), table, metrics.hungarian_assign(table), 3.0)
-            assert (single.status, single.reversal) == (verdict.status, verdict.reversal)
-            assert single.margin_nats == pytest.approx(verdict.margin_nats, abs=1e-3)
-    assert any(v.reversal == "V2-V3" for v in batched)  # the batched path names reversals too
+    named = []
+    for thresholds in (3.0, swap_thresholds(loaded)):  # one for all; the model's, per hypothesis
+        for reversal in (None, *(r for r in REVERSALS if r.key in ("LA-RA", "RA-LL", "V2-V3"))):
+            recorded = (
+                signals if reversal is None else np.stack([reversal.apply(s) for s in signals])
+            )
+            batched = _verdicts(loaded, recorded.astype(np.float32), thresholds)
+            for signal, verdict in zip(recorded, batched):
+                table = log_probabilities(loaded, signal)
+                assigned = metrics.hungarian_assign(table)
+                single = judge(loaded, signal, list(LEADS), table, assigned, thresholds)
+                assert (single.status, single.reversal) == (verdict.status, verdict.reversal)
+                assert set(single.flagged_by) == set(verdict.flagged_by)
+                assert single.margin_nats == pytest.approx(verdict.margin_nats, abs=1e-3)
+            named += [v.reversal for v in batched]
+    assert "V2-V3" in named  # the batched path names reversals too
+
+
+@pytest.mark.parametrize(
+    "exchange, reversal",
+    [((6, 7), "V1-V2"), ((1, 9), None)],  # V1<->V2; II<->V4 (no name)
+)
+def test_exchanged_channels_of_a_sample_record_are_flagged(exchange, reversal, tmp_path, capsys):
+    """The shipped model's own thresholds (per hypothesis, from its card) on a real record:
+    a neighbour-precordial reversal is named, an exchange no reversal names is listed."""
+    record = wfdb.rdrecord(str(RECORD))
+    x = record.p_signal.copy()
+    i, j = exchange
+    x[:, [i, j]] = x[:, [j, i]]
+    wfdb.wrsamp(
+        "exchanged", fs=record.fs, units=["mV"] * 12, sig_name=list(LEADS), p_signal=x,
+        fmt=["16"] * 12, write_dir=str(tmp_path),
+    )  # fmt: skip
+    code, result = _label(capsys, tmp_path / "exchanged")
+    verdict = result["verdict"]
+    assert code == 1 and verdict["status"] == "swap_suspected", verdict
+    assert verdict["reversal"] == reversal
+    assert verdict["margin_nats"] > 0 and verdict["flagged_by"]
+    if reversal is None:
+        assert sorted(map(tuple, verdict["exchanged"])) == sorted(
+            [(LEADS[i], LEADS[j]), (LEADS[j], LEADS[i])]
+        )

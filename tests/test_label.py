@@ -106,7 +106,7 @@ def test_folder_mode_json_csv_and_exit_code(env, labelled_folder, tmp_path, caps
     model, _, _ = load_trained_model(env.checkpoint)
     by_name = {h.stem: h for h in headers}
     for result in good:
-        assert result["schema"] == "leadtune.label/1"
+        assert result["schema"] == "leadtune.label/2"
         assert {"record", "channels", "probabilities", "verdict", "notes"} <= set(result)
         assigned = _assigned(result)
         assert sorted(assigned) == sorted(LEADS)
@@ -118,8 +118,12 @@ def test_folder_mode_json_csv_and_exit_code(env, labelled_folder, tmp_path, caps
             assert set(row) == set(LEADS) and sum(row.values()) == pytest.approx(1, abs=1e-4)
         stem = result["record"].rsplit("/", 1)[-1].removesuffix(".hea")
         assert assigned == _hungarian_by_hand(model, by_name[stem])
-        assert result["verdict"]["status"] in ("agrees", "swap_suspected")
-        assert "identity" in result["verdict"]["scores"]
+        verdict = result["verdict"]
+        assert verdict["status"] in ("agrees", "swap_suspected")
+        assert {"hypothesis", "reversal", "reversal_name", "margin_nats", "threshold_nats",
+                "flagged_by", "exchanged", "scores"} <= set(verdict)  # fmt: skip
+        assert "identity" in verdict["scores"] and verdict["hypothesis"] in verdict["scores"]
+        assert bool(verdict["flagged_by"]) == (verdict["status"] == "swap_suspected")
     rows = (tmp_path / "labels.csv").read_text().splitlines()
     assert len(rows) == 10 and rows[0].startswith("record,status,reversal")
 
@@ -277,3 +281,127 @@ def test_a_reversal_is_only_named_when_its_leads_are_present() -> None:
     channels, probs, verdict = label_signal(loaded, recorded, names, names, threshold=3.0)
     assert len(channels) == 5 and probs.shape == (5, 12)
     assert verdict.reversal is None  # aVR and aVL, which LA/RA also exchanges, are absent
+
+
+# -- thresholds per hypothesis ----------------------------------------------------------------
+
+
+def test_each_hypothesis_is_held_to_its_own_threshold() -> None:
+    """A neighbour-precordial swap moves fewer nats than the free labelling may on a correct
+    record: with a high threshold for 'other' and a low one for V4/V5, the swap is flagged and
+    named; with the high threshold for every hypothesis it is not."""
+    loaded, correct = template_world()
+    recorded = BY_KEY["V4-V5"].apply(correct)
+    _, _, verdict = label_signal(loaded, recorded, list(LEADS), list(LEADS), threshold=3.0)
+    margin = verdict.margin_nats
+    assert verdict.reversal == "V4-V5" and margin > 3.0
+    high = margin + 5.0
+    _, _, verdict = label_signal(loaded, recorded, list(LEADS), list(LEADS), threshold=high)
+    assert verdict.status == "agrees" and verdict.threshold_nats == high
+    split = {"other": high, "V4-V5": 3.0}
+    _, _, verdict = label_signal(loaded, recorded, list(LEADS), list(LEADS), threshold=split)
+    assert verdict.status == "swap_suspected" and verdict.reversal == "V4-V5"
+    assert (verdict.hypothesis, verdict.threshold_nats) == ("V4-V5", 3.0)
+    assert verdict.flagged_by == ["V4-V5"]
+    _, _, verdict = label_signal(loaded, correct, list(LEADS), list(LEADS), threshold=split)
+    assert verdict.status == "agrees"
+
+
+def _scored(margins: dict[str, np.ndarray]) -> list:
+    """Scored records (the labelling study's form) with the given margins over identity."""
+    count = len(next(iter(margins.values())))
+    return [
+        ({"identity": -10.0, **{key: -10.0 + float(v[n]) for key, v in margins.items()}}, [])
+        for n in range(count)
+    ]
+
+
+def test_thresholds_are_chosen_for_at_most_the_target_false_alarms() -> None:
+    """On untouched records the free labelling often beats the header by many nats, a V1/V2
+    hypothesis rarely; on V1/V2 reversals both beat it by a few. One threshold for all at 1 %
+    false alarms misses the reversals; thresholds per hypothesis catch them."""
+    from leadtune.analysis.labelling_study import choose_thresholds
+
+    rng = np.random.default_rng(0)
+    clean = {
+        "other": rng.exponential(5.0, 400),
+        "V1-V2": rng.normal(-20.0, 6.0, 400),
+        "LA-RA": np.full(400, -30.0),  # never above the header: held to the floor
+    }
+    v1v2 = rng.normal(8.0, 2.0, 400)
+    swapped = {"other": v1v2, "V1-V2": v1v2, "LA-RA": np.full(400, -30.0)}
+    scored = {"untouched": _scored(clean), "V1-V2": _scored(swapped)}
+    chosen = choose_thresholds(scored, target=0.01, floor=1.0)
+    assert chosen["LA-RA"] == 1.0
+    assert 1.0 <= chosen["V1-V2"] < np.quantile(v1v2, 0.05) < chosen["other"]
+
+    def flagged(margins: dict[str, np.ndarray], thresholds: dict[str, float]) -> np.ndarray:
+        return np.any([margins[key] > thresholds[key] for key in margins], axis=0)
+
+    assert flagged(clean, chosen).mean() <= 0.01
+    assert flagged(swapped, chosen).mean() > 0.95
+    one = float(np.quantile(np.max(list(clean.values()), axis=0), 0.99)) + 0.05
+    uniform = dict.fromkeys(clean, one)
+    assert flagged(clean, uniform).mean() <= 0.01 and flagged(swapped, uniform).mean() < 0.05
+    # a stricter target never lowers a threshold; beyond the data the tail is extrapolated, so
+    # a target below 1 / N still gives thresholds above every margin seen
+    strict = choose_thresholds(scored, target=0.001)
+    assert all(strict[key] >= chosen[key] for key in chosen)
+    assert not flagged(clean, strict).any()
+    assert strict["other"] > clean["other"].max()
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        choose_thresholds(scored, target=0.0)
+
+
+def test_tail_quantiles_extrapolate_beyond_the_largest_margin_seen() -> None:
+    """A threshold at the largest of n margins flags about 1 / (n + 1) of new records: the
+    chooser extrapolates an exponential tail instead. Checked against the exact quantiles of
+    exponential and normal margins."""
+    from leadtune.analysis.labelling_study import _tail_quantile
+
+    rng = np.random.default_rng(1)
+    exponential = rng.exponential(5.0, 2000)
+    for rate in (0.05, 0.01, 0.001, 0.0001):
+        exact = -5.0 * np.log(rate)  # P(X > x) = exp(-x / 5)
+        assert _tail_quantile(exponential, rate) == pytest.approx(exact, rel=0.1)
+    normal = rng.normal(0.0, 1.0, 2000)  # a lighter tail: the exponential one is conservative
+    assert _tail_quantile(normal, 0.001) >= 3.09 - 0.1  # the exact 99.9 % quantile is 3.09
+    assert _tail_quantile(np.array([-np.inf, -np.inf]), 0.01) == -np.inf
+
+
+def test_a_models_thresholds_come_from_its_card() -> None:
+    from leadtune.analysis.label import DEFAULT_SWAP_THRESHOLD, swap_thresholds
+
+    loaded, _ = template_world()
+    assert swap_thresholds(loaded) == {"other": DEFAULT_SWAP_THRESHOLD}
+    loaded.card = {"labelling": {"swap_threshold_nats": 7.5}}  # a model from before per-hypothesis
+    assert swap_thresholds(loaded) == {"other": 7.5}
+    loaded.card = {"labelling": {"swap_thresholds_nats": {"other": 20.0, "V1-V2": 2.0}}}
+    assert swap_thresholds(loaded) == {"other": 20.0, "V1-V2": 2.0}
+
+
+def test_the_studys_unnamed_exchanges_are_never_a_named_reversal() -> None:
+    from leadtune.analysis.labelling_study import _exchanged_pairs
+
+    pairs = _exchanged_pairs(2000)
+    named = {frozenset(r.leads) for r in REVERSALS if len(r.leads) == 2}
+    assert all(i < j for i, j in pairs)
+    assert not {frozenset((LEADS[i], LEADS[j])) for i, j in pairs} & named
+    assert len(set(pairs)) == 66 - len(named)  # every other pair occurs
+    assert pairs == _exchanged_pairs(2000)  # seeded: the study scores and checks the same pairs
+
+
+def test_a_single_exchange_is_its_own_hypothesis() -> None:
+    """Two channels whose labels no reversal exchanges: the 'pair' hypothesis (best single
+    exchange) scores what the best labelling scores, and with its own threshold it flags the
+    record even where the best labelling's threshold is out of reach."""
+    loaded, correct = template_world()
+    mixed = correct[[0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 10, 9]]  # V4 <-> V6
+    split = {"other": 1000.0, "pair": 3.0}
+    _, _, verdict = label_signal(loaded, mixed, list(LEADS), list(LEADS), threshold=split)
+    assert verdict.scores["pair"] == pytest.approx(verdict.scores["other"], abs=1e-3)
+    assert verdict.status == "swap_suspected" and verdict.flagged_by == ["pair"]
+    assert verdict.reversal is None
+    assert sorted(map(tuple, verdict.exchanged)) == [("V4", "V6"), ("V6", "V4")]
+    _, _, verdict = label_signal(loaded, correct, list(LEADS), list(LEADS), threshold=split)
+    assert verdict.status == "agrees" and verdict.scores["pair"] < verdict.scores["identity"]
