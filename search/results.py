@@ -15,7 +15,8 @@ def load_results(search_dir: Path) -> Any:
     """The search's Tune results, read from its folder."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    return ResultGrid(ExperimentAnalysis(str(search_dir)))
+    # absolute: Ray reads a relative path as a URI with an empty scheme and refuses it
+    return ResultGrid(ExperimentAnalysis(str(Path(search_dir).resolve())))
 
 
 def trial_runs(client: Any, experiment_id: str, parent_run_id: str) -> dict[str, str]:

@@ -205,3 +205,39 @@ def test_a_diagnosis_smoke_search_registers_an_ecg_diagnosis_champion(tmp_path, 
                  "--n-boot", "50", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "macro AUROC" in text and "| NORM |" in text
+
+
+def test_the_lead_subsets_study_becomes_its_table_with_one_command(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """A small lead_subsets study (two configurations x two seeds, one epoch) on the sample,
+    then `leadtune report` with a relative --storage-path, as a user types it: the table has
+    one row per configuration, 12 leads first with retention 100 % and LRS 1."""
+    import csv
+
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main([
+            "search", "--space", "lead_subsets", "--trials", "4", "--max-concurrent", "2",
+            "--epochs", "1", "--storage-path", "runs", "--source", str(SAMPLE),
+            "--cache-dir", "cache", "--json",
+        ])  # fmt: skip
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert code == 0
+    capsys.readouterr()
+    assert main(["report", "--study", "lead_subsets", "--storage-path", "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "| leads | n | macro AUROC" in out
+    (table,) = list(Path("runs").glob("lead_subsets/search-*/report/lead_subsets/lead_subsets.csv"))
+    rows = list(csv.DictReader(table.open()))
+    assert [r["leads"] for r in rows] == ["12", "I-II-V2"]
+    assert [r["n_leads"] for r in rows] == ["12", "3"] and all(r["seeds"] == "2" for r in rows)
+    assert float(rows[0]["retention"]) == pytest.approx(1.0)
+    assert float(rows[0]["lrs"]) == pytest.approx(1.0)
+    for r in rows:
+        assert float(r["auroc_ci_low"]) <= float(r["auroc"]) <= float(r["auroc_ci_high"])
+    assert table.with_name("lead_subsets.png").is_file()
