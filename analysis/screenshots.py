@@ -62,7 +62,7 @@ def pages(client, state: dict, base: str) -> dict[str, str]:
         urls["child_run"] = ui_url(base, experiment.experiment_id, run)
     name = state.get("register_name")
     if name and client.search_model_versions(f"name = '{name}'"):
-        urls["model"] = f"{base}/#/models/{name}?workflowType=machine_learning"
+        urls["model"] = ui_url(base, model=name)
     return urls
 
 

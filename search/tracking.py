@@ -9,6 +9,7 @@ as ``search_best_<metric>``, so the two never share a name in MLflow's chart vie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -48,17 +49,16 @@ def mlflow_client(uri: str) -> Any:
     from leadtune.trainables.runtime import file_lock
 
     db = Path(uri[len("sqlite:///") :])
-    try:
-        lock = file_lock(db.with_name(db.name + ".lock"), f"another process to set up {db}")
-        lock.__enter__()
-    except OSError:  # a folder this process cannot write to: a database it only reads
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(
+                file_lock(db.with_name(db.name + ".lock"), f"another process to set up {db}")
+            )
+        except OSError:  # a folder this process cannot write to: a database it only reads
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
-    finally:
-        lock.__exit__(None, None, None)
     _SQLITE_READY.add(uri)
     return client
 
@@ -248,12 +248,17 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """A page of MLflow's UI that opens on the runs. MLflow 3.17's UI shows every experiment in
-    its GenAI mode (traces overview) unless the page's ``workflowType`` says otherwise or the
-    user switched once; the experiment's ``mlflow.experimentKind`` tag does not decide it."""
-    page = f"runs/{run_id}" if run_id else "runs"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
+def ui_url(base: str, experiment_id: str | None = None, run_id: str | None = None,
+           model: str | None = None) -> str:  # fmt: skip
+    """A page of MLflow's UI in its model-training mode: an experiment's runs, one run, or a
+    registered model. MLflow 3.17's UI shows every experiment in its GenAI mode (traces
+    overview) unless the page's ``workflowType`` says otherwise or the user switched once; the
+    experiment's ``mlflow.experimentKind`` tag does not decide it."""
+    if model is not None:
+        page = f"models/{model}"
+    else:
+        page = f"experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
