@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from leadtune.search.study import OPTUNA_TRIAL_KEY, SEARCH_ATTR
+from leadtune.search.study import OPTUNA_TRIAL_KEY, SEARCH_ATTR, TUNE_TRIAL_ATTR
 
 
 class LeadtuneOptunaSearch(OptunaSearch):
@@ -24,7 +24,7 @@ class LeadtuneOptunaSearch(OptunaSearch):
         if isinstance(config, dict):
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr(SEARCH_ATTR, self.search_name)
-            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
             config = {**config, OPTUNA_TRIAL_KEY: ot_trial.number}
         return config
 

@@ -23,6 +23,7 @@ from typing import Any
 # config reaches the task).
 OPTUNA_TRIAL_KEY = "_optuna_trial"
 SEARCH_ATTR = "leadtune_search"
+TUNE_TRIAL_ATTR = "tune_trial_id"  # the Tune trial id, on every Optuna trial a search asks for
 
 
 def training_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -113,15 +114,32 @@ def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: 
     return study, seed + existing
 
 
-def fail_orphaned_trials(storage: str, study: str, search: str, alive: set[int]) -> list[int]:
-    """Fail the RUNNING Optuna trials this search asked for that no Tune trial will finish
-    (their numbers are not in ``alive``). Returns their numbers."""
+def tune_trial_numbers(storage: str, study: str, search: str) -> dict[str, int]:
+    """Tune trial id -> Optuna trial number for the trials this search asked for. A Tune trial
+    that has not reported yet carries no config in Tune's results, so this is how its Optuna
+    trial is found."""
+    import optuna
+
+    loaded = optuna.load_study(study_name=study, storage=storage)
+    return {
+        trial.user_attrs[TUNE_TRIAL_ATTR]: trial.number
+        for trial in loaded.get_trials(deepcopy=False)
+        if trial.user_attrs.get(SEARCH_ATTR) == search and TUNE_TRIAL_ATTR in trial.user_attrs
+    }
+
+
+def fail_orphaned_trials(storage: str, study: str, search: str, alive: set[str]) -> list[int]:
+    """Fail the RUNNING Optuna trials this search asked for that no Tune trial will finish (their
+    Tune trial id is not in ``alive``, the Tune trials a resume will run). Returns their numbers."""
     import optuna
 
     loaded = optuna.load_study(study_name=study, storage=storage)
     failed = []
     for trial in loaded.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get(SEARCH_ATTR) != search or trial.number in alive:
+        if (
+            trial.user_attrs.get(SEARCH_ATTR) != search
+            or trial.user_attrs.get(TUNE_TRIAL_ATTR) in alive
+        ):
             continue
         loaded._storage.set_trial_user_attr(
             trial._trial_id, "leadtune_failed_because", "no Tune trial of the search holds it"

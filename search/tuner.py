@@ -599,7 +599,7 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
               parent_run_id: str, started: float) -> SearchOutcome:  # fmt: skip
     """Trial table, the search's status, and the bookkeeping in Optuna, MLflow and the state
     file, whatever way the fit ended."""
-    from leadtune.search.study import fail_orphaned_trials
+    from leadtune.search.study import fail_orphaned_trials, tune_trial_numbers
 
     wall = time.perf_counter() - started
     saved = search_state.read_state(plan.search_dir)
@@ -614,7 +614,13 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
     finished = not unfinished and (missing <= 0 or budget_spent)
     status = search_state.FINISHED if finished else search_state.INTERRUPTED
 
-    alive = {t["optuna_trial"] for t in unfinished if t["optuna_trial"] is not None}
+    # A trial that has not reported yet has no config in Tune's results: its Optuna trial
+    # number comes from the study, and it is alive all the same (a resume will run it).
+    numbers = tune_trial_numbers(plan.optuna_storage, plan.study, plan.search_dir.name)
+    for trial in trials:
+        if trial["optuna_trial"] is None:
+            trial["optuna_trial"] = numbers.get(trial["trial_id"])
+    alive = {t["trial_id"] for t in unfinished}
     orphans = fail_orphaned_trials(plan.optuna_storage, plan.study, plan.search_dir.name, alive)
     if orphans:
         _log(f"failed Optuna trial(s) {orphans}: asked for, but no Tune trial will run them")

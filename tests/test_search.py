@@ -143,6 +143,14 @@ def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240) -> None:
     raise AssertionError("timed out waiting")
 
 
+def _trials_ended(root: Path) -> dict:
+    """The trials the search's state file records as ended ({} before it exists)."""
+    try:
+        return _state(root).get("trials", {})
+    except (StopIteration, FileNotFoundError, ValueError):  # not written yet, or mid-replace
+        return {}
+
+
 def _state(root: Path) -> dict:
     return read_state(next((root / "ray").glob("smoke/search-*")))
 
@@ -156,15 +164,18 @@ def _registered(root: Path, name: str = "lead-id") -> list:
 
 
 def test_early_sigint_promotes_nothing_and_resume_finishes_every_trial_once(tmp_path, cache_dir):
-    """Ctrl-C right after the first checkpoint: trials that had not finished are not
-    'completed', the search stays resumable, nothing is registered; --resume ends with four
-    unique child runs, four finished Optuna trials and one champion."""
+    """Ctrl-C as soon as the first trial has ended, when Tune has just asked Optuna for the
+    next trial and not started it (a trial with no result yet, so no config in Tune's results):
+    trials that had not finished are not 'completed', none of their Optuna trials is failed, the
+    search stays resumable, nothing is registered; --resume ends with four unique child runs,
+    four finished Optuna trials and one champion."""
     proc = _run_cli(search_args(tmp_path, cache_dir, trials=4, epochs=4))
-    _wait_for(lambda: list((tmp_path / "ray").glob("smoke/search-*/lead_id_*/checkpoint_*")), proc)
+    _wait_for(lambda: _trials_ended(tmp_path), proc)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=180)
     first_output = output
     assert proc.returncode == 3, output  # interrupted
+    assert "failed Optuna trial" not in output, output  # the waiting trial is still alive
     state = _state(tmp_path)
     assert state["status"] == "interrupted", output
     assert len(state.get("trials", {})) < 4  # the unfinished ones were not recorded as ended
@@ -176,7 +187,7 @@ def test_early_sigint_promotes_nothing_and_resume_finishes_every_trial_once(tmp_
 
     resumed = _run_cli(search_args(tmp_path, cache_dir, "--resume", trials=4, epochs=4))
     output, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, output
+    assert resumed.returncode == 0, f"{first_output}\n--- resumed ---\n{output}"
     assert_quiet(first_output + output)  # a new database, a search, a promotion: no noise
     client, parents, children = child_runs(tmp_path)
     ids = [r.data.tags[TRIAL_TAG] for r in children]
