@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	# Build the fused CPU kernels now (about 35 s) rather than in the first training run;
-	# without a C++ compiler this warns and leadtune uses its slower PyTorch code path.
+# (setuptools' "Editable installation ... folders with the same name as your package" notice
+# is about the leadtune/ folder that is the package itself: nothing to act on, so not shown)
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e ".[dev]"
+# Build the fused CPU kernels now (about 35 s) rather than in the first training run;
+# without a C++ compiler this warns and leadtune uses its slower PyTorch code path.
 	$(BIN)/python -c "from leadtune.trainables.lead_id.models import kernels; kernels.load()"
 	touch $(STAMP)
 

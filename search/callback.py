@@ -107,6 +107,7 @@ class MlflowTrialCallback(Callback):
                     STATE_TAG: "running",
                     OPTUNA_TAG: str(number),
                     "leadtune.trial_dir": str(self.search_dir / Path(trial.path).name),
+                    **self._source_tags(),
                 },
             )
             run_id = run.info.run_id
@@ -115,6 +116,15 @@ class MlflowTrialCallback(Callback):
                 self.client.log_inputs(run_id, datasets=[self.dataset_input])
         self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _source_tags(self) -> dict[str, str]:
+        """What MLflow's Source column shows, as on the parent run: the command and commit."""
+        from leadtune.search.tracking import git_commit
+
+        if getattr(self, "_source", None) is None:
+            self._source = {"mlflow.source.name": "leadtune search", "mlflow.source.type": "LOCAL",
+                            "mlflow.source.git.commit": git_commit()}  # fmt: skip
+        return self._source
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
         self.client.set_tag(self.run_id_for(trial), STATE_TAG, "running")

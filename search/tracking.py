@@ -248,17 +248,56 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
+# The runs table a search's link opens: MLflow (>= 3.15) reads a shared view's columns, widths
+# and sort order from the experiment tag ``mlflow.sharedViewState.<key>`` when the page's URL
+# carries ``viewStateShareKey=<key>``. Without it the table shows no metric or parameter column
+# until the user picks them.
+RUNS_VIEW_KEY = "leadtune"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+
+
+def runs_view_state(metric: str, mode: str, metrics: list[str], params: list[str]) -> str:
+    """The shared view of a search's runs: each trial's best value of the searched metric
+    first (the sort order), then ``metrics`` (the task's other figures) and ``params``, and the
+    search's own best value last (on the parent run)."""
+    best = f"metrics.`best_{metric}`"
+    columns = [best, *(f"metrics.`{m}`" for m in metrics)]
+    columns += [f"params.`{p}`" for p in params]
+    columns.append(f"metrics.`{PARENT_METRIC_PREFIX}{metric}`")
+    columns = list(dict.fromkeys(columns))
+    state = {
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "orderByKey": best,
+        "orderByAsc": mode == "min",
+    }
+    return json.dumps(state, separators=(",", ":"))
+
+
+def set_runs_view(client: Any, experiment_id: str, metric: str, mode: str, metrics: list[str],
+                  params: list[str]) -> None:  # fmt: skip
+    """Write (or replace) the experiment's shared runs view (see :func:`runs_view_state`)."""
+    client.set_experiment_tag(
+        experiment_id, RUNS_VIEW_TAG, runs_view_state(metric, mode, metrics, params[:16])
+    )
+
+
 def ui_url(base: str, experiment_id: str | None = None, run_id: str | None = None,
            model: str | None = None) -> str:  # fmt: skip
-    """A page of MLflow's UI in its model-training mode: an experiment's runs, one run, or a
-    registered model. MLflow 3.17's UI shows every experiment in its GenAI mode (traces
-    overview) unless the page's ``workflowType`` says otherwise or the user switched once; the
-    experiment's ``mlflow.experimentKind`` tag does not decide it."""
+    """A page of MLflow's UI in its model-training mode: an experiment's runs (in the search's
+    shared view, :func:`set_runs_view`), one run, or a registered model. MLflow 3.17's UI shows
+    every experiment in its GenAI mode (traces overview) unless the page's ``workflowType`` says
+    otherwise or the user switched once; the experiment's ``mlflow.experimentKind`` tag does not
+    decide it."""
+    query = "workflowType=machine_learning"
     if model is not None:
         page = f"models/{model}"
+    elif run_id:
+        page = f"experiments/{experiment_id}/runs/{run_id}"
     else:
-        page = f"experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
-    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
+        page = f"experiments/{experiment_id}/runs"
+        query += f"&viewStateShareKey={RUNS_VIEW_KEY}"
+    return f"{base.rstrip('/')}/#/{page}?{query}"
 
 
 def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:

@@ -329,6 +329,7 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
             "with the same --source and --limit"
         )
     experiment_id, parent_run_id = _parent_run(plan, client, tracking_uri, fingerprint)
+    _runs_view(plan, client, experiment_id)
     source = str(plan.settings.data.source)
     if not plan.resumed:
         client.log_inputs(parent_run_id, datasets=[dataset_input(dataset, source, "training")])
@@ -422,6 +423,7 @@ def _parent_run(plan: SearchPlan, client: Any, tracking_uri: str, fingerprint: s
             "leadtune.optuna_storage": plan.optuna_storage,
             "mlflow.source.git.commit": git_commit(),
             "mlflow.source.name": "leadtune search",
+            "mlflow.source.type": "LOCAL",
             "mlflow.note.content": plan.space.description,
         },
     )
@@ -637,6 +639,8 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
         best = pick(ranked, key=lambda t: t["value"])
         client.log_batch(parent_run_id, metrics=_search_metrics(best, plan.metric))
         client.set_tag(parent_run_id, "leadtune.best_trial", best["trial_id"])
+    _log_best_epochs(plan, client, trials)
+    _runs_view(plan, client, experiment_id, trials)
     client.log_metric(parent_run_id, "search_wall_seconds", saved.get("wall_seconds", 0) + wall)
     client.set_tag(parent_run_id, "leadtune.status", status)
     client.set_terminated(parent_run_id, "FINISHED" if finished else "KILLED")
@@ -666,6 +670,48 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
         trials=trials,
         best=best,
     )
+
+
+def _runs_view(plan: SearchPlan, client: Any, experiment_id: str,
+               trials: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+    """The columns the experiment's link opens on: the searched metric, the task's table
+    figures, and the parameters (the space's table ones while it runs; at the end, those that
+    differ between its trials)."""
+    from leadtune.search.tracking import set_runs_view
+
+    params = list(plan.space.table_params or plan.spec.table_params)
+    configs = [t["config"] for t in trials or () if t.get("config")]
+    if len(configs) > 1:
+        keys = sorted({key for config in configs for key in config})
+        varied = [
+            key
+            for key in keys
+            if len({json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}) > 1
+        ]
+        params = [p for p in params if p in varied] + [k for k in varied if k not in params]
+    # the trials' best-epoch figures once the search has logged them (see _log_best_epochs)
+    prefix = "best_" if trials else ""
+    metrics = [prefix + column.key for column in plan.spec.table_metrics]
+    set_runs_view(client, experiment_id, plan.metric, plan.mode, metrics, params)
+
+
+def _log_best_epochs(plan: SearchPlan, client: Any, trials: list[dict[str, Any]]) -> None:
+    """Each child run gets its best epoch's table figures as ``best_<metric>`` (step = that
+    epoch): MLflow's columns then show the numbers the trial table and the report show, not the
+    last epoch's."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    for trial in trials:
+        if not trial.get("run_id") or trial.get("best_epoch") is None:
+            continue
+        values = [
+            Metric(f"best_{c.key}", float(trial[c.key]), now, int(trial["best_epoch"]))
+            for c in plan.spec.table_metrics
+            if c.key != plan.metric and finite(trial.get(c.key))  # best_<metric>: the trainable's
+        ]
+        if values:
+            client.log_batch(trial["run_id"], metrics=values)
 
 
 def _search_metrics(best: dict[str, Any], metric: str) -> list:

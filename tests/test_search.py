@@ -18,7 +18,14 @@ import pytest
 
 from leadtune.cli import main
 from leadtune.search.state import read_state
-from leadtune.search.tracking import STATE_TAG, TRIAL_TAG, mlflow_client
+from leadtune.search.tracking import (
+    RUNS_VIEW_KEY,
+    RUNS_VIEW_TAG,
+    STATE_TAG,
+    TRIAL_TAG,
+    mlflow_client,
+    ui_url,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "ptbxl-sample"
@@ -85,6 +92,7 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
             run.data.tags[STATE_TAG] == "early_stopped_scheduler" and len(history) == 1
         )
         assert "lr" in run.data.params and "encoder" in run.data.params
+        assert run.data.tags["mlflow.source.name"] == "leadtune search"  # MLflow's Source column
     # the reference point of the space was evaluated first
     trials = optuna_trials(tmp_path)
     assert len(trials) == 6
@@ -105,6 +113,35 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
     promoted_run = client.get_run(champion.run_id)
     assert "test_lead_accuracy" in promoted_run.data.metrics
     assert 0 <= promoted_run.data.metrics["test_lead_accuracy"] <= 1
+
+    # MLflow's runs table: the link opens a shared view whose columns are the searched metric,
+    # the best epochs' figures and the parameters that differ between trials, all of them
+    # filled by the runs, sorted best first
+    assert f"viewStateShareKey={RUNS_VIEW_KEY}" in ui_url("http://127.0.0.1:5000", "1")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    view = json.loads(experiment.tags[RUNS_VIEW_TAG])
+    columns = view["selectedColumns"]
+    assert columns[0] == view["orderByKey"] == "metrics.`best_val_loss`" and view["orderByAsc"]
+    assert "metrics.`best_val_lead_accuracy_hungarian`" in columns
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    for column in columns:  # every metric on every run it is for; conditional parameters
+        kind, name = column.split(".", 1)  # (depth, heads) only where the trial has them
+        name = name.strip("`")
+        runs = [parent] if name.startswith("search_best_") else children
+        held = [name in (r.data.metrics if kind == "metrics" else r.data.params) for r in runs]
+        assert kind in ("metrics", "params") and (all if kind == "metrics" else any)(held), column
+    varied = {c[len("params.`") : -1] for c in columns if c.startswith("params.")}
+    configs = [t["config"] for t in outcome["trials"]]
+    assert {"encoder", "lr"} <= varied
+    assert all(len({str(c.get(k)) for c in configs}) > 1 for k in varied)
+    rows = {t["trial_id"]: t for t in outcome["trials"]}
+    for run in children:  # the same figure as the trial table's, from the same best epoch
+        row = rows[run.data.tags[TRIAL_TAG]]
+        assert run.data.metrics["best_val_lead_accuracy_hungarian"] == pytest.approx(
+            row["val_lead_accuracy_hungarian"], abs=1e-12
+        )
 
 
 def _run_cli(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
