@@ -153,6 +153,12 @@ def promote_best(
         )
         if move:
             client.set_registered_model_alias(register_name, CHAMPION, version.version)
+            # the model page's description (full width there) says what the champion is
+            client.update_registered_model(
+                register_name,
+                description=f"{model_description(spec)} Champion: v{version.version}"
+                + (f", {version.description}" if version.description else "."),
+            )
     _log(
         f"registered {register_name} v{version.version}; champion "
         f"{'moved to it' if move else 'unchanged'}: {reason}"
@@ -223,14 +229,13 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
     client.log_batch(run_id, metrics=_metrics(test_metrics))
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     try:
-        client.create_registered_model(
-            name, description=f"leadtune {spec.name} models; load with leadtune.analysis.load_model"
-        )
+        client.create_registered_model(name, description=model_description(spec))
     except MlflowException:
         pass  # it exists
     version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags}
-    )
+        name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags},
+        description=version_description(spec, test_metrics, tags),
+    )  # fmt: skip
     for key, value in test_metrics.items():
         if _is_number(value):
             client.set_model_version_tag(
@@ -239,6 +244,31 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
     client.set_tag(run_id, "leadtune.promoted", f"{name}/{version.version}")
     use_tracking_uri(client.tracking_uri)
     return client.get_model_version(name, version.version)
+
+
+def model_description(spec: Any) -> str:
+    return f"leadtune {spec.name} models; load with leadtune.analysis.load_model."
+
+
+def version_description(spec: Any, test_metrics: dict[str, Any], tags: dict[str, str]) -> str:
+    """One line for the registry's version table (its tags are cut off there): the test
+    figures, the validation value it was chosen on, and where it came from."""
+    parts = [
+        f"{c.label} {float(test_metrics[c.key]):.4f}"
+        for c in spec.test_metrics
+        if _is_number(test_metrics.get(c.key))
+    ]
+    if tags.get("leadtune.val_metric") and tags.get("leadtune.val_value"):
+        parts.append(
+            f"chosen on {tags['leadtune.val_metric']} {float(tags['leadtune.val_value']):.4f}"
+            + (f" (epoch {tags['leadtune.epoch']})" if tags.get("leadtune.epoch") else "")
+        )
+    if tags.get("leadtune.trial_id"):
+        parts.append(
+            f"trial {tags['leadtune.trial_id']}"
+            + (f" of study {tags['leadtune.study']}" if tags.get("leadtune.study") else "")
+        )
+    return "; ".join(parts)
 
 
 def champion_decision(client: Any, name: str, version: Any, metric: str, mode: str,

@@ -108,6 +108,11 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
     assert float(champion.tags["leadtune.val_value"]) == pytest.approx(best_loss, abs=1e-9)
     assert outcome["best"]["value"] == pytest.approx(best_loss, abs=1e-9)
     assert parent.data.metrics["search_best_val_loss"] == pytest.approx(best_loss, abs=1e-9)
+    test_acc = float(champion.tags["leadtune.test_lead_accuracy_hungarian"])
+    assert champion.description.startswith(f"test lead accuracy (Hungarian) {test_acc:.4f}; ")
+    assert f"chosen on val_loss {best_loss:.4f}" in champion.description  # the registry's table
+    described = client.get_registered_model("lead-id").description  # the model page's top
+    assert described.endswith(f"Champion: v{champion.version}, {champion.description}")
     state = read_state(next((tmp_path / "ray").glob("smoke/search-*")))
     assert state["status"] == "finished" and len(state["trials"]) == 6
     promoted_run = client.get_run(champion.run_id)
