@@ -248,8 +248,8 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-# The runs table a search's link opens: MLflow (>= 3.15) reads a shared view's columns, widths
-# and sort order from the experiment tag ``mlflow.sharedViewState.<key>`` when the page's URL
+# The runs table a search's link opens: MLflow (>= 3.15) reads a shared view's columns, their
+# order and the sort order from the experiment tag ``mlflow.sharedViewState.<key>`` when the page's URL
 # carries ``viewStateShareKey=<key>``. Without it the table shows no metric or parameter column
 # until the user picks them.
 RUNS_VIEW_KEY = "leadtune"
