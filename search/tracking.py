@@ -249,9 +249,9 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 # The runs table a search's link opens: MLflow (>= 3.15) reads a shared view's columns, their
-# order and the sort order from the experiment tag ``mlflow.sharedViewState.<key>`` when the page's URL
-# carries ``viewStateShareKey=<key>``. Without it the table shows no metric or parameter column
-# until the user picks them.
+# order and the sort order from the experiment tag ``mlflow.sharedViewState.<key>`` when the
+# page's URL carries ``viewStateShareKey=<key>``. Without it the table shows no metric or
+# parameter column until the user picks them.
 RUNS_VIEW_KEY = "leadtune"
 RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 
