@@ -108,11 +108,15 @@ def _scored(loaded: Any, recorded: np.ndarray) -> Scored:
     return found
 
 
+def _decided(scored: Scored, thresholds: dict[str, float]) -> list[Any]:
+    """``label.decide`` on every scored record under PTB-XL's header names."""
+    return [decide(scores, thresholds, list(LEADS), best) for scores, best in scored]
+
+
 def _verdicts(loaded: Any, recorded: np.ndarray, thresholds: Any) -> list[Any]:
     """``label.judge`` on every record of ``recorded`` under PTB-XL's header names, computed in
     batches (the same verdicts as judging one record at a time)."""
-    chosen = as_thresholds(thresholds)
-    return [decide(s, chosen, list(LEADS), best) for s, best in _scored(loaded, recorded)]
+    return _decided(_scored(loaded, recorded), as_thresholds(thresholds))
 
 
 # Besides the named reversals: two leads no reversal names, exchanged (a random pair per record),
@@ -245,8 +249,7 @@ def choose_thresholds(
 def detection(scored: dict[str, Scored], thresholds: Any) -> dict:
     """Detection and false-alarm rates of the labelling verdict on scored records."""
     chosen = as_thresholds(thresholds)
-    header = list(LEADS)
-    verdicts = [decide(s, chosen, header, best) for s, best in scored["untouched"]]
+    verdicts = _decided(scored["untouched"], chosen)
     flagged_untouched = sum(v.status == "swap_suspected" for v in verdicts)
     n = len(verdicts)
     results: dict[str, Any] = {}
@@ -255,7 +258,7 @@ def detection(scored: dict[str, Scored], thresholds: Any) -> dict:
     for key, records in scored.items():
         if key == "untouched":
             continue
-        found = [decide(s, chosen, header, best) for s, best in records]
+        found = _decided(records, chosen)
         detected = sum(v.status == "swap_suspected" for v in found)
         if key in by_key:
             named = sum(v.reversal == key for v in found)
