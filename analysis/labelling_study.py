@@ -28,29 +28,13 @@ import numpy as np
 from leadtune.analysis.label import as_thresholds, decide, hypothesis_scores, threshold_of
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.lead_id import metrics
-from leadtune.trainables.lead_id.config import LIMB, PRECORDIAL
 from leadtune.trainables.lead_id.reversals import REVERSALS
+from leadtune.trainables.lead_id.robustness import LEAD_SETS
+from leadtune.trainables.lead_id.robustness import shuffled_subsets as _shuffled_subsets
 
-LEAD_SETS: dict[str, tuple[str, ...]] = {
-    "12": LEADS,
-    "8 (I, II, V1-V6)": ("I", "II", *PRECORDIAL),
-    "6 limb": LIMB,
-    "6 precordial": PRECORDIAL,
-    "3 (I, II, V2)": ("I", "II", "V2"),
-}
 FALSE_ALARM_TARGET = 0.01
 # A reversal must beat the header's labelling by at least this many nats to be flagged.
 THRESHOLD_FLOOR = 1.0
-
-
-def _shuffled_subsets(signals: np.ndarray, leads: tuple[str, ...], rng: np.random.Generator):
-    """(N, K, T) signals of the lead set, each record's channels in its own random order, and the
-    (N, K) true label of each channel."""
-    columns = np.array([LEADS.index(lead) for lead in leads])
-    order = np.stack([rng.permutation(len(columns)) for _ in range(len(signals))])
-    labels = columns[order]
-    picked = np.take_along_axis(signals[:, columns], order[:, :, None], axis=1)
-    return np.ascontiguousarray(picked), labels
 
 
 def _accuracy(log_probs: np.ndarray, labels: np.ndarray, n_boot: int, seed: int) -> dict:

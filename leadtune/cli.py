@@ -17,6 +17,7 @@ from leadtune import __version__
 COMMAND_MODULES = (
     "leadtune.trainables.data.commands",  # leadtune data prepare|summary
     "leadtune.trainables.catalogue",  # leadtune models
+    "leadtune.trainables.lead_id.published",  # leadtune import
     "leadtune.trainables.commands",  # leadtune train
     "leadtune.bench",  # leadtune bench
     "leadtune.search.commands",  # leadtune search, leadtune promote

@@ -44,7 +44,7 @@ class MlflowTrialCallback(Callback):
     SKIP = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "iterations_since_restore",
             "time_since_restore", "timesteps_total", "episodes_total", "timesteps_since_restore",
             "training_iteration", "done", "epoch", "should_checkpoint", "early_stopped",
-            "trial_node_id", "checkpoint_dir_name"}  # fmt: skip
+            "trial_node_id", "checkpoint_dir_name", "schedule_pct"}  # fmt: skip
 
     def __init__(
         self,

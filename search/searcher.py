@@ -1,13 +1,37 @@
-"""Ray's OptunaSearch, with every Optuna trial tied to its Tune trial (see ``study``)."""
+"""Ray's OptunaSearch, with every Optuna trial tied to its Tune trial (see ``study``), and each
+trial's end told to Optuna as it happened.
+
+Ray's own searcher tells Optuna COMPLETE for every trial that returns a value, including one the
+scheduler stopped after a fraction of its budget; TPE would then learn from cut-short values as
+if they were final. Here every epoch's value is an intermediate value (step = epoch), a trial
+that ran its whole schedule (or stopped on its own patience) is COMPLETE, one the scheduler or
+the time budget stopped is PRUNED (Optuna then takes its last intermediate value as its value),
+and one that crashed is FAIL. The reason is kept as the trial's ``leadtune_end`` attribute.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from leadtune.search.study import OPTUNA_TRIAL_KEY, SEARCH_ATTR, TUNE_TRIAL_ATTR
+from leadtune.search.study import END_ATTR, OPTUNA_TRIAL_KEY, SEARCH_ATTR, TUNE_TRIAL_ATTR
+
+PROGRESS_KEY = "schedule_pct"  # share of its own epochs a trial has run (SearchReporter)
+
+
+def ran_full_budget(result: dict[str, Any]) -> bool:
+    """Whether a trial's last result ends its schedule (or its own early stopping)."""
+    if result.get("early_stopped"):
+        return True
+    progress = result.get(PROGRESS_KEY)
+    return progress is None or float(progress) >= 100.0 - 1e-9
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class LeadtuneOptunaSearch(OptunaSearch):
@@ -27,6 +51,39 @@ class LeadtuneOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
             config = {**config, OPTUNA_TRIAL_KEY: ot_trial.number}
         return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value, step = result.get(self.metric), result.get("epoch")
+        reported = self.__dict__.setdefault("_reported_steps", {})  # (absent in old pickles)
+        if _finite(value) and step is not None and reported.get(trial_id) != int(step):
+            self._ot_trials[trial_id].report(float(value), int(step))
+            reported[trial_id] = int(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        import optuna
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial, result = self._ot_trials[trial_id], result or {}
+        value = result.get(self.metric)
+        if not error:  # Tune hands a trial's last result here, not to on_trial_result
+            self.on_trial_result(trial_id, result)
+        if error:
+            state, values, reason = optuna.trial.TrialState.FAIL, None, "failed"
+        elif not _finite(value):
+            state, values, reason = optuna.trial.TrialState.FAIL, None, "no finite value"
+        elif ran_full_budget(result):
+            state, values = optuna.trial.TrialState.COMPLETE, float(value)
+            reason = "early_stopped_patience" if result.get("early_stopped") else "completed"
+        else:
+            # stopped by the scheduler (or the time budget): Optuna keeps the last intermediate
+            # value as the trial's value
+            state, values, reason = optuna.trial.TrialState.PRUNED, None, "stopped_early"
+        ot_trial.set_user_attr(END_ATTR, reason)
+        self._ot_study.tell(ot_trial, values, state=state)
+        self._completed_trials.add(trial_id)
 
 
 def make_searcher(

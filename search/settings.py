@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leadtune.spaces.registry import DEFAULT_SPACE
+from leadtune.spaces.registry import DEFAULT_SPACE, FIDELITIES, SCHEDULERS
 from leadtune.trainables.runtime import check_writable
 from leadtune.trainables.tasks import DataRequest
 
@@ -34,9 +34,18 @@ class SearchSettings:
     max_concurrent: int = _option(1, "trials running at once")
     cpus_per_trial: float = _option(1.0, "CPU cores per trial (also its torch threads)")
     gpus_per_trial: float = _option(0.0, "GPUs per trial; fractions share a GPU, e.g. 0.25")
-    scheduler: str | None = _option(None, "asha stops weak trials early; fifo runs all to the "
-                             "end (default: the space's, else asha)",
-                             choices=("asha", "fifo"))  # fmt: skip
+    scheduler: str | None = _option(None, "asha stops weak trials early (hyperband: 3 brackets; "
+                             "median: the median stopping rule); fifo runs all to the end "
+                             "(default: the space's, else asha)",
+                             choices=SCHEDULERS)  # fmt: skip
+    fidelity: str | None = _option(None, "unit trials are compared in: schedule (percent of "
+                            "the trial's own epochs) or epoch (default: the space's, else "
+                            "schedule)", choices=FIDELITIES)  # fmt: skip
+    grace_period: float | None = _option(None, "first point a trial may be stopped at, in the "
+                                 "fidelity unit (default: the space's, else a quarter of the "
+                                 "schedule)")  # fmt: skip
+    reduction_factor: int | None = _option(None, "keep 1 in this many trials at each later "
+                                    "point (default: the space's, else 2)")  # fmt: skip
     max_failures: int = _option(1, "retries of a crashed trial, from its last checkpoint")
     time_budget_s: float | None = _option(
         None, "seconds after which running trials are stopped and no new ones start",
@@ -89,8 +98,14 @@ class SearchSettings:
             raise ValueError("--cpus-per-trial must be positive")
         if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial % 1):
             raise ValueError("--gpus-per-trial must be a fraction in (0, 1] or a whole number")
-        if self.scheduler not in (None, "asha", "fifo"):
-            raise ValueError(f"--scheduler must be asha or fifo, got {self.scheduler!r}")
+        if self.scheduler not in (None, *SCHEDULERS):
+            raise ValueError(
+                f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+            )
+        if self.grace_period is not None and self.grace_period <= 0:
+            raise ValueError("--grace-period must be positive")
+        if self.reduction_factor is not None and self.reduction_factor < 2:
+            raise ValueError("--reduction-factor must be at least 2")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         if self.max_failures < 0:

@@ -24,6 +24,7 @@ from typing import Any
 OPTUNA_TRIAL_KEY = "_optuna_trial"
 SEARCH_ATTR = "leadtune_search"
 TUNE_TRIAL_ATTR = "tune_trial_id"  # the Tune trial id, on every Optuna trial a search asks for
+END_ATTR = "leadtune_end"  # how the trial ended: completed, stopped_early, failed, ...
 
 
 def training_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +90,10 @@ def check_space(
         study.tell(trial, 0.0)
 
 
-def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: int):
-    """Create or load the study; queue the space's initial points only when it is new.
+def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: int,
+               objective: str | None = None):  # fmt: skip
+    """Create or load the study; queue the space's initial points only when it is new, and name
+    its objective (optuna-dashboard shows the name instead of "Objective 0").
     Returns (study, the sampler seed for this search)."""
     import optuna
 
@@ -108,6 +111,8 @@ def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: 
             f"this search would {expected} it; use another --study or the study's --mode"
         )
     existing = len(study.trials)
+    if objective and not study.metric_names:
+        study.set_metric_names([objective])
     if not existing:
         for point in initial_points:
             study.enqueue_trial(dict(point))

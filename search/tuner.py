@@ -32,6 +32,7 @@ from typing import Any
 
 from leadtune.search import state as search_state
 from leadtune.search.results import finite, summarise_trials, trial_runs
+from leadtune.search.searcher import PROGRESS_KEY
 from leadtune.search.settings import SearchSettings, check_storage_and_urls
 from leadtune.search.study import check_space, training_config
 from leadtune.search.tracking import (
@@ -78,19 +79,23 @@ def _trial_entry(config: dict[str, Any], data: Any = None, task: str = "", metri
     from leadtune.trainables.tasks import get_task
     from leadtune.trainables.training import TuneReporter
 
-    reporter = SearchReporter(TuneReporter(), ray.get_runtime_context().get_node_id(), metric, mode)
+    epochs = int(config.get("epochs") or get_task(task).config_class().epochs)
+    reporter = SearchReporter(
+        TuneReporter(), ray.get_runtime_context().get_node_id(), metric, mode, epochs
+    )
     # Nothing is returned: Tune would take a returned dict as one more result (logged twice).
     get_task(task).train(training_config(config), data, reporter=reporter)
 
 
 class SearchReporter:
     """Adds to each report the trial's running best of the searched metric (``best_<metric>``,
-    kept with the checkpoint so that a restored trial continues it), the Ray node id, and the
-    tests' fault hook."""
+    kept with the checkpoint so that a restored trial continues it), how far through its own
+    schedule the trial is (``schedule_pct``, the scheduler's fidelity unit by default), the Ray
+    node id, and the tests' fault hook."""
 
-    def __init__(self, inner: Any, node_id: str, metric: str, mode: str):
+    def __init__(self, inner: Any, node_id: str, metric: str, mode: str, epochs: int = 0):
         self.inner, self.node_id = inner, node_id
-        self.metric, self.mode = metric, mode
+        self.metric, self.mode, self.epochs = metric, mode, epochs
         self.best: float | None = None
         fault = os.environ.get(FAULT_ENV, "")
         self.fault_epoch, _, marker = fault.partition(":")
@@ -111,6 +116,8 @@ class SearchReporter:
                 self.best = float(value)
         (Path(checkpoint_dir) / BEST_FILE).write_text(json.dumps({"best": self.best}))
         extra = {f"best_{self.metric}": self.best, "trial_node_id": self.node_id}
+        if self.epochs and metrics.get("epoch") is not None:
+            extra[PROGRESS_KEY] = 100.0 * float(metrics["epoch"]) / self.epochs
         self.inner.report({**metrics, **extra}, checkpoint_dir)
         if (
             self.fault_marker is not None
@@ -204,6 +211,8 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     fixed = {**space.fixed, **settings.overrides}
     if settings.epochs is not None:
         fixed["epochs"] = settings.epochs
+    if isinstance(fixed.get("init_from"), str):  # trials run in their own folders
+        fixed["init_from"] = str(Path(fixed["init_from"]).resolve())
     plan.fixed = fixed
     plan.defaults = {"seed": settings.seed, "num_threads": max(1, int(settings.cpus_per_trial))}
     from leadtune.search.study import SpaceWithFixed
@@ -499,7 +508,6 @@ def check_resources(settings: SearchSettings, available: dict[str, float]) -> No
 def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: str,
                  parent_run_id: str, trial_input: Any = None):  # fmt: skip
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from leadtune.search.callback import MlflowTrialCallback
@@ -520,18 +528,14 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
         )
     with search_state.file_lock(plan.root / f".{plan.study}.lock", f"study {plan.study}"):
         _, seed = open_study(
-            plan.optuna_storage, plan.study, plan.mode, plan.space.initial_points, settings.seed
-        )
+            plan.optuna_storage, plan.study, plan.mode, plan.space.initial_points, settings.seed,
+            plan.objective,
+        )  # fmt: skip
     searcher = make_searcher(
         SpaceWithFixed(plan.space.define, plan.fixed), plan.objective, plan.mode,
         plan.optuna_storage, plan.study, seed, plan.search_dir.name,
     )  # fmt: skip
-    epochs = int(plan.fixed.get("epochs") or plan.spec.config_class().epochs)
-    scheduler = (
-        ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2)
-        if (settings.scheduler or plan.space.scheduler) == "asha"
-        else FIFOScheduler()
-    )
+    scheduler = make_scheduler(scheduler_plan(plan))
     callback = MlflowTrialCallback(
         tracking_uri, experiment_id, parent_run_id, plan.search_dir, plan.spec.name, plan.metric,
         dataset_input=trial_input,
@@ -574,6 +578,67 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
             verbose=1,
         ),
     )
+
+
+@dataclass
+class SchedulerPlan:
+    """Which trials stop early, and when: the scheduler, its fidelity unit (``epoch``, or
+    ``schedule``: percent of the trial's own epochs), the first judgement (grace period, in that
+    unit), the reduction factor and the horizon (``max_t``)."""
+
+    name: str
+    fidelity: str
+    grace_period: float
+    reduction_factor: int
+    max_t: float
+
+    def describe(self) -> str:
+        if self.name == "fifo":
+            return "fifo (every trial runs to the end)"
+        unit = "% of its schedule" if self.fidelity == "schedule" else " epoch(s)"
+        return (
+            f"{self.name}: first judged at {self.grace_period:g}{unit}, then every x"
+            f"{self.reduction_factor} up to {self.max_t:g}{unit.split(' of')[0]}"
+        )
+
+
+def scheduler_plan(plan: SearchPlan) -> SchedulerPlan:
+    """The space's scheduler settings with the command line's overrides."""
+    settings, space = plan.settings, plan.space
+    name = settings.scheduler or space.scheduler
+    fidelity = settings.fidelity or space.fidelity
+    epochs = int(plan.fixed.get("epochs") or plan.spec.config_class().epochs)
+    max_t = 100.0 if fidelity == "schedule" else float(epochs)
+    grace = settings.grace_period or space.grace_period
+    if grace is None:  # the rule: a quarter of the schedule (see SearchSpace.grace_period)
+        grace = 25.0 if fidelity == "schedule" else max(1.0, math.ceil(epochs / 4))
+    if grace > max_t:
+        raise ValueError(
+            f"--grace-period {grace:g} is beyond the horizon {max_t:g} ({fidelity}); lower it"
+        )
+    factor = settings.reduction_factor or space.reduction_factor
+    return SchedulerPlan(name, fidelity, float(grace), int(factor), max_t)
+
+
+def make_scheduler(sched: SchedulerPlan) -> Any:
+    """Ray Tune's own scheduler for the plan."""
+    from ray.tune.schedulers import (
+        AsyncHyperBandScheduler,
+        FIFOScheduler,
+        MedianStoppingRule,
+    )
+
+    time_attr = PROGRESS_KEY if sched.fidelity == "schedule" else "epoch"
+    if sched.name == "fifo":
+        return FIFOScheduler()
+    if sched.name == "median":
+        return MedianStoppingRule(time_attr=time_attr, grace_period=sched.grace_period,
+                                  min_samples_required=3)  # fmt: skip
+    brackets = 3 if sched.name == "hyperband" else 1  # asha: one bracket
+    return AsyncHyperBandScheduler(
+        time_attr=time_attr, max_t=sched.max_t, grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor, brackets=brackets,
+    )  # fmt: skip
 
 
 def _stderr_reporter_class() -> type:

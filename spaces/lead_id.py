@@ -157,3 +157,84 @@ register_space(
         ),
     )
 )
+
+
+# -- fine-tuning published weights ----------------------------------------------------------------
+
+
+# The starting point of every lead_id_finetune trial: the reference paper's released model,
+# imported (`leadtune import thesis-siglabv2`) and shipped with leadtune. --set init_from=... starts
+# from other weights of the same architecture.
+def _released_model() -> str:
+    from leadtune.bundled import released_model_dir
+
+    return str(released_model_dir())
+
+
+# The architecture of the released model (D = 64); fine-tuning keeps it.
+RELEASED_ARCHITECTURE: dict[str, Any] = {
+    "encoder": "inception_gru",
+    "context": "sab",
+    "d_model": 64,
+    "depth": 5,
+    "heads": 8,
+}
+
+# A hand-set fine-tune (shared/models/thesis-siglabv2/README.md, 3 epochs instead of 2): the
+# space's reference point, the baseline the search has to beat.
+FINETUNE_REFERENCE_POINT: dict[str, Any] = {
+    "lr": 1e-4,
+    "lr_schedule": "cosine",
+    "epochs": 3,
+    "train_parts": "all",
+    "weight_decay": 1e-4,
+    "subset_prob": 0.5,
+    "subset_min_leads": 3,
+    "gain_max": 0.3,
+    "lowpass_prob": 0.3,
+    "jitter_prob": 0.5,
+    "jitter_sigma_max": 0.03,
+    "roll_max": 0,
+}
+
+
+def lead_id_finetune_space(trial: Any) -> dict[str, Any]:
+    """What fine-tuning can vary: how fast and how long it learns, which parts learn, and the
+    augmentations that stand for other recorders and fewer leads."""
+    return {
+        "lr": trial.suggest_float("lr", 1e-5, 1e-3, log=True),
+        "lr_schedule": trial.suggest_categorical("lr_schedule", ["cosine", "constant"]),
+        "epochs": trial.suggest_int("epochs", 3, 5),
+        "train_parts": trial.suggest_categorical("train_parts", ["all", "context_head", "head"]),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        "subset_prob": trial.suggest_float("subset_prob", 0.0, 0.8),
+        "subset_min_leads": trial.suggest_int("subset_min_leads", 1, 4),
+        "gain_max": trial.suggest_float("gain_max", 0.0, 0.5),
+        "lowpass_prob": trial.suggest_float("lowpass_prob", 0.0, 0.5),
+        "jitter_prob": trial.suggest_float("jitter_prob", 0.3, 0.9),
+        "jitter_sigma_max": trial.suggest_float("jitter_sigma_max", 0.015, 0.15, log=True),
+        "roll_max": trial.suggest_categorical("roll_max", [0, 50, 100]),
+    }
+
+
+register_space(
+    SearchSpace(
+        name="lead_id_finetune",
+        define=lead_id_finetune_space,
+        description="fine-tune the released model (D = 64) for fewer leads and noisy recorders "
+        "without losing 12-lead validation loss",
+        fixed={
+            **RELEASED_ARCHITECTURE,
+            "init_from": _released_model(),
+            "robust_validation": True,
+            "batch_size": 38,
+        },
+        initial_points=(FINETUNE_REFERENCE_POINT,),
+        metric="val_finetune_score",
+        mode="max",
+        # judged at half of each trial's own schedule (epoch 2 of 3 or 4, 3 of 5): never by
+        # its first epoch
+        grace_period=50.0,
+        table_params=("lr", "epochs", "train_parts", "subset_prob", "jitter_sigma_max"),
+    )
+)

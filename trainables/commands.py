@@ -253,6 +253,7 @@ def data_request(args: argparse.Namespace, progress: bool = True):
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from leadtune.trainables.model_package import is_package
     from leadtune.trainables.runtime import check_writable
     from leadtune.trainables.tasks import get_task
     from leadtune.trainables.training import LocalReporter, checkpoint_file
@@ -264,8 +265,8 @@ def run_train(args: argparse.Namespace) -> int:
     resume = Path(args.resume) if args.resume else None
     if resume is not None:
         checkpoint_file(resume)  # one line if it is not a checkpoint
-    if getattr(config, "init_from", None):
-        checkpoint_file(Path(config.init_from))
+    if getattr(config, "init_from", None) and not is_package(config.init_from):
+        checkpoint_file(Path(config.init_from))  # a checkpoint folder, or a model package
     data, _ = spec.load_data(data_request(args))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))

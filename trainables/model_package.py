@@ -79,22 +79,35 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_package(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, config object, manifest) of a package, on the CPU."""
+def package_weights(folder: str | Path) -> dict[str, Any]:
+    """A package's state dict on the CPU, read as tensors only (float16 stored weights are cast
+    back to float32)."""
     import torch
 
+    file = Path(folder) / WEIGHTS_FILE
+    try:
+        weights = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise PackageError(
+            f"{file}: not loaded ({reason}); a package's weights are tensors only"
+        ) from None
+    if not isinstance(weights, dict):
+        raise PackageError(f"{file}: not a state dict of tensors")
+    return {
+        k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
+        for k, v in weights.items()
+    }
+
+
+def load_package(folder: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, config object, manifest) of a package, on the CPU."""
     from leadtune.trainables.tasks import build_trained, get_task
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     spec = get_task(manifest["task"])
-    try:
-        weights = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise PackageError(
-            f"{folder / WEIGHTS_FILE}: not loaded ({reason}); a package's weights are tensors only"
-        ) from None
+    weights = package_weights(folder)
     try:
         model, config = build_trained(spec, manifest["config"], weights)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -13,6 +13,8 @@ from leadtune.trainables.tasks import check_at_least_one, checked_settings
 PRECORDIAL = ("V1", "V2", "V3", "V4", "V5", "V6")
 LIMB = ("I", "II", "III", "aVR", "aVL", "aVF")
 LEAD_SETS = {"all": LEADS, "precordial": PRECORDIAL, "limb": LIMB}
+# which modules learn in train_parts (the others keep their weights and BatchNorm statistics)
+TRAIN_PARTS = ("all", "context_head", "head")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class LeadIdConfig:
     # optimisation
     lr: float = 7e-4  # peak learning rate (AdamW)
     lr_min: float = 1e-7  # cosine schedule floor
+    lr_schedule: str = "cosine"  # cosine (to lr_min over all epochs) | constant
     weight_decay: float = 1e-4  # AdamW, decoupled
     batch_size: int = 38
     epochs: int = 30
@@ -58,7 +61,14 @@ class LeadIdConfig:
     num_threads: int | None = None  # torch threads (None: all cores; a trial: its CPUs)
     early_stopping_patience: int | None = None  # epochs without val-loss improvement
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a non-finite loss/gradient
-    init_from: str | None = None  # warm start from a checkpoint's weights (fresh optimiser)
+    init_from: str | None = None  # warm start from a checkpoint's or package's weights
+    # which parts learn: all | context_head (encoder frozen, its BatchNorm statistics too) | head
+    train_parts: str = "all"
+    # validate also with fewer leads (8, 6 limb, 6 precordial, 3) and under 0.05 / 0.1 mV noise
+    # (val_robust_accuracy), and with init_from the fine-tuning score val_finetune_score
+    robust_validation: bool = False
+    # val_finetune_score: how much the 12-lead validation loss may exceed the start's (nats)
+    finetune_loss_tolerance: float = 0.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LeadIdConfig:
@@ -121,6 +131,16 @@ class LeadIdConfig:
         check_at_least_one(
             self, ("max_train_records", "max_val_records", "num_threads", "early_stopping_patience")
         )
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.train_parts not in TRAIN_PARTS:
+            raise ValueError(
+                f"train_parts must be one of {', '.join(TRAIN_PARTS)}, got {self.train_parts!r}"
+            )
+        if self.robust_validation and tuple(self.leads) != LEADS:
+            raise ValueError("robust_validation needs all 12 leads (leads=all)")
+        if self.finetune_loss_tolerance < 0:
+            raise ValueError("finetune_loss_tolerance must be >= 0 nats")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda":

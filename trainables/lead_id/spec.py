@@ -84,7 +84,14 @@ SPEC = register_task(
             Column("test_lead_accuracy", "test lead accuracy (argmax)"),
         ),
         table_params=("encoder", "context", "d_model", "lr", "batch_size"),
-        val_metrics=("val_lead_accuracy", "val_set_accuracy"),
+        # with robust_validation: fewer leads and noise; with init_from too, the fine-tuning
+        # score (see trainables/lead_id/robustness.py)
+        val_metrics=(
+            "val_lead_accuracy",
+            "val_set_accuracy",
+            "val_robust_accuracy",
+            "val_finetune_score",
+        ),  # fmt: skip
         check_data=check_data,
         describe_models=describe_models,
         models_note=(

@@ -25,6 +25,11 @@ from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.lead_id import metrics
 from leadtune.trainables.lead_id.config import LeadIdConfig
 from leadtune.trainables.lead_id.models import ModelConfig, create_model
+from leadtune.trainables.lead_id.robustness import (
+    finetune_score,
+    hungarian_lead_accuracy,
+    validation_conditions,
+)
 from leadtune.trainables.runtime import apply_gpu_memory_fraction
 from leadtune.trainables.tasks import load_trained_model
 from leadtune.trainables.training import (
@@ -81,6 +86,16 @@ class LeadIdData:
         n = len(self.train if split == "train" else self.val)
         ids = np.arange(n) if ids is None else np.asarray(ids)
         return ids if rows is None else ids[rows]
+
+
+def freeze(model: torch.nn.Module, train_parts: str) -> list[torch.nn.Module]:
+    """Stop the parts that ``train_parts`` keeps from learning; returns the frozen modules
+    (the training loop keeps them in eval mode, so their BatchNorm statistics stay too)."""
+    frozen = {"all": [], "context_head": ["encoder"], "head": ["encoder", "context"]}[train_parts]
+    modules = [getattr(model, name) for name in frozen if hasattr(model, name)]
+    for module in modules:
+        module.requires_grad_(False)
+    return modules
 
 
 def lead_columns(config: LeadIdConfig, data_leads: tuple[str, ...]) -> np.ndarray:
@@ -278,32 +293,54 @@ class LeadIdTraining:
             self.val_signals = torch.from_numpy(self.val).to(device)
 
         self.model = (build_model or create_model)(cfg.model_config()).to(device)
+        self.frozen = freeze(self.model, cfg.train_parts)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             fused=True if device.type == "cuda" else None,  # one kernel for all parameters
         )
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=cfg.epochs * self.steps_per_epoch, eta_min=cfg.lr_min
-        )
+        if cfg.lr_schedule == "constant":
+            self.scheduler: Any = torch.optim.lr_scheduler.ConstantLR(
+                self.optimizer, factor=1.0, total_iters=0
+            )
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=cfg.epochs * self.steps_per_epoch, eta_min=cfg.lr_min
+            )
         self.guard = StepGuard(skip=cfg.skip_nonfinite_steps)
         self.start_epoch, self.best_val_loss, self.stale_epochs = 0, math.inf, 0
+        self.start_val_loss: float | None = None  # the init weights' 12-lead validation loss
+        self.conditions = (
+            validation_conditions(self.val, seed=cfg.seed) if cfg.robust_validation else []
+        )
         if cfg.init_from:
             self.warm_start(Path(cfg.init_from))
 
     def warm_start(self, folder: Path) -> None:
-        """Start from another run's weights (fine-tuning); optimiser and schedule start fresh."""
-        state = load_checkpoint(folder, map_location=self.device)
+        """Start from another run's weights (fine-tuning) or a model package's (e.g. imported
+        published weights); optimiser and schedule start fresh."""
+        from leadtune.trainables.model_package import is_package, package_weights
+
+        if is_package(folder):
+            weights = package_weights(folder)
+        else:
+            weights = load_checkpoint(folder, map_location=self.device)["model"]
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(weights)
         except RuntimeError as error:
             first = str(error).strip().splitlines()[1:2] or [str(error)]
             raise ValueError(
                 f"init_from {folder}: its weights do not fit this model ({first[0].strip()}); "
                 "give the same model settings the checkpoint was trained with"
             ) from None
+
+    def measure_start(self) -> None:
+        """The init weights' 12-lead validation loss: what a fine-tune must not make worse."""
+        if self.cfg.init_from and self.cfg.robust_validation and self.start_val_loss is None:
+            log_probs = self.predict(self.val_signals)
+            self.start_val_loss = validation_metrics(log_probs, self.loss_weight_np)["val_loss"]
 
     def resume(self, folder: Path) -> None:
         """Continue exactly where an interrupted run stopped: model, optimiser, schedule,
@@ -316,6 +353,7 @@ class LeadIdTraining:
         self.start_epoch = state["epoch"]
         self.best_val_loss = state["best_val_loss"]
         self.stale_epochs = state["stale_epochs"]
+        self.start_val_loss = state.get("start_val_loss")
 
     def batches(self) -> Any:
         n, size, rng = len(self.train), self.cfg.batch_size, self.streams.batches
@@ -328,6 +366,8 @@ class LeadIdTraining:
         cfg, model = self.cfg, self.model
         started = time.perf_counter()
         model.train()
+        for module in self.frozen:  # frozen parts keep their BatchNorm statistics
+            module.eval()
         # Summed on the device in float64 (the same sums as Python floats): no sync per step.
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         total_n = 0
@@ -377,10 +417,29 @@ class LeadIdTraining:
             "started": started,
         }
 
+    def predict(self, signals: np.ndarray | torch.Tensor) -> np.ndarray:
+        batch = max(self.cfg.batch_size, 64)
+        return predict_log_probs(self.model, signals, self.device, batch, self.amp)
+
+    def robust_metrics(self, val_loss: float) -> dict[str, float]:
+        """Accuracy with fewer leads and under noise, their mean, and the fine-tuning score."""
+        found = {
+            condition.key: hungarian_lead_accuracy(
+                self.predict(condition.signals), condition.labels
+            )
+            for condition in self.conditions
+        }
+        found["val_robust_accuracy"] = float(np.mean(list(found.values())))
+        if self.start_val_loss is not None:
+            found["start_val_loss"] = self.start_val_loss
+            found["val_finetune_score"] = finetune_score(
+                found["val_robust_accuracy"], val_loss, self.start_val_loss,
+                self.cfg.finetune_loss_tolerance,
+            )  # fmt: skip
+        return found
+
     def validate(self, epoch: int, trained: dict[str, float]) -> dict[str, Any]:
-        log_probs = predict_log_probs(
-            self.model, self.val_signals, self.device, max(self.cfg.batch_size, 64), self.amp
-        )
+        log_probs = self.predict(self.val_signals)
         check_finite_outputs(
             log_probs, self.data.ids("val", np.arange(len(self.val))), f"epoch {epoch + 1}"
         )
@@ -393,6 +452,8 @@ class LeadIdTraining:
             "epoch_seconds": time.perf_counter() - started,
             "train_ecg_per_second": trained["train_ecg_per_second"],
         }
+        if self.conditions:
+            metrics_now.update(self.robust_metrics(metrics_now["val_loss"]))
         if self.cfg.skip_nonfinite_steps:
             metrics_now["skipped_steps"] = trained["skipped_steps"]
         if metrics_now["val_loss"] < self.best_val_loss:
@@ -409,6 +470,7 @@ class LeadIdTraining:
         report_epoch(
             self.reporter, TASK, self, metrics_now,
             best_val_loss=self.best_val_loss, stale_epochs=self.stale_epochs,
+            start_val_loss=self.start_val_loss,
         )  # fmt: skip
 
 
@@ -443,6 +505,7 @@ def train_lead_id(
     resume_dir = run.reporter.latest_checkpoint()
     if resume_dir is not None:
         run.resume(resume_dir)
+    run.measure_start()
     last: dict[str, Any] = {}
     for epoch in range(run.start_epoch, cfg.epochs):
         last = run.validate(epoch, run.train_epoch(epoch, progress))

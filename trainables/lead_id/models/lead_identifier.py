@@ -7,6 +7,7 @@ parameter counts, for ``leadtune models``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -66,21 +67,28 @@ class LeadIdentifier(nn.Module):
             )
         batch, leads, samples = x.shape
         waveforms = x.reshape(batch * leads, 1, samples)
+        if mask is not None and (mask.shape != (batch, leads) or mask.dtype != torch.bool):
+            raise ValueError(
+                f"lead mask must be a bool tensor of shape {(batch, leads)}, got "
+                f"{mask.dtype} {tuple(mask.shape)}; pass mask=(leads present) as bool"
+            )
+        # A frozen encoder (fine-tuning only the context and head) builds no autograd graph.
+        frozen = torch.is_grad_enabled() and not self._encoder_needs_grad(x)
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            if mask is None:
+                features = self.encoder(waveforms)
+            else:
+                present = mask.reshape(-1)
+                encoded = self.encoder(waveforms[present])
+                features = encoded.new_zeros(batch * leads, encoded.shape[-1])
+                features = features.index_put((present,), encoded)
         if mask is None:
             mask = torch.ones(batch, leads, dtype=torch.bool, device=x.device)
-            features = self.encoder(waveforms)
-        else:
-            if mask.shape != (batch, leads) or mask.dtype != torch.bool:
-                raise ValueError(
-                    f"lead mask must be a bool tensor of shape {(batch, leads)}, got "
-                    f"{mask.dtype} {tuple(mask.shape)}; pass mask=(leads present) as bool"
-                )
-            present = mask.reshape(-1)
-            encoded = self.encoder(waveforms[present])
-            features = encoded.new_zeros(batch * leads, encoded.shape[-1])
-            features = features.index_put((present,), encoded)
         features = self.context(features.reshape(batch, leads, -1), mask)
         return self.head(features)
+
+    def _encoder_needs_grad(self, x: Tensor) -> bool:
+        return x.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
 
 
 def create_model(config: ModelConfig | None = None, **overrides: object) -> LeadIdentifier:
