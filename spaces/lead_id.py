@@ -227,6 +227,10 @@ register_space(
             **RELEASED_ARCHITECTURE,
             "init_from": _released_model(),
             "robust_validation": True,
+            # 12-lead validation loss may rise by at most 0.01 nats over the release's 0.069
+            # (about +15 %): at 1-2 epochs into a fine-tune with lead subsets its accuracy was
+            # 98.1-98.2 % at 0.080-0.087 nats against the release's 98.3 %
+            "finetune_loss_tolerance": 0.01,
             "batch_size": 38,
         },
         initial_points=(FINETUNE_REFERENCE_POINT,),

@@ -85,10 +85,14 @@ def hungarian_lead_accuracy(log_probs: np.ndarray, labels: np.ndarray) -> float:
 
 def finetune_score(robust_accuracy: float, val_loss: float, start_val_loss: float,
                    tolerance: float) -> float:  # fmt: skip
-    """The fine-tuning objective (maximised): ``val_robust_accuracy`` where the 12-lead
-    validation loss is no worse than the start's (plus ``tolerance`` nats); below every such
-    value (minus 1) where it is worse, so a fine-tune that buys fewer-lead skill with 12-lead
-    skill never outranks one that does not."""
-    if val_loss <= start_val_loss + tolerance:
+    """The fine-tuning objective (maximised).
+
+    Where the 12-lead validation loss is no worse than the start's plus ``tolerance`` nats, the
+    score is ``val_robust_accuracy`` (in [0, 1]). Where it is worse, the score is below every
+    such value: ``val_robust_accuracy - 1 - 10 * excess`` (excess: nats above the allowed loss),
+    so a fine-tune that buys fewer-lead skill with 12-lead skill never outranks one that keeps
+    it, and among those that do not, the search is pulled back towards the allowed loss."""
+    excess = val_loss - (start_val_loss + tolerance)
+    if excess <= 0:
         return robust_accuracy
-    return robust_accuracy - 1.0
+    return robust_accuracy - 1.0 - 10.0 * excess
