@@ -88,6 +88,10 @@ def format_summary(outcome: Any) -> str:
             f"({p['reason']})",
             f"use it: leadtune evaluate {p['champion_uri']} --tracking-uri {durable}",
         ]
+        if p.get("search_gain"):
+            from leadtune.search.promote import gain_sentence
+
+            lines.append(gain_sentence(p["search_gain"]))
     return "\n".join(lines)
 
 

@@ -46,6 +46,11 @@ def task_of(saved: dict[str, Any]) -> str:
 
 
 def best_trial(search_dir: Path, saved: dict[str, Any], spec: Any, client: Any) -> dict[str, Any]:
+    return _best_and_rows(search_dir, saved, spec, client)[0]
+
+
+def _best_and_rows(search_dir: Path, saved: dict[str, Any], spec: Any,
+                   client: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     metric, mode = saved["metric"], saved["mode"]
     rows = summarise_trials(
         load_results(search_dir),
@@ -65,7 +70,73 @@ def best_trial(search_dir: Path, saved: dict[str, Any], spec: Any, client: Any) 
     ]
     if not ranked:
         raise ValueError(f"no trial of {search_dir} ended with a checkpoint; nothing to promote")
-    return (min if mode == "min" else max)(ranked, key=lambda r: r["value"])
+    return (min if mode == "min" else max)(ranked, key=lambda r: r["value"]), ranked
+
+
+def reference_trial(rows: list[dict[str, Any]], saved: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial that ran the space's first queued configuration (its reference point), if
+    this search ran it to a checkpoint."""
+    from leadtune.spaces import SPACES
+
+    space = SPACES.get(saved.get("space", ""))
+    if space is None or not space.initial_points:
+        return None
+    point = space.initial_points[0]
+    matches = [
+        r for r in rows
+        if all((r.get("config") or {}).get(k) == v for k, v in point.items())
+    ]  # fmt: skip
+    if not matches:
+        return None
+    return min(matches, key=lambda r: (r.get("optuna_trial") is None, r.get("optuna_trial") or 0))
+
+
+def search_gain(spec: Any, best: dict[str, Any], reference: dict[str, Any] | None,
+                metric: str, dataset: Any) -> dict[str, Any] | None:  # fmt: skip
+    """What the search found beyond its reference point: on validation (the trials' values)
+    and once on the test split, with the task's paired test on the same records."""
+    if reference is None:
+        return None
+    found: dict[str, Any] = {
+        "reference_trial": reference["trial_id"],
+        "validation": {
+            "metric": metric,
+            "champion": float(best["value"]),
+            "reference": float(reference["value"]),
+            "difference": float(best["value"]) - float(reference["value"]),
+        },
+    }
+    if reference["trial_id"] == best["trial_id"]:
+        found["test"] = None
+        found["note"] = "the space's reference point is the champion"
+        return found
+    if spec.paired_test is not None:
+        _log(f"comparing with the reference point (trial {reference['trial_id']}) on test ...")
+        found["test"] = spec.paired_test(
+            Path(best["best_checkpoint"]), Path(reference["best_checkpoint"]), dataset, "test"
+        )
+    return found
+
+
+def gain_sentence(gain: dict[str, Any] | None) -> str:
+    """One sentence for the registry and the summary."""
+    if not gain:
+        return ""
+    if gain.get("note"):
+        return f"search gain: none, {gain['note']}"
+    val = gain["validation"]
+    text = (
+        f"search gain over the reference point (trial {gain['reference_trial']}): "
+        f"{val['metric']} {val['champion']:.4f} vs {val['reference']:.4f}"
+    )
+    test = gain.get("test")
+    if test:
+        extra = f" [{test['ci_low']:+.4f}, {test['ci_high']:+.4f}]" if "ci_low" in test else ""
+        text += (
+            f"; test {test['metric']} {test['a']:.4f} vs {test['b']:.4f} "
+            f"({test['difference']:+.4f}{extra}, {test['test']}, p = {test['p_value']:.3g})"
+        )
+    return text
 
 
 def check_finished(search_dir: Path) -> dict[str, Any]:
@@ -96,7 +167,7 @@ def promote_best(
     metric, mode = saved["metric"], saved["mode"]
     register_name = register_name or saved.get("register_name") or spec.register_name
     client = mlflow_client(tracking_uri)
-    best = best_trial(search_dir, saved, spec, client)
+    best, ranked = _best_and_rows(search_dir, saved, spec, client)
     checkpoint, val_value = Path(best["best_checkpoint"]), float(best["value"])
     _log(
         f"best trial {best['trial_id']}: {metric} = {val_value:.5f} at epoch "
@@ -127,9 +198,11 @@ def promote_best(
         _log(
             f"trial {best['trial_id']} is already registered as {register_name} v{version.version}"
         )
+        gain = None
     else:
         _log("evaluating the best checkpoint once on the test split ...")
         test_metrics = spec.evaluate(checkpoint, dataset, "test")
+        gain = search_gain(spec, best, reference_trial(ranked, saved), metric, dataset)
         version = register_checkpoint(
             client, spec, register_name, run_id, checkpoint, test_metrics,
             {
@@ -144,7 +217,10 @@ def promote_best(
                 "leadtune.val_mode": mode,
                 "leadtune.val_value": repr(val_value),
             },
+            gain,
         )  # fmt: skip
+        if gain is not None:
+            client.log_batch(saved["parent_run_id"], metrics=_metrics(_gain_metrics(gain)))
     with search_state.file_lock(
         search_dir.parents[1] / f".{saved['study']}.lock", f"study {saved['study']}"
     ):
@@ -180,6 +256,7 @@ def promote_best(
         "val_value": val_value,
         "test_metrics": test_metrics,
         "config": best["config"],
+        "search_gain": gain,
     }
 
 
@@ -197,8 +274,19 @@ def _registered_version(client: Any, name: str, run_id: str, checkpoint: Path) -
     return None
 
 
+def _gain_metrics(gain: dict[str, Any]) -> dict[str, float]:
+    """The search gain as MLflow metrics of the search's parent run."""
+    found = {"search_gain_val": gain["validation"]["difference"]}
+    test = gain.get("test") or {}
+    if _is_number(test.get("difference")):
+        found["search_gain_test"] = test["difference"]
+        found["search_gain_test_p"] = test["p_value"]
+    return found
+
+
 def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoint: Path,
-              test_metrics: dict[str, Any], tags: dict[str, str]) -> Any:  # fmt: skip
+              test_metrics: dict[str, Any], tags: dict[str, str],
+              gain: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """Write the model package into the trial's run and register it as a new version."""
     from mlflow.exceptions import MlflowException
 
@@ -234,7 +322,9 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
         pass  # it exists
     version = client.create_model_version(
         name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags},
-        description=version_description(spec, test_metrics, tags),
+        description="; ".join(
+            p for p in (version_description(spec, test_metrics, tags), gain_sentence(gain)) if p
+        ),
     )  # fmt: skip
     for key, value in test_metrics.items():
         if _is_number(value):

@@ -72,6 +72,11 @@ class SearchSettings:
     experiment: str | None = _option(
         None, "with --resume: the search folder to finish (default: the newest unfinished)"
     )
+    warm_start: str | None = _option(
+        None, "start from another study in the same Optuna storage: its best trials are copied "
+        "in (same data and fixed settings) or queued to run again", metavar="STUDY",
+    )  # fmt: skip
+    warm_start_trials: int = _option(3, "with --warm-start: how many of its best trials")
     register_name: str | None = _option(None, "registered model name (default: the task's)")
     promote: bool = _option(
         True, "skip the test evaluation and registration", flag="--no-promote",
@@ -121,6 +126,10 @@ class SearchSettings:
             )
         if self.mode not in (None, "min", "max"):
             raise ValueError(f"--mode must be min or max, got {self.mode!r}")
+        if self.warm_start_trials < 1:
+            raise ValueError("--warm-start-trials must be at least 1")
+        if self.warm_start and self.resume:
+            raise ValueError("--warm-start starts a new study; a resumed search keeps its own")
         if self.experiment and not self.resume:
             raise ValueError("--experiment names the search to finish: use it with --resume")
 

@@ -16,6 +16,7 @@ settings, and the bookkeeping that ties every Optuna trial to one Tune trial.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ OPTUNA_TRIAL_KEY = "_optuna_trial"
 SEARCH_ATTR = "leadtune_search"
 TUNE_TRIAL_ATTR = "tune_trial_id"  # the Tune trial id, on every Optuna trial a search asks for
 END_ATTR = "leadtune_end"  # how the trial ended: completed, stopped_early, failed, ...
+BUDGET_ATTR = "leadtune_budget"  # study: the data and fixed settings its values depend on
+WARM_ATTR = "leadtune_warm_start"  # trial: the study#number it was copied or queued from
 
 
 def training_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -91,10 +94,13 @@ def check_space(
 
 
 def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: int,
-               objective: str | None = None):  # fmt: skip
-    """Create or load the study; queue the space's initial points only when it is new, and name
-    its objective (optuna-dashboard shows the name instead of "Objective 0").
-    Returns (study, the sampler seed for this search)."""
+               objective: str | None = None, budget: dict[str, Any] | None = None,
+               warm_start: str | None = None, warm_trials: int = 3):  # fmt: skip
+    """Create or load the study; when it is new, record what its values depend on
+    (``budget``: the data and the fixed settings), queue the space's initial points and warm
+    start it from another study (:func:`warm_start_from`). Names its objective (optuna-dashboard
+    shows the name instead of "Objective 0").
+    Returns (study, the sampler seed for this search, what the warm start did or None)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -113,10 +119,88 @@ def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: 
     existing = len(study.trials)
     if objective and not study.metric_names:
         study.set_metric_names([objective])
+    warmed = None
     if not existing:
+        if budget is not None:
+            study.set_user_attr(BUDGET_ATTR, _budget_key(budget))
         for point in initial_points:
             study.enqueue_trial(dict(point))
-    return study, seed + existing
+        if warm_start:
+            warmed = warm_start_from(study, storage, warm_start, warm_trials)
+    return study, seed + existing, warmed
+
+
+def _budget_key(budget: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(budget, sort_keys=True, default=str)
+
+
+def check_warm_start(storage: str, name: str, study: str) -> None:
+    """``--warm-start NAME`` names another study with finished trials in the same storage."""
+    import optuna
+
+    if name == study:
+        raise ValueError(f"--warm-start {name}: that is this search's own study; name another")
+    try:
+        source = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        known = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ValueError(
+            f"--warm-start {name}: no such study in {storage} (studies there: "
+            f"{', '.join(known) or 'none'})"
+        ) from None
+    if not source.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise ValueError(f"--warm-start {name}: that study has no completed trial yet")
+    try:
+        own = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        return
+    if own.trials:
+        raise ValueError(
+            f"--warm-start {name}: study {study!r} already has {len(own.trials)} trial(s); a warm "
+            "start begins a new study (pass another --study)"
+        )
+
+
+def warm_start_from(study: Any, storage: str, name: str, k: int) -> dict[str, Any]:
+    """Start ``study`` from the best ``k`` completed trials of study ``name``.
+
+    Where both studies' values mean the same thing (same data, same fixed settings and
+    objective: their recorded budgets match), the trials are copied in as completed, so TPE
+    learns from their results at once. Otherwise their settings are queued, to be run again
+    under this study's budget. Each trial keeps where it came from (``leadtune_warm_start``)."""
+    import optuna
+
+    source = optuna.load_study(study_name=name, storage=storage)
+    if source.direction != study.direction:
+        raise ValueError(f"--warm-start {name}: that study optimises in the other direction")
+    done = [
+        t
+        for t in source.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
+    done.sort(key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
+    best = done[:k]
+    same = source.user_attrs.get(BUDGET_ATTR) is not None and source.user_attrs.get(
+        BUDGET_ATTR
+    ) == study.user_attrs.get(BUDGET_ATTR)
+    for trial in best:
+        origin = {WARM_ATTR: f"{name}#{trial.number}"}
+        if same:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=trial.params,
+                    distributions=trial.distributions,
+                    value=trial.value,
+                    intermediate_values=trial.intermediate_values,
+                    user_attrs=origin,
+                )
+            )
+        else:
+            study.enqueue_trial(dict(trial.params), user_attrs=origin)
+    return {"from": name, "trials": [t.number for t in best],
+            "how": "results copied" if same else "settings queued"}  # fmt: skip
 
 
 def tune_trial_numbers(storage: str, study: str, search: str) -> dict[str, int]:

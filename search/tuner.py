@@ -79,7 +79,7 @@ def _trial_entry(config: dict[str, Any], data: Any = None, task: str = "", metri
     from leadtune.trainables.tasks import get_task
     from leadtune.trainables.training import TuneReporter
 
-    epochs = int(config.get("epochs") or get_task(task).config_class().epochs)
+    epochs = int(config.get("epochs") or getattr(get_task(task).config_class(), "epochs", 0))
     reporter = SearchReporter(
         TuneReporter(), ray.get_runtime_context().get_node_id(), metric, mode, epochs
     )
@@ -222,6 +222,10 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     )
     if settings.address is None:  # a local Ray gets this machine's cores and GPUs, no more
         check_resources(settings, local_resources())
+    if settings.warm_start:
+        from leadtune.search.study import check_warm_start
+
+        check_warm_start(optuna_storage, settings.warm_start, study)
     return plan
 
 
@@ -369,7 +373,9 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
     try:
         _start_ray(plan)
         trial_input = dataset_input(dataset, source, "training")
-        tuner = _build_tuner(plan, data, tracking_uri, experiment_id, parent_run_id, trial_input)
+        tuner = _build_tuner(
+            plan, data, tracking_uri, experiment_id, parent_run_id, trial_input, fingerprint
+        )
         _log(
             f"search {plan.study} ({plan.spec.name}): {plan.settings.trials} trial(s), up to "
             f"{plan.settings.max_concurrent} at once; MLflow experiment {experiment_id}, parent "
@@ -506,7 +512,8 @@ def check_resources(settings: SearchSettings, available: dict[str, float]) -> No
 
 
 def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: str,
-                 parent_run_id: str, trial_input: Any = None):  # fmt: skip
+                 parent_run_id: str, trial_input: Any = None,
+                 fingerprint: str = "unknown"):  # fmt: skip
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -527,10 +534,17 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
             str(plan.search_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     with search_state.file_lock(plan.root / f".{plan.study}.lock", f"study {plan.study}"):
-        _, seed = open_study(
+        budget = {"data": fingerprint, "fixed": plan.fixed, "objective": plan.objective,
+                  "space": plan.space.name}  # fmt: skip
+        _, seed, warmed = open_study(
             plan.optuna_storage, plan.study, plan.mode, plan.space.initial_points, settings.seed,
-            plan.objective,
+            plan.objective, budget, settings.warm_start, settings.warm_start_trials,
         )  # fmt: skip
+        if warmed:
+            _log(
+                f"warm start from study {warmed['from']}: its best trial(s) "
+                f"{warmed['trials']}, {warmed['how']}"
+            )
     searcher = make_searcher(
         SpaceWithFixed(plan.space.define, plan.fixed), plan.objective, plan.mode,
         plan.optuna_storage, plan.study, seed, plan.search_dir.name,
@@ -607,7 +621,7 @@ def scheduler_plan(plan: SearchPlan) -> SchedulerPlan:
     settings, space = plan.settings, plan.space
     name = settings.scheduler or space.scheduler
     fidelity = settings.fidelity or space.fidelity
-    epochs = int(plan.fixed.get("epochs") or plan.spec.config_class().epochs)
+    epochs = int(plan.fixed.get("epochs") or getattr(plan.spec.config_class(), "epochs", 1))
     max_t = 100.0 if fidelity == "schedule" else float(epochs)
     grace = settings.grace_period or space.grace_period
     if grace is None:  # the rule: a quarter of the schedule (see SearchSpace.grace_period)

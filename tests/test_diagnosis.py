@@ -200,6 +200,15 @@ def test_a_diagnosis_smoke_search_registers_an_ecg_diagnosis_champion(tmp_path, 
     champion = mlflow_client(uri).get_model_version_by_alias("ecg-diagnosis", "champion")
     assert champion.tags["leadtune.task"] == "diagnosis"
     assert 0 <= float(champion.tags["leadtune.test_macro_auroc"]) <= 1
+    # the search gain: the champion against the space's reference point (trial 0)
+    gain = outcome["promotion"]["search_gain"]
+    assert gain["validation"]["metric"] == "val_macro_auroc"
+    assert "search gain" in champion.description
+    if gain.get("test"):  # the reference point is not the champion: a paired bootstrap
+        test = gain["test"]
+        assert test["ci_low"] <= test["difference"] <= test["ci_high"]
+        assert 0 <= test["p_value"] <= 1 and test["metric"] == "test_macro_auroc"
+        assert test["a"] == pytest.approx(float(champion.tags["leadtune.test_macro_auroc"]))
     assert main(["evaluate", "models:/ecg-diagnosis@champion", "--tracking-uri", uri,
                  "--source", str(SAMPLE), "--cache-dir", str(tmp_path / "cache"),
                  "--n-boot", "50", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
@@ -241,3 +250,18 @@ def test_the_lead_subsets_study_becomes_its_table_with_one_command(
     for r in rows:
         assert float(r["auroc_ci_low"]) <= float(r["auroc"]) <= float(r["auroc_ci_high"])
     assert table.with_name("lead_subsets.png").is_file()
+
+
+def test_paired_bootstrap_of_the_macro_auroc_difference() -> None:
+    from leadtune.trainables.diagnosis.metrics import paired_bootstrap_macro_auroc
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, 5)) < 0.3).astype(np.float32)
+    noisy = np.clip(labels * 0.6 + rng.random(labels.shape) * 0.6, 0, 1)
+    same = paired_bootstrap_macro_auroc(noisy, noisy, labels, n_boot=200)
+    assert same["difference"] == 0 and same["ci_low"] == same["ci_high"] == 0
+    assert same["p_value"] == 1.0
+    chance = rng.random(labels.shape)
+    better = paired_bootstrap_macro_auroc(noisy, chance, labels, n_boot=200)
+    assert better["a"] > 0.8 and better["b"] == pytest.approx(0.5, abs=0.1)
+    assert better["ci_low"] > 0 and better["p_value"] < 0.01

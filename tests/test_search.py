@@ -100,6 +100,17 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
 
     champion = client.get_model_version_by_alias("lead-id", "champion")
     assert outcome["promotion"]["version"] == str(champion.version)
+    # the search gain: the champion against the space's reference point (Optuna trial 0)
+    gain = outcome["promotion"]["search_gain"]
+    reference = next(t for t in outcome["trials"] if t["optuna_trial"] == 0)
+    assert gain["reference_trial"] == reference["trial_id"]
+    assert "search gain" in champion.description
+    if gain.get("test"):
+        assert gain["test"]["test"] == "exact McNemar on lead-level correctness"
+        assert 0 <= gain["test"]["p_value"] <= 1
+        assert gain["test"]["a"] == pytest.approx(
+            float(champion.tags["leadtune.test_lead_accuracy_hungarian"])
+        )
     # one number per fact: the promoted checkpoint's epoch value, the best over every epoch of
     # every trial, is what the registry, the summary and MLflow's parent run record
     best_loss = min(
@@ -197,6 +208,37 @@ def _state(root: Path) -> dict:
     return read_state(next((root / "ray").glob("smoke/search-*")))
 
 
+def test_stopped_trials_are_pruned_in_optuna_with_every_epoch_as_intermediate_value(
+    tmp_path, cache_dir
+):
+    """Optuna learns how each trial ended: a trial the scheduler stopped is PRUNED (its value
+    the last intermediate one), only a trial that ran all its epochs is COMPLETE, and every
+    epoch's value is an intermediate value; the study names its metric."""
+    try:
+        code = main(search_args(tmp_path, cache_dir, "--no-promote", trials=8, epochs=4))
+    finally:
+        shutdown_ray()
+    assert code == 0
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path}/ray/optuna.db")
+    assert study.metric_names == ["best_val_loss"]
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    ended = read_state(next((tmp_path / "ray").glob("smoke/search-*")))["trials"]
+    assert len(ended) == len(by_tune) == 8
+    pruned = 0
+    for trial_id, record in ended.items():
+        trial, epochs = by_tune[trial_id], record["epoch"]
+        assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+        if record["state"] == "early_stopped_scheduler":
+            pruned += 1
+            assert trial.state == optuna.trial.TrialState.PRUNED and epochs < 4
+            assert trial.value == trial.intermediate_values[epochs]
+            assert trial.user_attrs["leadtune_end"] == "stopped_early"
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE and epochs == 4
+            assert trial.value == pytest.approx(min(trial.intermediate_values.values()))
+    assert pruned >= 1  # ASHA halves 8 trials at a quarter and at half of their 4 epochs
+
+
 def _registered(root: Path, name: str = "lead-id") -> list:
     client = mlflow_client(f"sqlite:///{root}/mlflow.db")
     try:
@@ -238,7 +280,13 @@ def test_early_sigint_promotes_nothing_and_resume_finishes_every_trial_once(tmp_
     assert all(r.data.tags[STATE_TAG] in ("completed", "early_stopped_scheduler")
                for r in children)  # fmt: skip
     trials = optuna_trials(tmp_path)
-    assert [t.state for t in trials].count(optuna.trial.TrialState.COMPLETE) == 4, trials
+    ended = {t.user_attrs["tune_trial_id"]: t.state for t in trials}  # pruned: ASHA stopped it
+    done = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert len(ended) == 4 and set(ended.values()) <= done, trials
+    for run in children:
+        stopped = run.data.tags[STATE_TAG] == "early_stopped_scheduler"
+        pruned = ended[run.data.tags[TRIAL_TAG]] == optuna.trial.TrialState.PRUNED
+        assert stopped == pruned, run.data.tags
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     assert len(_registered(tmp_path)) == 1
     assert str(client.get_model_version_by_alias("lead-id", "champion").version) == "1"

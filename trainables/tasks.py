@@ -85,6 +85,9 @@ class TaskSpec:
     # DataRequest -> None, raising a one-line ValueError when the source cannot be this task's
     # data (missing folder or tables); cheap, run before any search starts.
     check_data: Callable[[DataRequest], None] | None = None
+    # (checkpoint A, checkpoint B, dataset, split) -> both models' test figure and a paired test
+    # of their difference on the same records (promotion's search gain); None: not compared
+    paired_test: Callable[[Path, Path, Any, str], dict[str, Any]] | None = None
     describe_models: Callable[[int], list[dict[str, Any]]] | None = None
     models_note: str = ""
     models_use_d_model: bool = False

@@ -319,3 +319,22 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: Any, split: str = "test
     fs = int((state.get("data") or {}).get("fs", dataset.fs))
     thresholds = (state.get("metrics") or {}).get("val_thresholds")
     return evaluate_model(model, cfg, thresholds, fs, dataset, split, n_boot)
+
+
+def paired_test(checkpoint_a: str | Path, checkpoint_b: str | Path, dataset: Any,
+                split: str = "test", n_boot: int = 2000) -> dict[str, Any]:  # fmt: skip
+    """Two checkpoints on the same labelled ECGs of a split: macro AUROC of each, their
+    difference with a paired ECG-level bootstrap interval and p-value."""
+    rows = labelled_rows(dataset, split)
+    labels = np.asarray(dataset.superclasses)[rows].astype(np.float32)
+    probs = []
+    for checkpoint in (checkpoint_a, checkpoint_b):
+        model, cfg, state = load_trained_model(checkpoint)
+        fs = int((state.get("data") or {}).get("fs", dataset.fs))
+        columns = [list(dataset.leads).index(lead) for lead in resolve_leads(cfg.leads)]
+        signals = np.ascontiguousarray(dataset.signals[rows][:, columns])
+        probs.append(predict_probabilities(model, signals, cfg, fs, torch.device("cpu")))
+    found = metrics.paired_bootstrap_macro_auroc(probs[0], probs[1], labels, n_boot)
+    return {"test": f"paired bootstrap of the macro AUROC difference ({n_boot} ECG-level "
+            "resamples)", "metric": f"{split}_macro_auroc", "records": int(len(rows)),
+            **found}  # fmt: skip

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import chi2
+from scipy.stats import binom, chi2
 
 LEAD_NAMES: tuple[str, ...] = (
     "I",
@@ -358,6 +358,25 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult:
         return McNemarResult(b=b, c=c, statistic=0.0, p_value=1.0)
     statistic = (abs(b - c) - 1) ** 2 / (b + c)
     return McNemarResult(b=b, c=c, statistic=float(statistic), p_value=float(chi2.sf(statistic, 1)))
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult:
+    """McNemar's exact test: with b = only A correct and c = only B correct, the two-sided
+    binomial probability of a split at least as uneven as (b, c) among b + c discordant items
+    when either model is equally likely to be the right one. ``statistic`` is b - c."""
+    a = np.asarray(correct_a, dtype=bool)
+    b_arr = np.asarray(correct_b, dtype=bool)
+    if a.shape != b_arr.shape:
+        raise ValueError(
+            f"lead-ID metrics: correct_a {a.shape} and correct_b {b_arr.shape} must have the "
+            "same shape; pass correctness of both models on the same items."
+        )
+    b = int((a & ~b_arr).sum())
+    c = int((~a & b_arr).sum())
+    if b + c == 0:
+        return McNemarResult(b=b, c=c, statistic=0.0, p_value=1.0)
+    p_value = min(1.0, 2.0 * float(binom.cdf(min(b, c), b + c, 0.5)))
+    return McNemarResult(b=b, c=c, statistic=float(b - c), p_value=p_value)
 
 
 def confusion_matrix(

@@ -31,6 +31,12 @@ def evaluate(checkpoint_dir: Path, dataset: Any, split: str = "test") -> dict[st
     return evaluate_checkpoint(checkpoint_dir, dataset, split=split)
 
 
+def paired_test(checkpoint_a: Path, checkpoint_b: Path, dataset: Any, split: str) -> dict:
+    from leadtune.trainables.lead_id.train import paired_test as test
+
+    return test(checkpoint_a, checkpoint_b, dataset, split)
+
+
 def build_model(config: LeadIdConfig) -> Any:
     from leadtune.trainables.lead_id.models import create_model
 
@@ -71,6 +77,7 @@ SPEC = register_task(
         train=train,
         load_data=load_data,
         evaluate=evaluate,
+        paired_test=paired_test,
         build_model=build_model,
         example_input=example_input,
         register_name="lead-id",

@@ -533,3 +533,24 @@ def evaluate_checkpoint(
     return {prefix + key[len("val_") :]: value for key, value in found.items()} | {
         f"{split}_records": int(len(signals))
     }
+
+
+def paired_test(checkpoint_a: str | Path, checkpoint_b: str | Path, dataset: Any,
+                split: str = "test") -> dict[str, Any]:  # fmt: skip
+    """Two checkpoints on the same ECGs of a split: lead accuracy (Hungarian) of each and
+    McNemar's exact test on lead-level correctness."""
+    rows = dataset.indices(split)
+    correct = []
+    for checkpoint in (checkpoint_a, checkpoint_b):
+        model, config, _ = load_trained_model(checkpoint)
+        columns = lead_columns(config, tuple(dataset.leads))
+        signals = np.ascontiguousarray(dataset.signals[rows][:, columns])
+        log_probs = predict_log_probs(model, signals, torch.device("cpu"))
+        true = np.broadcast_to(np.arange(len(config.leads)), log_probs.shape[:2])
+        correct.append(metrics.correct_leads(metrics.hungarian_assign(log_probs), true))
+    result = metrics.mcnemar_exact(correct[0], correct[1])
+    a, b = float(correct[0].mean()), float(correct[1].mean())
+    return {"test": "exact McNemar on lead-level correctness",
+            "metric": f"{split}_lead_accuracy_hungarian", "records": int(len(rows)), "a": a,
+            "b": b, "difference": a - b, "only_a_right": result.b, "only_b_right": result.c,
+            "p_value": result.p_value}  # fmt: skip

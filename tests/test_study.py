@@ -1,0 +1,61 @@
+"""The Optuna side of a search without Ray: warm starts between studies."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from leadtune.search.study import WARM_ATTR, check_warm_start, open_study
+
+SPACE = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+
+
+def _earlier(storage: str, budget: dict) -> None:
+    study, _, _ = open_study(storage, "earlier", "min", (), 0, "best_val_loss", budget)
+    for lr, value in ((1e-3, 0.5), (1e-2, 0.2), (3e-2, 0.9), (5e-3, 0.3)):
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=SPACE,
+                                                  value=value))  # fmt: skip
+    pruned = optuna.trial.create_trial(params={"lr": 2e-2}, distributions=SPACE, value=0.01,
+                                       state=optuna.trial.TrialState.PRUNED)  # fmt: skip
+    study.add_trial(pruned)  # cut short: never a warm start's best
+
+
+def test_warm_start_copies_results_where_the_budget_matches(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    budget = {"data": "abc", "fixed": {"epochs": 4}}
+    _earlier(storage, budget)
+    check_warm_start(storage, "earlier", "later")
+    study, _, warmed = open_study(storage, "later", "min", ({"lr": 1e-3},), 0, "best_val_loss",
+                                  budget, "earlier", 2)  # fmt: skip
+    assert warmed == {"from": "earlier", "trials": [1, 3], "how": "results copied"}
+    copied = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.value for t in copied] == [0.2, 0.3]
+    assert [t.user_attrs[WARM_ATTR] for t in copied] == ["earlier#1", "earlier#3"]
+    # the space's own starting point is still queued first
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [{"lr": 1e-3}]
+
+
+def test_warm_start_queues_settings_where_the_budget_differs(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    _earlier(storage, {"data": "abc", "fixed": {"epochs": 4}})
+    study, _, warmed = open_study(storage, "later", "min", (), 0, "best_val_loss",
+                                  {"data": "abc", "fixed": {"epochs": 30}}, "earlier", 3)  # fmt: skip
+    assert warmed["how"] == "settings queued" and warmed["trials"] == [1, 3, 0]
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.system_attrs["fixed_params"]["lr"] for t in waiting] == [1e-2, 5e-3, 1e-3]
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_warm_start_errors_are_one_line_and_come_first(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    _earlier(storage, {"data": "abc"})
+    with pytest.raises(ValueError, match=r"no such study .*\(studies there: earlier\)"):
+        check_warm_start(storage, "nope", "later")
+    with pytest.raises(ValueError, match="own study"):
+        check_warm_start(storage, "earlier", "earlier")
+    open_study(storage, "later", "min", ({"lr": 1e-3},), 0)
+    with pytest.raises(ValueError, match="already has 1 trial"):
+        check_warm_start(storage, "earlier", "later")
+    with pytest.raises(ValueError, match="other direction"):
+        open_study(storage, "upside", "max", (), 0, None, None, "earlier")
