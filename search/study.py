@@ -217,6 +217,28 @@ def tune_trial_numbers(storage: str, study: str, search: str) -> dict[str, int]:
     }
 
 
+def prune_budget_stopped(storage: str, study: str, numbers: list[int]) -> list[int]:
+    """Tell Optuna PRUNED for the trials the time budget stopped (Tune does not tell the
+    searcher of those): each keeps its last intermediate value, as a scheduler-stopped trial
+    does. Returns the numbers changed (only trials still RUNNING are)."""
+    import optuna
+
+    loaded = optuna.load_study(study_name=study, storage=storage)
+    running = {
+        t.number: t
+        for t in loaded.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    }
+    pruned = []
+    for number in numbers:
+        trial = running.get(number)
+        if trial is None:
+            continue
+        loaded._storage.set_trial_user_attr(trial._trial_id, END_ATTR, "stopped_by_budget")
+        loaded.tell(number, state=optuna.trial.TrialState.PRUNED)
+        pruned.append(number)
+    return pruned
+
+
 def fail_orphaned_trials(storage: str, study: str, search: str, alive: set[str]) -> list[int]:
     """Fail the RUNNING Optuna trials this search asked for that no Tune trial will finish (their
     Tune trial id is not in ``alive``, the Tune trials a resume will run). Returns their numbers."""

@@ -680,7 +680,11 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
               parent_run_id: str, started: float) -> SearchOutcome:  # fmt: skip
     """Trial table, the search's status, and the bookkeeping in Optuna, MLflow and the state
     file, whatever way the fit ended."""
-    from leadtune.search.study import fail_orphaned_trials, tune_trial_numbers
+    from leadtune.search.study import (
+        fail_orphaned_trials,
+        prune_budget_stopped,
+        tune_trial_numbers,
+    )
 
     wall = time.perf_counter() - started
     saved = search_state.read_state(plan.search_dir)
@@ -701,6 +705,8 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
     for trial in trials:
         if trial["optuna_trial"] is None:
             trial["optuna_trial"] = numbers.get(trial["trial_id"])
+    stopped = [t["optuna_trial"] for t in trials if t["state"] == "stopped_by_budget"]
+    prune_budget_stopped(plan.optuna_storage, plan.study, [n for n in stopped if n is not None])
     alive = {t["trial_id"] for t in unfinished}
     orphans = fail_orphaned_trials(plan.optuna_storage, plan.study, plan.search_dir.name, alive)
     if orphans:

@@ -239,6 +239,24 @@ def test_stopped_trials_are_pruned_in_optuna_with_every_epoch_as_intermediate_va
     assert pruned >= 1  # ASHA halves 8 trials at a quarter and at half of their 4 epochs
 
 
+def test_trials_the_time_budget_stops_are_pruned_not_failed(tmp_path, cache_dir):
+    """Tune does not tell the searcher of trials its time budget stops; the search does, so
+    no trial is left RUNNING or marked FAIL for it."""
+    try:
+        code = main(search_args(tmp_path, cache_dir, "--no-promote", "--time-budget", "25",
+                                trials=8, epochs=6))  # fmt: skip
+    finally:
+        shutdown_ray()
+    assert code in (0, 3)
+    trials = optuna_trials(tmp_path)
+    assert optuna.trial.TrialState.FAIL not in {t.state for t in trials}, trials
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned  # 8 trials of 6 epochs do not fit in 25 s
+    for trial in pruned:
+        assert trial.user_attrs["leadtune_end"] in ("stopped_early", "stopped_by_budget")
+        assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+
+
 def _registered(root: Path, name: str = "lead-id") -> list:
     client = mlflow_client(f"sqlite:///{root}/mlflow.db")
     try:
