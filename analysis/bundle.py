@@ -225,6 +225,14 @@ def _origin_lines(card: dict[str, Any]) -> list[str]:
     ]
 
 
+def _side_by_side(label: str, mine: dict, base: dict, key: str) -> str:
+    """One table row: a figure with its interval for this model and for the baseline."""
+    return (
+        f"| {label} | {_pct(mine[key])} {_ci(mine[key + '_ci'])} | {_pct(base[key])} "
+        f"{_ci(base[key + '_ci'])} |"
+    )
+
+
 def _baseline_lines(card: dict[str, Any]) -> list[str]:
     """This model and the baseline side by side on the test split."""
     versus = card.get("baseline")
@@ -239,29 +247,14 @@ def _baseline_lines(card: dict[str, Any]) -> list[str]:
     ]
     for method in ("hungarian", "argmax"):
         mine, base = card["test"]["paper"][method], versus["test_paper"][method]
-        lines.append(
-            f"| 12 leads, lead accuracy ({method}) | {_pct(mine['lead_accuracy'])} "
-            f"{_ci(mine['lead_accuracy_ci'])} | {_pct(base['lead_accuracy'])} "
-            f"{_ci(base['lead_accuracy_ci'])} |"
-        )
-        lines.append(
-            f"| 12 leads, set accuracy ({method}) | {_pct(mine['set_accuracy'])} "
-            f"{_ci(mine['set_accuracy_ci'])} | {_pct(base['set_accuracy'])} "
-            f"{_ci(base['set_accuracy_ci'])} |"
-        )
-    for name, row in ours["by_lead_set"].items():
-        other = theirs["by_lead_set"][name]
-        lines.append(
-            f"| {name} leads shown (Hungarian) | {_pct(row['lead_accuracy'])} "
-            f"{_ci(row['lead_accuracy_ci'])} | {_pct(other['lead_accuracy'])} "
-            f"{_ci(other['lead_accuracy_ci'])} |"
-        )
-    for name, row in ours["other_recorders"].items():
-        other = theirs["other_recorders"][name]
-        lines.append(
-            f"| {name} (12 leads) | {_pct(row['lead_accuracy'])} {_ci(row['lead_accuracy_ci'])} "
-            f"| {_pct(other['lead_accuracy'])} {_ci(other['lead_accuracy_ci'])} |"
-        )
+        for stat in ("lead", "set"):
+            lines.append(_side_by_side(f"12 leads, {stat} accuracy ({method})", mine, base,
+                                       f"{stat}_accuracy"))  # fmt: skip
+    for section, label in (("by_lead_set", "{} leads shown (Hungarian)"),
+                           ("other_recorders", "{} (12 leads)")):  # fmt: skip
+        for name, row in ours[section].items():
+            lines.append(_side_by_side(label.format(name), row, theirs[section][name],
+                                       "lead_accuracy"))  # fmt: skip
     a, b = ours["reversals"], theirs["reversals"]
     lines.append(
         f"| false alarms on untouched records | {_pct(a['untouched']['false_alarms'])} | "

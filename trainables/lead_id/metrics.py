@@ -337,6 +337,18 @@ class McNemarResult:
     p_value: float
 
 
+def _discordant(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int]:
+    """(b, c): items only A gets right, items only B gets right."""
+    a = np.asarray(correct_a, dtype=bool)
+    b_arr = np.asarray(correct_b, dtype=bool)
+    if a.shape != b_arr.shape:
+        raise ValueError(
+            f"lead-ID metrics: correct_a {a.shape} and correct_b {b_arr.shape} must have the "
+            "same shape; pass correctness of both models on the same items."
+        )
+    return int((a & ~b_arr).sum()), int((~a & b_arr).sum())
+
+
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult:
     """McNemar's chi-square test with continuity correction for two models on the same items.
 
@@ -345,15 +357,7 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult:
     (|b - c| - 1)^2 / (b + c) and the p-value its upper tail under chi-square with 1 degree of
     freedom. Without discordant pairs (b + c = 0) the statistic is 0 and p is 1.
     """
-    a = np.asarray(correct_a, dtype=bool)
-    b_arr = np.asarray(correct_b, dtype=bool)
-    if a.shape != b_arr.shape:
-        raise ValueError(
-            f"lead-ID metrics: correct_a {a.shape} and correct_b {b_arr.shape} must have the "
-            "same shape; pass correctness of both models on the same items."
-        )
-    b = int((a & ~b_arr).sum())
-    c = int((~a & b_arr).sum())
+    b, c = _discordant(correct_a, correct_b)
     if b + c == 0:
         return McNemarResult(b=b, c=c, statistic=0.0, p_value=1.0)
     statistic = (abs(b - c) - 1) ** 2 / (b + c)
@@ -364,15 +368,7 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult
     """McNemar's exact test: with b = only A correct and c = only B correct, the two-sided
     binomial probability of a split at least as uneven as (b, c) among b + c discordant items
     when either model is equally likely to be the right one. ``statistic`` is b - c."""
-    a = np.asarray(correct_a, dtype=bool)
-    b_arr = np.asarray(correct_b, dtype=bool)
-    if a.shape != b_arr.shape:
-        raise ValueError(
-            f"lead-ID metrics: correct_a {a.shape} and correct_b {b_arr.shape} must have the "
-            "same shape; pass correctness of both models on the same items."
-        )
-    b = int((a & ~b_arr).sum())
-    c = int((~a & b_arr).sum())
+    b, c = _discordant(correct_a, correct_b)
     if b + c == 0:
         return McNemarResult(b=b, c=c, statistic=0.0, p_value=1.0)
     p_value = min(1.0, 2.0 * float(binom.cdf(min(b, c), b + c, 0.5)))
