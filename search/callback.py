@@ -180,3 +180,13 @@ def _tags(tags: dict[str, str]) -> list:
     from mlflow.entities import RunTag
 
     return [RunTag(k, v) for k, v in tags.items()]
+
+
+class TrialPidCallback(Callback):
+    """Tells the search's CPU account (``search.cpu``) which Ray workers ran trials."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        from leadtune.search.cpu import note_trial_pid
+
+        if result.get("pid"):
+            note_trial_pid(result["pid"])

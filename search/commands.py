@@ -77,6 +77,8 @@ def format_summary(outcome: Any) -> str:
         else f"  browse: {ui_url(durable, outcome.experiment_id)}",
         f"results: {outcome.experiment_path}",
     ]
+    if outcome.cpu is not None:
+        lines.append(outcome.cpu.sentence())
     p = outcome.promotion
     if p:
         figures = ", ".join(

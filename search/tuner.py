@@ -66,6 +66,7 @@ class SearchOutcome:
     best: dict[str, Any] | None
     promotion: dict[str, Any] | None = None
     durable_tracking_uri: str = ""
+    cpu: Any = None  # search.cpu.CpuShare: CPU seconds inside and outside the trials
 
 
 # -- what each trial runs ------------------------------------------------------------------------
@@ -304,6 +305,9 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
     if plan.search_dir is None:
         plan.search_dir = search_state.new_search_dir(plan.root / plan.study)
     with search_state.run_lock(plan.search_dir), _sigterm_as_sigint():
+        from leadtune.search.cpu import CpuAccount
+
+        account = CpuAccount().start()  # this process and all it starts: server, Ray, trials
         server = None
         tracking_uri = settings.tracking_uri or plan.previous.get("tracking_uri_given")
         if tracking_uri is None:
@@ -315,8 +319,9 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
             ).start()
             tracking_uri = server.uri
         try:
-            outcome = _execute(plan, tracking_uri)
+            outcome = _execute(plan, tracking_uri, account)
         finally:
+            account.close()
             if server is not None:
                 server.stop()
     outcome.durable_tracking_uri = (
@@ -325,7 +330,7 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
     return outcome
 
 
-def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
+def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome:
     os.environ[TRACKING_URI_ENV] = tracking_uri
     # The classic reporter: one compact trial table every 20 s instead of a box per result.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -374,7 +379,8 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
         _start_ray(plan)
         trial_input = dataset_input(dataset, source, "training")
         tuner = _build_tuner(
-            plan, data, tracking_uri, experiment_id, parent_run_id, trial_input, fingerprint
+            plan, data, tracking_uri, experiment_id, parent_run_id, trial_input, fingerprint,
+            account,
         )
         _log(
             f"search {plan.study} ({plan.spec.name}): {plan.settings.trials} trial(s), up to "
@@ -390,7 +396,18 @@ def _execute(plan: SearchPlan, tracking_uri: str) -> SearchOutcome:
     finally:
         if monitor is not None:
             monitor.finish()
+    from mlflow.entities import Metric
+
     outcome = _conclude(plan, grid, client, tracking_uri, experiment_id, parent_run_id, started)
+    # what the search cost beyond its trials, up to here (promotion is the test fold's work)
+    outcome.cpu = account.stop()
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in outcome.cpu.metrics().items()],
+    )
+    search_state.write_state(plan.search_dir, cpu_seconds=outcome.cpu.seconds)
+    _log(outcome.cpu.sentence())
     if outcome.status == search_state.FINISHED and outcome.best and plan.settings.promote:
         from leadtune.search.promote import promote_best
 
@@ -513,11 +530,12 @@ def check_resources(settings: SearchSettings, available: dict[str, float]) -> No
 
 def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: str,
                  parent_run_id: str, trial_input: Any = None,
-                 fingerprint: str = "unknown"):  # fmt: skip
+                 fingerprint: str = "unknown", account: Any = None):  # fmt: skip
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from leadtune.search.callback import MlflowTrialCallback
+    from leadtune.search.cpu import trial_pid_callback
     from leadtune.search.searcher import make_searcher
     from leadtune.search.study import SpaceWithFixed, open_study
 
@@ -587,7 +605,7 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
                 checkpoint_score_attribute=plan.metric,  # each epoch's own value
                 checkpoint_score_order=plan.mode,
             ),
-            callbacks=[callback],
+            callbacks=[callback, *([trial_pid_callback(account)] if account else [])],
             progress_reporter=reporter,
             verbose=1,
         ),

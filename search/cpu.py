@@ -1,0 +1,206 @@
+"""What a search costs beyond its trials: CPU seconds of every process the search runs.
+
+A sampler thread in the driver reads, every ``interval_s``, the CPU time (user + system) of the
+driver and all its descendants: Ray's processes (GCS, raylet, agents, workers), the local MLflow
+server and its watchdog. A process is a trial's when a trial reported from it (Tune puts the
+worker's ``pid`` in every result); everything else is outside the trials. A process that ends
+between two samples loses at most one interval of its time, so short-lived processes are
+slightly under-counted on both sides.
+
+``python -m leadtune.search.cpu PID`` follows a running search (its driver's PID) from outside
+and prints the same figures when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("trials", "driver", "mlflow", "ray", "ray workers (idle)", "other")
+
+
+def _role(cmdline: list[str], name: str, pid: int, root: int) -> str:
+    if pid == root:
+        return "driver"
+    text = " ".join(cmdline) or name
+    if "mlflow" in text or "leadtune.search.tracking" in text or "huey" in text:
+        return "mlflow"
+    if text.startswith("ray::"):
+        return "ray workers (idle)"  # until a trial reports from it
+    if "ray" in text or name in ("gcs_server", "raylet"):
+        return "ray"
+    return "other"
+
+
+@dataclass
+class CpuShare:
+    """CPU seconds by role over a search's life (promotion excluded)."""
+
+    wall_s: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+    @property
+    def trials_s(self) -> float:
+        return self.seconds.get("trials", 0.0)
+
+    @property
+    def outside_s(self) -> float:
+        return self.total_s - self.trials_s
+
+    @property
+    def outside_share(self) -> float:
+        return self.outside_s / self.total_s if self.total_s > 0 else 0.0
+
+    def sentence(self) -> str:
+        parts = ", ".join(
+            f"{role} {self.seconds[role]:.1f} s"
+            for role in ROLES[1:]
+            if self.seconds.get(role, 0.0) >= 0.05
+        )
+        return (
+            f"CPU outside trials: {100 * self.outside_share:.1f} % ({self.outside_s:.1f} of "
+            f"{self.total_s:.1f} CPU s over {self.wall_s:.0f} s; {parts or 'none'})"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "search_cpu_total_s": round(self.total_s, 2),
+            "search_cpu_trials_s": round(self.trials_s, 2),
+            "search_cpu_outside_s": round(self.outside_s, 2),
+            "search_cpu_outside_share": round(self.outside_share, 4),
+        }
+
+
+class CpuAccount:
+    """Samples the CPU time of a process tree (default: this process and its descendants)."""
+
+    def __init__(self, root_pid: int | None = None, interval_s: float = 2.0):
+        self.root = root_pid or os.getpid()
+        self.interval_s = interval_s
+        # (pid, create time) -> [cpu seconds, role]
+        self._seen: dict[tuple[int, float], list[Any]] = {}
+        self._trial_pids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+
+    def start(self) -> CpuAccount:
+        self._started = time.monotonic()
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="leadtune-cpu", daemon=True)
+        self._thread.start()
+        return self
+
+    def note_trial_pid(self, pid: int) -> None:
+        with self._lock:
+            self._trial_pids.add(int(pid))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> bool:
+        """One reading of the tree; False once the root has gone."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.root)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    key = (proc.pid, proc.create_time())
+                    cmdline = proc.cmdline()
+                    name = proc.name()
+            except psutil.Error:  # ended while we read it
+                continue
+            role = _role(cmdline, name, proc.pid, self.root)
+            with self._lock:
+                entry = self._seen.setdefault(key, [0.0, role])
+                entry[0] = max(entry[0], times.user + times.system)
+                if entry[1] == "ray workers (idle)" or role != "ray workers (idle)":
+                    entry[1] = role
+        return True
+
+    def close(self) -> None:
+        """End the sampling without a last reading (error paths)."""
+        self._stop.set()
+
+    def stop(self) -> CpuShare:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.sample()
+        return self.share()
+
+    def share(self) -> CpuShare:
+        seconds = dict.fromkeys(ROLES, 0.0)
+        with self._lock:
+            for (pid, _), (cpu, role) in self._seen.items():
+                seconds["trials" if pid in self._trial_pids else role] += cpu
+        return CpuShare(wall_s=time.monotonic() - self._started, seconds=seconds)
+
+
+_ACTIVE: list[CpuAccount] = []  # the driver's account (Tune pickles its callbacks)
+
+
+def trial_pid_callback(account: CpuAccount) -> Any:
+    """A Ray Tune callback telling the account which workers ran trials."""
+    from leadtune.search.callback import TrialPidCallback
+
+    _ACTIVE[:] = [account]
+    return TrialPidCallback()
+
+
+def note_trial_pid(pid: int) -> None:
+    if _ACTIVE:
+        _ACTIVE[0].note_trial_pid(pid)
+
+
+def _follow(argv: list[str]) -> int:
+    """Follow a running search from outside: ``python -m leadtune.search.cpu DRIVER_PID``.
+
+    From outside, trial workers are told by their process title (Tune's trial actors are named
+    ``ray::ImplicitFunc`` or after the trainable); the driver-side account uses reported PIDs.
+    """
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m leadtune.search.cpu DRIVER_PID", file=sys.stderr)
+        return 2
+    import psutil
+
+    account = CpuAccount(int(argv[0]), interval_s=2.0)
+    if not account.sample():
+        print(f"no process {argv[0]}", file=sys.stderr)
+        return 1
+    account._started = time.monotonic()
+    beat = 0
+    while account.sample():
+        for proc in psutil.Process(account.root).children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith("ray::") and "IDLE" not in title:
+                account.note_trial_pid(proc.pid)
+        beat += 1
+        if beat % 15 == 0:  # a line every 30 s
+            print(account.share().sentence(), flush=True)
+        time.sleep(account.interval_s)
+    print(account.share().sentence(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_follow(sys.argv[1:]))
