@@ -79,6 +79,12 @@ class SearchData:
         return self.state["mode"]
 
     def best(self) -> TrialRow | None:
+        """The search's champion as the search chose it (search.objectives: the best metric
+        within its budgets), else the best metric."""
+        chosen = self.state.get("best_trial")
+        for trial in self.trials:
+            if chosen and trial.trial_id == chosen:
+                return trial
         done = [t for t in self.trials if t.best_value is not None and math.isfinite(t.best_value)]
         if not done:
             return None
@@ -172,7 +178,8 @@ def _optuna_facts(state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
         {
             "number": t.number,
             "state": t.state.name.lower(),
-            "value": _finite(t.value) if t.values else None,
+            # the primary objective (the first of a multi-objective study's)
+            "value": _finite(t.values[0]) if t.values else None,
             "params": dict(t.params),
         }
         for t in study.trials
@@ -190,7 +197,11 @@ def _optuna_facts(state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
     try:
         # fANOVA, asked for by name: Optuna's default evaluator changed to PED-ANOVA in 5.0.
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        importances = optuna.importance.get_param_importances(
+            study,
+            evaluator=evaluator,
+            target=lambda t: t.values[0],  # the primary objective
+        )
     except (RuntimeError, ValueError) as exc:
         return rows, {}, f"Optuna could not compute importances ({exc})"
     note = "fANOVA importances (optuna.importance.FanovaImportanceEvaluator, seed 0)"
@@ -238,6 +249,39 @@ def plot_history(data: SearchData, path: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(data: SearchData, path: Path) -> Path | None:
+    """A multi-objective study's Pareto front, drawn by Optuna's own visualisation
+    (``optuna.visualization.matplotlib.plot_pareto_front``; with three objectives or more, the
+    primary against each further one in turn is what Optuna draws in 2-D: here the first two)."""
+    import warnings
+
+    import optuna
+
+    objectives = data.state.get("objectives") or []
+    storage = data.state.get("optuna_storage")
+    if not objectives or not storage:
+        return None
+    study = optuna.load_study(study_name=data.state["study"], storage=storage)
+    if len(study.directions) < 2 or not study.best_trials:
+        return None
+    plt = _pyplot()
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        if len(study.directions) == 2:
+            ax = optuna.visualization.matplotlib.plot_pareto_front(study, target_names=names)
+        else:
+            ax = optuna.visualization.matplotlib.plot_pareto_front(
+                study, targets=lambda t: (t.values[0], t.values[1]), target_names=names[:2]
+            )
+    fig = ax.figure
+    fig.set_size_inches(7, 4.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -461,6 +505,19 @@ def render_markdown(data: SearchData, plots: dict[str, str]) -> str:
     for t in data.trials:
         states[t.state] = states.get(t.state, 0) + 1
     by_state = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"
+    objective_lines: list[str] = []
+    if s.get("objectives"):
+        further = ", ".join(f"`{m}` ({mode})" for m, mode in s["objectives"])
+        budgets = ", ".join(f"`{m}` {op} {v:g}" for m, op, v in s.get("budgets") or []) or "none"
+        objective_lines = [
+            "",
+            "## Objectives",
+            "",
+            f"Multi-objective study: `{data.metric}` ({data.mode}), then {further}, each read at "
+            "the trial's best epoch of the first. Pareto front (trials no other trial beats on "
+            f"every objective): {', '.join(s.get('pareto_trials') or []) or 'none'}. Champion "
+            f"rule: the best `{data.metric}` within the budgets ({budgets}).",
+        ]
     lines = [
         f"# Search report: {s['study']}",
         "",
@@ -484,6 +541,7 @@ def render_markdown(data: SearchData, plots: dict[str, str]) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+        *objective_lines,
         "",
         "## Parameter importances",
         "",
@@ -497,6 +555,7 @@ def render_markdown(data: SearchData, plots: dict[str, str]) -> str:
         "history": "Optimisation history",
         "parallel": "Parallel coordinates",
         "learning_curves": "Learning curves (validation, per epoch)",
+        "pareto": "Pareto front",
     }
     for key, title in titles.items():
         if key in plots:
@@ -543,6 +602,7 @@ def render_html(data: SearchData, plots: dict[str, str]) -> str:
         ("history", "Optimisation history"),
         ("parallel", "Parallel coordinates"),
         ("learning_curves", "Learning curves (validation, per epoch)"),
+        ("pareto", "Pareto front"),
     ):
         if key in plots:
             if key != "importances":
@@ -584,6 +644,7 @@ def write_report(
         ("history", plot_history),
         ("parallel", plot_parallel),
         ("learning_curves", plot_learning_curves),
+        ("pareto", plot_pareto),
     ):
         written = draw(data, plot_dir / f"{key}.png")
         if written is not None:

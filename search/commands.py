@@ -40,19 +40,30 @@ def format_summary(outcome: Any) -> str:
 
     spec = get_task(outcome.task)
     columns = [(c.key, c.label) for c in spec.table_metrics]
+    further = [name for name, _ in outcome.objectives]
     lines = [
         "",
         f"search {outcome.study} ({outcome.task}): {len(outcome.trials)} trial(s), "
         f"status {outcome.status}",
         f"  {'trial':<12} {'optuna':>6} {'state':<24} {'epochs':>6} {'best ep':>7} "
-        f"{outcome.metric:>14}" + "".join(f" {label:>9}" for _, label in columns),
+        f"{outcome.metric:>14}"
+        + "".join(f" {label:>9}" for _, label in columns)
+        + "".join(f" {name:>16}" for name in further)
+        + ("  pareto" if further else ""),
     ]
     for t in outcome.trials:
         lines.append(
             f"  {t['trial_id']:<12} {_fmt(t.get('optuna_trial')):>6} {t['state']:<24} "
             f"{_fmt(t.get('epochs_run')):>6} {_fmt(t.get('best_epoch')):>7} "
-            f"{_fmt(t.get('value')):>14}" + "".join(f" {_fmt(t.get(key)):>9}" for key, _ in columns)
+            f"{_fmt(t.get('value')):>14}"
+            + "".join(f" {_fmt(t.get(key)):>9}" for key, _ in columns)
+            + "".join(f" {_fmt((t.get('objectives') or {}).get(n)):>16}" for n in further)
+            + (f"  {'yes' if t.get('pareto') else '':>6}" if further else "")
         )
+    if outcome.budgets:
+        from leadtune.search.objectives import within_text
+
+        lines.append(f"champion rule: best {outcome.metric} within {within_text(outcome.budgets)}")
     if outcome.best:
         b = outcome.best
         hidden = ("seed", "num_threads")
@@ -98,17 +109,21 @@ def format_summary(outcome: Any) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1000:
+        return str(int(value))  # a count (params)
     if isinstance(value, float):
         return f"{value:.4f}"
     return "-" if value is None else str(value)
 
 
 def run_promote_command(args: argparse.Namespace) -> int:
+    from leadtune.search.objectives import parse_within
     from leadtune.search.promote import check_finished, promote_best
     from leadtune.search.state import find_search
     from leadtune.search.tracking import MlflowServer, check_tracking_uri, sqlite_uri
     from leadtune.trainables.runtime import check_writable
 
+    budgets = [parse_within(text) for text in args.within] if args.within else None
     root = Path(args.storage_path).resolve()
     search_dir = find_search(root, args.study, args.experiment)
     saved = check_finished(search_dir)  # before any server starts
@@ -126,8 +141,9 @@ def run_promote_command(args: argparse.Namespace) -> int:
         check_tracking_uri(tracking_uri, "--tracking-uri")
     try:
         decision = promote_best(
-            tracking_uri, search_dir, register_name=args.register_name, force=args.force
-        )
+            tracking_uri, search_dir, register_name=args.register_name, force=args.force,
+            budgets=budgets,
+        )  # fmt: skip
     finally:
         if server is not None:
             server.stop()
@@ -191,5 +207,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--register-name", default=None, help="registered model name (default: the task's)"
     )
     promote.add_argument("--force", action="store_true", help="move the champion alias regardless")
+    promote.add_argument(
+        "--within", action="append", default=None, metavar="BUDGET",
+        help="a budget the champion must meet, METRIC<=VALUE or METRIC>=VALUE (repeat for "
+        "more); replaces the search's own (default: the search's --within)",
+    )  # fmt: skip
     promote.add_argument("--json", action="store_true", help="print the decision as JSON")
     promote.set_defaults(func=run_promote_command)

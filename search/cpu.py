@@ -42,6 +42,8 @@ class CpuShare:
 
     wall_s: float
     seconds: dict[str, float] = field(default_factory=dict)
+    # the costliest processes outside the trials: [role, command (shortened), CPU seconds]
+    top: list[list[Any]] = field(default_factory=list)
 
     @property
     def total_s(self) -> float:
@@ -85,7 +87,7 @@ class CpuAccount:
     def __init__(self, root_pid: int | None = None, interval_s: float = 2.0):
         self.root = root_pid or os.getpid()
         self.interval_s = interval_s
-        # (pid, create time) -> [cpu seconds, role]
+        # (pid, create time) -> [cpu seconds, role, command]
         self._seen: dict[tuple[int, float], list[Any]] = {}
         self._trial_pids: set[int] = set()
         self._lock = threading.Lock()
@@ -122,16 +124,21 @@ class CpuAccount:
                 with proc.oneshot():
                     times = proc.cpu_times()
                     key = (proc.pid, proc.create_time())
-                    cmdline = proc.cmdline()
-                    name = proc.name()
+                    entry = self._seen.get(key)
+                    # a Ray worker's title changes when it takes an actor: read it again
+                    if entry is None or entry[1] == "ray workers (idle)":
+                        cmdline, name = proc.cmdline(), proc.name()
+                    else:
+                        cmdline, name = None, None
             except psutil.Error:  # ended while we read it
                 continue
-            role = _role(cmdline, name, proc.pid, self.root)
             with self._lock:
-                entry = self._seen.setdefault(key, [0.0, role])
+                if entry is None:
+                    entry = self._seen.setdefault(key, [0.0, "", ""])
+                if cmdline is not None:
+                    entry[1] = _role(cmdline, name, proc.pid, self.root)
+                    entry[2] = (" ".join(cmdline) or name)[:120]
                 entry[0] = max(entry[0], times.user + times.system)
-                if entry[1] == "ray workers (idle)" or role != "ray workers (idle)":
-                    entry[1] = role
         return True
 
     def close(self) -> None:
@@ -147,10 +154,15 @@ class CpuAccount:
 
     def share(self) -> CpuShare:
         seconds = dict.fromkeys(ROLES, 0.0)
+        outside = []
         with self._lock:
-            for (pid, _), (cpu, role) in self._seen.items():
-                seconds["trials" if pid in self._trial_pids else role] += cpu
-        return CpuShare(wall_s=time.monotonic() - self._started, seconds=seconds)
+            for (pid, _), (cpu, role, command) in self._seen.items():
+                role = "trials" if pid in self._trial_pids else role
+                seconds[role] += cpu
+                if role != "trials":
+                    outside.append([role, command, round(cpu, 2)])
+        outside.sort(key=lambda item: -item[2])
+        return CpuShare(time.monotonic() - self._started, seconds, outside[:12])
 
 
 _ACTIVE: list[CpuAccount] = []  # the driver's account (Tune pickles its callbacks)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from leadtune.search import state as search_state
+from leadtune.search.objectives import choose_best, within_text
 from leadtune.search.results import load_results, summarise_trials, trial_runs
 from leadtune.search.tracking import TASK_TAG, mlflow_client, use_tracking_uri
 
@@ -60,6 +61,7 @@ def _best_and_rows(search_dir: Path, saved: dict[str, Any], spec: Any,
         saved.get("trials", {}),
         budget_spent=False,
         runs=trial_runs(client, saved["experiment_id"], saved["parent_run_id"]),
+        objectives=saved.get("objectives", []),
     )
     ranked = [
         r
@@ -70,7 +72,14 @@ def _best_and_rows(search_dir: Path, saved: dict[str, Any], spec: Any,
     ]
     if not ranked:
         raise ValueError(f"no trial of {search_dir} ended with a checkpoint; nothing to promote")
-    return (min if mode == "min" else max)(ranked, key=lambda r: r["value"]), ranked
+    budgets = saved.get("budgets", [])
+    best = choose_best(ranked, mode, budgets)
+    if best is None:
+        raise ValueError(
+            f"no trial of {search_dir} meets the budgets ({within_text(budgets)}); nothing to "
+            "promote (loosen --within)"
+        )
+    return best, ranked
 
 
 def reference_trial(rows: list[dict[str, Any]], saved: dict[str, Any]) -> dict[str, Any] | None:
@@ -156,8 +165,10 @@ def promote_best(
     dataset: Any = None,
     register_name: str | None = None,
     force: bool = False,
+    budgets: list | None = None,
 ) -> dict[str, Any]:
-    """Evaluate, register and (maybe) crown the best model of a search. Returns the decision."""
+    """Evaluate, register and (maybe) crown the best model of a search. Returns the decision.
+    ``budgets`` ([(metric, op, value)], ``--within``) replace the search's own."""
 
     from leadtune.trainables.tasks import DataRequest, get_task
 
@@ -167,6 +178,8 @@ def promote_best(
     metric, mode = saved["metric"], saved["mode"]
     register_name = register_name or saved.get("register_name") or spec.register_name
     client = mlflow_client(tracking_uri)
+    if budgets is not None:
+        saved = {**saved, "budgets": [list(b) for b in budgets]}
     best, ranked = _best_and_rows(search_dir, saved, spec, client)
     checkpoint, val_value = Path(best["best_checkpoint"]), float(best["value"])
     _log(

@@ -39,9 +39,13 @@ def summarise_trials(
     ended: dict[str, dict[str, Any]],
     budget_spent: bool,
     runs: dict[str, str],
+    objectives: list | tuple = (),
 ) -> list[dict[str, Any]]:
     """One row per trial: id, state as recorded when it ended (or ``unfinished``), config, and
-    the figures of its best epoch (the checkpoint that would be promoted)."""
+    the figures of its best epoch (the checkpoint that would be promoted), with the further
+    objectives [(metric, mode)] and the model's cost at that epoch under ``objectives``."""
+    from leadtune.search.objectives import COST_METRICS
+
     rows = []
     for result in grid:
         config = result.config or {}
@@ -64,6 +68,10 @@ def summarise_trials(
                 "best_epoch": epoch_metrics.get("epoch"),
                 "value": epoch_metrics.get(metric),
                 **{column.key: epoch_metrics.get(column.key) for column in spec.table_metrics},
+                "objectives": {
+                    name: epoch_metrics.get(name)
+                    for name in dict.fromkeys([*(m for m, _ in objectives), *COST_METRICS])
+                },
                 "seconds": (result.metrics or {}).get("time_total_s"),
                 "node_id": (result.metrics or {}).get("trial_node_id"),
                 "best_checkpoint": checkpoint,

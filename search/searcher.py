@@ -7,6 +7,10 @@ if they were final. Here every epoch's value is an intermediate value (step = ep
 that ran its whole schedule (or stopped on its own patience) is COMPLETE, one the scheduler or
 the time budget stopped is PRUNED (Optuna then takes its last intermediate value as its value),
 and one that crashed is FAIL. The reason is kept as the trial's ``leadtune_end`` attribute.
+
+In a multi-objective study (``metric`` a list, see ``search.objectives``) a completed trial is told
+all its values; Optuna keeps no intermediate values there (it does not support them with several
+objectives), so a pruned trial has none.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class LeadtuneOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if isinstance(self.metric, list):  # Optuna has no intermediate values for several
+            return
         value, step = result.get(self.metric), result.get("epoch")
         reported = self.__dict__.setdefault("_reported_steps", {})  # (absent in old pickles)
         if _finite(value) and step is not None and reported.get(trial_id) != int(step):
@@ -67,7 +73,9 @@ class LeadtuneOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial, result = self._ot_trials[trial_id], result or {}
-        value = result.get(self.metric)
+        names = self.metric if isinstance(self.metric, list) else [self.metric]
+        found = [result.get(name) for name in names]
+        value = found[0] if all(_finite(v) for v in found) else None
         if not error:  # Tune hands a trial's last result here, not to on_trial_result
             self.on_trial_result(trial_id, result)
         if error:
@@ -75,7 +83,8 @@ class LeadtuneOptunaSearch(OptunaSearch):
         elif not _finite(value):
             state, values, reason = optuna.trial.TrialState.FAIL, None, "no finite value"
         elif ran_full_budget(result):
-            state, values = optuna.trial.TrialState.COMPLETE, float(value)
+            state = optuna.trial.TrialState.COMPLETE
+            values = [float(v) for v in found] if len(found) > 1 else float(value)
             reason = "early_stopped_patience" if result.get("early_stopped") else "completed"
         else:
             # stopped by the scheduler (or the time budget): Optuna keeps the last intermediate
@@ -86,9 +95,8 @@ class LeadtuneOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def make_searcher(
-    define: Callable, metric: str, mode: str, storage: str, study: str, seed: int, search: str
-):
+def make_searcher(define: Callable, metric: str | list[str], mode: str | list[str], storage: str,
+                  study: str, seed: int, search: str):  # fmt: skip
     """Ray's OptunaSearch on the persistent study, tagging each trial (see module doc)."""
     import optuna
 

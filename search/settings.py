@@ -65,6 +65,16 @@ class SearchSettings:
     seed: int = _option(0, "seed of the sampler and of every trial's training")
     metric: str | None = _option(None, "validation metric to optimise (default: the space's)")
     mode: str | None = _option(None, "min or max (default: the space's)", choices=("min", "max"))
+    objective: list[str] | None = _option(
+        None, "a further objective, METRIC:min or METRIC:max (repeat for more; e.g. params:min "
+        "or infer_ms_per_ecg:min): a multi-objective study with a Pareto front (default: the "
+        "space's)", action="append", metavar="METRIC:MODE",
+    )  # fmt: skip
+    within: list[str] | None = _option(
+        None, "a budget the champion must meet, METRIC<=VALUE or METRIC>=VALUE (repeat for "
+        "more); the champion is the best --metric among the trials within all of them "
+        "(default: none)", action="append", metavar="BUDGET",
+    )  # fmt: skip
     keep_checkpoints: int = _option(2, "best checkpoints kept per trial")
     resume: bool = _option(
         False, "finish the study's newest interrupted search", action="store_true"
@@ -130,6 +140,14 @@ class SearchSettings:
             raise ValueError("--warm-start-trials must be at least 1")
         if self.warm_start and self.resume:
             raise ValueError("--warm-start starts a new study; a resumed search keeps its own")
+        from leadtune.search.objectives import parse_objective, parse_within
+
+        for text in self.objective or []:
+            parse_objective(text)
+        for text in self.within or []:
+            parse_within(text)
+        if self.resume and self.objective:
+            raise ValueError("--objective is the study's; a resumed search keeps its own")
         if self.experiment and not self.resume:
             raise ValueError("--experiment names the search to finish: use it with --resume")
 

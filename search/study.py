@@ -93,32 +93,34 @@ def check_space(
         study.tell(trial, 0.0)
 
 
-def open_study(storage: str, name: str, mode: str, initial_points: tuple, seed: int,
-               objective: str | None = None, budget: dict[str, Any] | None = None,
+def open_study(storage: str, name: str, mode: str | list[str], initial_points: tuple, seed: int,
+               objective: str | list[str] | None = None, budget: dict[str, Any] | None = None,
                warm_start: str | None = None, warm_trials: int = 3):  # fmt: skip
     """Create or load the study; when it is new, record what its values depend on
     (``budget``: the data and the fixed settings), queue the space's initial points and warm
     start it from another study (:func:`warm_start_from`). Names its objective (optuna-dashboard
-    shows the name instead of "Objective 0").
+    shows the name instead of "Objective 0"). ``mode`` and ``objective`` are lists for a
+    multi-objective study (one direction per objective).
     Returns (study, the sampler seed for this search, what the warm start did or None)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    modes = list(mode) if isinstance(mode, (list, tuple)) else [mode]
+    wanted = ["minimize" if m == "min" else "maximize" for m in modes]
     study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction="minimize" if mode == "min" else "maximize",
-        load_if_exists=True,
+        study_name=name, storage=storage, directions=wanted, load_if_exists=True
     )
-    expected = "minimize" if mode == "min" else "maximize"
-    if study.direction.name.lower() != expected:
+    found = [d.name.lower() for d in study.directions]
+    if found != wanted:
         raise ValueError(
-            f"study {name!r} in {storage} {study.direction.name.lower()}s its objective, but "
-            f"this search would {expected} it; use another --study or the study's --mode"
+            f"study {name!r} in {storage} has directions {found}, but this search would "
+            f"{wanted}; use another --study, or the study's --mode and --objective"
         )
     existing = len(study.trials)
     if objective and not study.metric_names:
-        study.set_metric_names([objective])
+        study.set_metric_names(
+            list(objective) if isinstance(objective, (list, tuple)) else [objective]
+        )
     warmed = None
     if not existing:
         if budget is not None:
@@ -173,18 +175,22 @@ def warm_start_from(study: Any, storage: str, name: str, k: int) -> dict[str, An
     import optuna
 
     source = optuna.load_study(study_name=name, storage=storage)
-    if source.direction != study.direction:
+    if source.directions[0] != study.directions[0]:
         raise ValueError(f"--warm-start {name}: that study optimises in the other direction")
+    # ranked by the primary objective (the first); results are copied only where every
+    # objective and the budget match
     done = [
         t
         for t in source.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
+        if t.values and math.isfinite(t.values[0])
     ]
-    done.sort(key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
+    done.sort(key=lambda t: t.values[0], reverse=study.directions[0].name == "MAXIMIZE")
     best = done[:k]
-    same = source.user_attrs.get(BUDGET_ATTR) is not None and source.user_attrs.get(
-        BUDGET_ATTR
-    ) == study.user_attrs.get(BUDGET_ATTR)
+    same = (
+        source.user_attrs.get(BUDGET_ATTR) is not None
+        and source.user_attrs.get(BUDGET_ATTR) == study.user_attrs.get(BUDGET_ATTR)
+        and len(source.directions) == len(study.directions)
+    )
     for trial in best:
         origin = {WARM_ATTR: f"{name}#{trial.number}"}
         if same:
@@ -192,7 +198,7 @@ def warm_start_from(study: Any, storage: str, name: str, k: int) -> dict[str, An
                 optuna.trial.create_trial(
                     params=trial.params,
                     distributions=trial.distributions,
-                    value=trial.value,
+                    values=trial.values,
                     intermediate_values=trial.intermediate_values,
                     user_attrs=origin,
                 )

@@ -175,7 +175,10 @@ class MlflowServer:
             ]  # fmt: skip
             log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env=server_environment(),
             )
             self._wait_healthy(timeout_s)

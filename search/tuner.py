@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from leadtune.search import state as search_state
+from leadtune.search.objectives import choose_best, pareto_front, within_text
 from leadtune.search.results import finite, summarise_trials, trial_runs
 from leadtune.search.searcher import PROGRESS_KEY
 from leadtune.search.settings import SearchSettings, check_storage_and_urls
@@ -67,13 +68,15 @@ class SearchOutcome:
     promotion: dict[str, Any] | None = None
     durable_tracking_uri: str = ""
     cpu: Any = None  # search.cpu.CpuShare: CPU seconds inside and outside the trials
+    objectives: list = field(default_factory=list)  # further objectives [(metric, mode)]
+    budgets: list = field(default_factory=list)  # the champion's --within budgets
 
 
 # -- what each trial runs ------------------------------------------------------------------------
 
 
 def _trial_entry(config: dict[str, Any], data: Any = None, task: str = "", metric: str = "",
-                 mode: str = "min") -> None:  # fmt: skip
+                 mode: str = "min", objectives: tuple = ()) -> None:  # fmt: skip
     """What every Tune trial runs: the task's training function, reporting through Tune."""
     import ray
 
@@ -82,7 +85,12 @@ def _trial_entry(config: dict[str, Any], data: Any = None, task: str = "", metri
 
     epochs = int(config.get("epochs") or getattr(get_task(task).config_class(), "epochs", 0))
     reporter = SearchReporter(
-        TuneReporter(), ray.get_runtime_context().get_node_id(), metric, mode, epochs
+        TuneReporter(),
+        ray.get_runtime_context().get_node_id(),
+        metric,
+        mode,
+        epochs,
+        objectives=[name for name, _ in objectives],
     )
     # Nothing is returned: Tune would take a returned dict as one more result (logged twice).
     get_task(task).train(training_config(config), data, reporter=reporter)
@@ -94,10 +102,14 @@ class SearchReporter:
     schedule the trial is (``schedule_pct``, the scheduler's fidelity unit by default), the Ray
     node id, and the tests' fault hook."""
 
-    def __init__(self, inner: Any, node_id: str, metric: str, mode: str, epochs: int = 0):
+    def __init__(self, inner: Any, node_id: str, metric: str, mode: str, epochs: int = 0,
+                 objectives: list[str] | None = None):  # fmt: skip
         self.inner, self.node_id = inner, node_id
         self.metric, self.mode, self.epochs = metric, mode, epochs
         self.best: float | None = None
+        # further objectives, read at the epoch of the best metric (``at_best_<name>``)
+        self.objectives = list(objectives or [])
+        self.at_best: dict[str, Any] = {}
         fault = os.environ.get(FAULT_ENV, "")
         self.fault_epoch, _, marker = fault.partition(":")
         self.fault_marker = Path(marker) if marker else None
@@ -105,7 +117,8 @@ class SearchReporter:
     def latest_checkpoint(self):
         path = self.inner.latest_checkpoint()
         if path is not None and (Path(path) / BEST_FILE).is_file():
-            self.best = json.loads((Path(path) / BEST_FILE).read_text())["best"]
+            kept = json.loads((Path(path) / BEST_FILE).read_text())
+            self.best, self.at_best = kept["best"], kept.get("at_best", {})
         return path
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
@@ -115,8 +128,12 @@ class SearchReporter:
                 value < self.best if self.mode == "min" else value > self.best
             ):
                 self.best = float(value)
-        (Path(checkpoint_dir) / BEST_FILE).write_text(json.dumps({"best": self.best}))
+                self.at_best = {name: metrics.get(name) for name in self.objectives}
+        (Path(checkpoint_dir) / BEST_FILE).write_text(
+            json.dumps({"best": self.best, "at_best": self.at_best})
+        )
         extra = {f"best_{self.metric}": self.best, "trial_node_id": self.node_id}
+        extra.update({f"at_best_{name}": v for name, v in self.at_best.items()})
         if self.epochs and metrics.get("epoch") is not None:
             extra[PROGRESS_KEY] = 100.0 * float(metrics["epoch"]) / self.epochs
         self.inner.report({**metrics, **extra}, checkpoint_dir)
@@ -158,11 +175,21 @@ class SearchPlan:
     defaults: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)
     search_dir: Path | None = None
+    # further objectives [(metric, mode)] and the champion's budgets [(metric, op, value)]
+    objectives: list = field(default_factory=list)
+    budgets: list = field(default_factory=list)
 
     @property
     def objective(self) -> str:
         """What Tune and Optuna rank trials by: the best epoch's value of the metric."""
         return f"best_{self.metric}"
+
+    @property
+    def optuna_objectives(self) -> tuple[list[str], list[str]]:
+        """(result keys, modes) the Optuna study optimises: the primary's best, then each
+        further objective at the primary's best epoch (``at_best_<metric>``)."""
+        keys = [self.objective, *(f"at_best_{m}" for m, _ in self.objectives)]
+        return keys, [self.mode, *(mode for _, mode in self.objectives)]
 
     @property
     def resumed(self) -> bool:
@@ -203,12 +230,18 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
         plan.fixed = plan.previous["fixed"]  # a resumed search keeps its settings
         plan.metric, plan.mode = plan.previous["metric"], plan.previous["mode"]
         plan.register_name = settings.register_name or plan.previous["register_name"]
+        plan.objectives = [tuple(o) for o in plan.previous.get("objectives", [])]
+        plan.budgets = _budgets(settings, spec, plan.metric) if settings.within else [
+            tuple(b) for b in plan.previous.get("budgets", [])
+        ]  # fmt: skip
         return plan
     if plan.metric not in spec.searchable_metrics:
         raise ValueError(
             f"--metric {plan.metric} is not a validation metric of the {spec.name} task; one of "
             f"{', '.join(spec.searchable_metrics)}"
         )
+    plan.objectives = _objectives(settings, space, spec, plan.metric)
+    plan.budgets = _budgets(settings, spec, plan.metric)
     fixed = {**space.fixed, **settings.overrides}
     if settings.epochs is not None:
         fixed["epochs"] = settings.epochs
@@ -228,6 +261,37 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
 
         check_warm_start(optuna_storage, settings.warm_start, study)
     return plan
+
+
+def _objectives(settings: SearchSettings, space: Any, spec: Any, metric: str) -> list:
+    from leadtune.search.objectives import COST_METRICS, parse_objective
+
+    chosen = [parse_objective(t) for t in settings.objective or []] or list(space.objectives)
+    known = [*spec.searchable_metrics, *COST_METRICS]
+    for name, _ in chosen:
+        if name == metric:
+            raise ValueError(f"--objective {name}: that is the primary metric (--metric) already")
+        if name not in known:
+            raise ValueError(
+                f"--objective {name} is not a metric of the {spec.name} task; one of "
+                f"{', '.join(known)}"
+            )
+    if len({name for name, _ in chosen}) < len(chosen):
+        raise ValueError("--objective names one metric twice")
+    return chosen
+
+
+def _budgets(settings: SearchSettings, spec: Any, metric: str) -> list:
+    from leadtune.search.objectives import COST_METRICS, parse_within
+
+    budgets = [parse_within(t) for t in settings.within or []]
+    known = [*spec.searchable_metrics, *COST_METRICS]
+    for name, _, _ in budgets:
+        if name not in known:
+            raise ValueError(
+                f"--within {name}: not a metric of the {spec.name} task; one of {', '.join(known)}"
+            )
+    return budgets
 
 
 @contextlib.contextmanager
@@ -360,6 +424,8 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
         metric=plan.metric,
         mode=plan.mode,
         objective=plan.objective,
+        objectives=[list(o) for o in plan.objectives],
+        budgets=[list(b) for b in plan.budgets],
         trials_requested=plan.previous.get("trials_requested", plan.settings.trials),
         time_budget_s=plan.previous.get("time_budget_s", plan.settings.time_budget_s),
         fixed=plan.fixed,
@@ -379,7 +445,13 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
         _start_ray(plan)
         trial_input = dataset_input(dataset, source, "training")
         tuner = _build_tuner(
-            plan, data, tracking_uri, experiment_id, parent_run_id, trial_input, fingerprint,
+            plan,
+            data,
+            tracking_uri,
+            experiment_id,
+            parent_run_id,
+            trial_input,
+            fingerprint,
             account,
         )
         _log(
@@ -542,7 +614,12 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     settings = plan.settings
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial_entry, data=data, task=plan.spec.name, metric=plan.metric, mode=plan.mode
+            _trial_entry,
+            data=data,
+            task=plan.spec.name,
+            metric=plan.metric,
+            mode=plan.mode,
+            objectives=tuple(plan.objectives),
         ),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
@@ -552,11 +629,15 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
             str(plan.search_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     with search_state.file_lock(plan.root / f".{plan.study}.lock", f"study {plan.study}"):
+        keys, modes = plan.optuna_objectives
         budget = {"data": fingerprint, "fixed": plan.fixed, "objective": plan.objective,
                   "space": plan.space.name}  # fmt: skip
+        if plan.objectives:
+            budget["objectives"] = keys
         _, seed, warmed = open_study(
-            plan.optuna_storage, plan.study, plan.mode, plan.space.initial_points, settings.seed,
-            plan.objective, budget, settings.warm_start, settings.warm_start_trials,
+            plan.optuna_storage, plan.study, modes if plan.objectives else plan.mode,
+            plan.space.initial_points, settings.seed, keys if plan.objectives else plan.objective,
+            budget, settings.warm_start, settings.warm_start_trials,
         )  # fmt: skip
         if warmed:
             _log(
@@ -564,7 +645,8 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
                 f"{warmed['trials']}, {warmed['how']}"
             )
     searcher = make_searcher(
-        SpaceWithFixed(plan.space.define, plan.fixed), plan.objective, plan.mode,
+        SpaceWithFixed(plan.space.define, plan.fixed),
+        keys if plan.objectives else plan.objective, modes if plan.objectives else plan.mode,
         plan.optuna_storage, plan.study, seed, plan.search_dir.name,
     )  # fmt: skip
     scheduler = make_scheduler(scheduler_plan(plan))
@@ -710,8 +792,9 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
     budget_spent = budget is not None and saved.get("wall_seconds", 0) + wall >= budget
     runs = trial_runs(client, experiment_id, parent_run_id)
     trials = summarise_trials(
-        grid, plan.metric, plan.mode, plan.spec, saved.get("trials", {}), budget_spent, runs
-    )
+        grid, plan.metric, plan.mode, plan.spec, saved.get("trials", {}), budget_spent, runs,
+        plan.objectives,
+    )  # fmt: skip
     unfinished = [t for t in trials if t["state"] == "unfinished"]
     missing = saved.get("trials_requested", plan.settings.trials) - len(trials)
     finished = not unfinished and (missing <= 0 or budget_spent)
@@ -736,12 +819,13 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
 
     ranked = [t for t in trials if t["state"] in search_state.SUCCESSFUL_TRIAL_STATES]
     ranked = [t for t in ranked if t.get("value") is not None]
-    best = None
-    if ranked:
-        pick = min if plan.mode == "min" else max
-        best = pick(ranked, key=lambda t: t["value"])
+    best = choose_best(ranked, plan.mode, plan.budgets)  # the one rule (search.objectives)
+    if ranked and best is None:
+        _log(f"no trial meets the budgets ({within_text(plan.budgets)}); nothing to promote")
+    if best is not None:
         client.log_batch(parent_run_id, metrics=_search_metrics(best, plan.metric))
         client.set_tag(parent_run_id, "leadtune.best_trial", best["trial_id"])
+    front = _mark_pareto(plan, client, parent_run_id, ranked) if plan.objectives else []
     _log_best_epochs(plan, client, trials)
     _runs_view(plan, client, experiment_id, trials)
     client.log_metric(parent_run_id, "search_wall_seconds", saved.get("wall_seconds", 0) + wall)
@@ -752,6 +836,7 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
         status=status,
         wall_seconds=saved.get("wall_seconds", 0) + wall,
         best_trial=best["trial_id"] if best else None,
+        pareto_trials=[t["trial_id"] for t in front],
     )
     if not finished:
         _log(
@@ -772,7 +857,24 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
         status=status,
         trials=trials,
         best=best,
+        objectives=list(plan.objectives),
+        budgets=list(plan.budgets),
     )
+
+
+def _mark_pareto(plan: SearchPlan, client: Any, parent_run_id: str, ranked: list) -> list:
+    """The Pareto front of the trials with a result, on every objective at each trial's best
+    epoch: marked on the rows (``pareto``) and on their MLflow runs (``leadtune.pareto``)."""
+    front = pareto_front(ranked, [(plan.metric, plan.mode), *plan.objectives])
+    on_front = {t["trial_id"] for t in front}
+    for trial in ranked:
+        trial["pareto"] = trial["trial_id"] in on_front
+        if trial.get("run_id"):
+            client.set_tag(trial["run_id"], "leadtune.pareto", str(trial["pareto"]).lower())
+    client.log_metric(parent_run_id, "search_pareto_size", len(front))
+    names = " / ".join(f"{m} ({mode})" for m, mode in [(plan.metric, plan.mode), *plan.objectives])
+    _log(f"Pareto front on {names}: trial(s) {', '.join(sorted(on_front)) or 'none'}")
+    return front
 
 
 def _runs_view(plan: SearchPlan, client: Any, experiment_id: str,

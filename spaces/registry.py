@@ -24,6 +24,10 @@ class SearchSpace:
     initial_points: tuple[dict[str, Any], ...] = ()
     metric: str = "val_loss"
     mode: str = "min"
+    # Further objectives, each (metric, "min"|"max"), e.g. (("params", "min"),): the study is
+    # multi-objective and keeps a Pareto front; the champion is still the best ``metric`` within
+    # the --within budgets given (search.objectives).
+    objectives: tuple[tuple[str, str], ...] = ()
     task: str = "lead_id"  # the task whose trainable the trials run (leadtune.trainables.tasks)
     # Config fields shown in the live trial table (only those every trial of the space has;
     # empty: the task's defaults).
@@ -64,6 +68,12 @@ def register_space(space: SearchSpace) -> SearchSpace:
         raise ValueError(f"space {space.name!r}: reduction_factor must be at least 2")
     if space.mode not in ("min", "max"):
         raise ValueError(f"space {space.name!r}: mode must be 'min' or 'max', got {space.mode!r}")
+    for metric, mode in space.objectives:
+        if mode not in ("min", "max") or metric == space.metric:
+            raise ValueError(
+                f"space {space.name!r}: objective ({metric!r}, {mode!r}) needs mode 'min' or "
+                "'max' and a metric other than the primary"
+            )
     SPACES[space.name] = space
     return space
 

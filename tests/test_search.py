@@ -372,6 +372,65 @@ def test_two_searches_at_once_on_one_study_each_register_their_own_trial(tmp_pat
         assert version.tags["leadtune.trial_id"] in trial_runs
 
 
+def test_a_two_objective_search_keeps_a_pareto_front_and_promotes_by_the_budget(
+    tmp_path, cache_dir
+):
+    """A second objective (parameters, min): the Optuna study has two named directions and its
+    completed trials both values, every objective is in each trial's MLflow run, the Pareto
+    front is marked in the state and in MLflow and drawn in the report, and the champion is the
+    best val_loss among the trials within ``--within params<=LIMIT`` (the promotion rule)."""
+    from leadtune.search.objectives import choose_best, pareto_front
+
+    try:
+        code = main(
+            search_args(tmp_path, cache_dir, "--no-promote", "--objective", "params:min",
+                        "--scheduler", "fifo", trials=5, epochs=2)
+        )  # fmt: skip
+    finally:
+        shutdown_ray()
+    assert code == 0
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path}/ray/optuna.db")
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["best_val_loss", "at_best_params"]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 5 and all(len(t.values) == 2 for t in complete)
+
+    client, _, children = child_runs(tmp_path)
+    assert len(children) == 5
+    by_trial = {r.data.tags["leadtune.trial_id"]: r for r in children}
+    rows = []
+    for trial in complete:
+        run = by_trial[trial.user_attrs["tune_trial_id"]]
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert len(history) == 2 and run.data.metrics["infer_ms_per_ecg"] > 0
+        assert trial.values[0] == pytest.approx(min(m.value for m in history))
+        assert trial.values[1] == run.data.metrics["params"] > 0
+        rows.append({"trial_id": run.data.tags["leadtune.trial_id"], "value": trial.values[0],
+                     "objectives": {"params": trial.values[1]}})  # fmt: skip
+    search_dir = next((tmp_path / "ray").glob("smoke/search-*"))
+    state = read_state(search_dir)
+    front = {r["trial_id"] for r in pareto_front(rows, [("val_loss", "min"), ("params", "min")])}
+    assert front and set(state["pareto_trials"]) == front
+    assert {t for t, r in by_trial.items() if r.data.tags["leadtune.pareto"] == "true"} == front
+
+    # a budget that the smallest model meets: the champion is the best val_loss within it
+    limit = min(r["objectives"]["params"] for r in rows)
+    expected = choose_best(rows, "min", [("params", "<=", limit)])
+    code = main(["promote", "--study", "smoke", "--storage-path", str(tmp_path / "ray"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                 "--within", f"params<={limit:.0f}"])  # fmt: skip
+    assert code == 0
+    (version,) = _registered(tmp_path)
+    assert client.get_run(version.run_id).data.tags["leadtune.trial_id"] == expected["trial_id"]
+
+    out = tmp_path / "report"
+    code = main(["report", "--study", "smoke", "--storage-path", str(tmp_path / "ray"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert (out / "plots" / "pareto.png").stat().st_size > 10_000
+    assert "Pareto front" in (out / "report.md").read_text()
+
+
 def test_a_task_that_is_not_lead_identification_runs_through_search_and_promotion(
     tmp_path, monkeypatch
 ):

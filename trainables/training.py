@@ -109,6 +109,10 @@ def report_epoch(reporter: Any, task: str, parts: Any, metrics: dict[str, Any],
     """
     import tempfile
 
+    # the model's size, an objective or budget a search may name (search.objectives)
+    size = {"params": float(sum(p.numel() for p in parts.model.parameters()))}
+    metrics = {**metrics, **size}
+    reported = None if reported is None else {**reported, **size}
     state = {
         "task": task,
         "model": parts.model.state_dict(),

@@ -240,7 +240,9 @@ class DiagnosisTraining:
         }
 
     def validate(self, epoch: int, trained: dict[str, float]) -> dict[str, Any]:
+        timed = time.perf_counter()
         probs = predict_probabilities(self.model, self.val, self.cfg, self.data.fs, self.device)
+        infer_ms = 1000.0 * (time.perf_counter() - timed) / max(len(probs), 1)
         ids = self.data.val_ids if self.data.val_ids is not None else np.arange(len(probs))
         check_finite_outputs(probs, ids[: len(probs)], f"epoch {epoch + 1}")
         labels = self.val_labels
@@ -256,6 +258,7 @@ class DiagnosisTraining:
             "lr": self.scheduler.get_last_lr()[0],
             "epoch_seconds": time.perf_counter() - trained["started"],
             "train_ecg_per_second": trained["train_ecg_per_second"],
+            "infer_ms_per_ecg": infer_ms,  # validation inference on the trial's device
         }
         if found["val_macro_auroc"] > self.best_auroc:
             self.best_auroc, self.stale_epochs = found["val_macro_auroc"], 0

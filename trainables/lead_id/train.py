@@ -439,7 +439,9 @@ class LeadIdTraining:
         return found
 
     def validate(self, epoch: int, trained: dict[str, float]) -> dict[str, Any]:
+        timed = time.perf_counter()
         log_probs = self.predict(self.val_signals)
+        infer_ms = 1000.0 * (time.perf_counter() - timed) / max(len(self.val), 1)
         check_finite_outputs(
             log_probs, self.data.ids("val", np.arange(len(self.val))), f"epoch {epoch + 1}"
         )
@@ -451,6 +453,7 @@ class LeadIdTraining:
             "lr": self.scheduler.get_last_lr()[0],
             "epoch_seconds": time.perf_counter() - started,
             "train_ecg_per_second": trained["train_ecg_per_second"],
+            "infer_ms_per_ecg": infer_ms,  # validation inference on the trial's device
         }
         if self.conditions:
             metrics_now.update(self.robust_metrics(metrics_now["val_loss"]))
