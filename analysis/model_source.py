@@ -364,9 +364,15 @@ def _download(artifact_uri: str, tracking_uri: str) -> Path:
 
 def _from_mlflow(folder: Path, tags: dict[str, str], source: str, kind: str,
                  cache_roots: list[Path], card: dict[str, Any]) -> LoadedModel:  # fmt: skip
-    """The package in ``folder``, or, for a version registered before packages, its checkpoint."""
+    """The package in ``folder`` (or inside the MLflow model there), or, for a version
+    registered before packages, its checkpoint."""
+    from leadtune.analysis.pyfunc import package_folder
+
     if is_package(folder):
         return _from_package(folder, source, kind, cache_roots, card)
+    inner = package_folder(folder)
+    if inner is not None and is_package(inner):
+        return _from_package(inner, source, kind, cache_roots, card)
     checkpoint = tags.get("leadtune.checkpoint")
     if checkpoint and (Path(checkpoint) / CHECKPOINT_FILE).is_file():
         loaded = _load_checkpoint(Path(checkpoint), source, cache_roots)

@@ -300,9 +300,11 @@ def _gain_metrics(gain: dict[str, Any]) -> dict[str, float]:
 def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoint: Path,
               test_metrics: dict[str, Any], tags: dict[str, str],
               gain: dict[str, Any] | None = None) -> Any:  # fmt: skip
-    """Write the model package into the trial's run and register it as a new version."""
+    """Write the model into the trial's run as an MLflow model (pyfunc flavour around the
+    weights-only package, ``analysis.pyfunc``) and register it as a new version."""
     from mlflow.exceptions import MlflowException
 
+    from leadtune.analysis.pyfunc import PACKAGE_DATA, save_pyfunc
     from leadtune.trainables.model_package import write_package
     from leadtune.trainables.tasks import load_trained_model
 
@@ -311,7 +313,7 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
     example = spec.example_input(config, int(data.get("fs", 100)))
     with tempfile.TemporaryDirectory(prefix="leadtune-package-") as tmp:
         package = write_package(
-            Path(tmp) / MODEL_ARTIFACT,
+            Path(tmp) / PACKAGE_DATA,
             spec.name,
             config.to_dict(),
             model.state_dict(),
@@ -326,7 +328,8 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
             program_of=(model, example),
             dynamic_leads=spec.variable_leads,
         )
-        client.log_artifacts(run_id, str(package), MODEL_ARTIFACT)
+        mlmodel = save_pyfunc(Path(tmp) / MODEL_ARTIFACT, package, spec, example)
+        client.log_artifacts(run_id, str(mlmodel), MODEL_ARTIFACT)
     client.log_batch(run_id, metrics=_metrics(test_metrics))
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     try:

@@ -88,6 +88,10 @@ class TaskSpec:
     # (checkpoint A, checkpoint B, dataset, split) -> both models' test figure and a paired test
     # of their difference on the same records (promotion's search gain); None: not compared
     paired_test: Callable[[Path, Path, Any, str], dict[str, Any]] | None = None
+    # (model, config, fs, signals (B, K, T) float32 mV, preprocessed) -> the task's outputs as
+    # a float32 array, and what they are (the MLflow pyfunc model's predict; None: model(x))
+    predict: Callable[[Any, Any, int, Any], Any] | None = None
+    predict_output: str = "the model's outputs"
     describe_models: Callable[[int], list[dict[str, Any]]] | None = None
     models_note: str = ""
     models_use_d_model: bool = False

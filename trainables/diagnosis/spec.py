@@ -85,6 +85,18 @@ def describe_models(d_model: int) -> list[dict[str, Any]]:
     ]
 
 
+def predict(model: Any, config: DiagnosisConfig, fs: int, signals: np.ndarray) -> np.ndarray:
+    """(B, leads, T) mV -> (B, 5) probabilities, by the evaluation's sliding windows."""
+    import torch
+
+    from leadtune.trainables.diagnosis.train import predict_probabilities
+
+    with torch.inference_mode():
+        return predict_probabilities(
+            model, np.asarray(signals, dtype=np.float32), config, fs, torch.device("cpu")
+        ).astype(np.float32)
+
+
 def check_data(request: DataRequest) -> None:
     from leadtune.trainables.data.ptbxl import check_source
 
@@ -102,6 +114,9 @@ SPEC = register_task(
         paired_test=paired_test,
         build_model=build_model,
         example_input=example_input,
+        predict=predict,
+        predict_output="probabilities (batch, 5) of NORM, MI, STTC, CD, HYP (multi-label; "
+        "each record's sliding windows aggregated as in evaluation)",
         register_name="ecg-diagnosis",
         table_metrics=(
             Column("val_macro_auroc", "auroc"),

@@ -63,6 +63,15 @@ def describe_models(d_model: int) -> list[dict[str, Any]]:
     return rows(d_model=d_model)
 
 
+def predict(model: Any, config: LeadIdConfig, fs: int, signals: np.ndarray) -> np.ndarray:
+    """(B, K, T) mV -> (B, K, 12) log-probabilities over the 12 lead names."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(np.ascontiguousarray(signals, dtype=np.float32)))
+    return logits.float().log_softmax(-1).numpy()
+
+
 def check_data(request: DataRequest) -> None:
     from leadtune.trainables.data.ptbxl import check_source
 
@@ -80,6 +89,9 @@ SPEC = register_task(
         paired_test=paired_test,
         build_model=build_model,
         example_input=example_input,
+        predict=predict,
+        predict_output="log-probabilities (batch, K, 12) of each input lead being I, II, III, "
+        "aVR, aVL, aVF, V1, ..., V6 (in that order)",
         register_name="lead-id",
         table_metrics=(
             Column("val_lead_accuracy_hungarian", "lead_acc"),
