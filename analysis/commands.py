@@ -349,7 +349,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "never needed), assign leads injectively (Hungarian), and where the header names "
         "leads, test it against the named electrode reversals (LA/RA, LA/LL, RA/LL, precordial "
         "neighbours). A folder is searched recursively for *.hea. Exit status: 0 labelled, no "
-        "swap; 1 a swap suspected; 2 a record could not be read.",
+        "swap; 1 a swap suspected; 2 a record could not be read; 4 a record could not be "
+        "judged (fewer than 3 channels or under 2.5 s of signal: labelled, header not "
+        "compared).",
     )
     label.add_argument(
         "records", nargs="+", metavar="RECORD",

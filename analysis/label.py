@@ -52,7 +52,15 @@ DEFAULT_SWAP_THRESHOLD = 3.0
 NAME_SLACK = 1.0
 # Hypotheses that name no reversal: the best single exchange, the best labelling of all.
 UNNAMED = ("pair", "other")
-EXIT_OK, EXIT_SWAP, EXIT_UNREADABLE = 0, 1, 2
+EXIT_OK, EXIT_SWAP, EXIT_UNREADABLE, EXIT_NOT_JUDGED = 0, 1, 2, 4
+# What a verdict needs. With one or two channels there is no set to compare them within (a lead
+# is told from its neighbours; a one-channel "agrees" means nothing), and under 2.5 s (two to
+# three heartbeats; the model was trained on 10 s) the evidence is too thin to clear the
+# thresholds, which were chosen on 10 s records. Such records are labelled, but judged
+# "cannot_judge" (exit status 4 when nothing worse happened). Under 1 s nothing is labelled.
+MIN_CHANNELS_TO_JUDGE = 3
+MIN_SECONDS_TO_JUDGE = 2.5
+MIN_SECONDS_TO_LABEL = 1.0
 CSV_FIELDS = (
     "record", "status", "reversal", "margin_nats", "channels", "header_names", "assigned",
     "probabilities", "notes", "error",
@@ -74,7 +82,8 @@ class ChannelLabel:
 
 @dataclass
 class Verdict:
-    status: str  # agrees | swap_suspected | no_header_leads
+    status: str  # agrees | swap_suspected | no_header_leads | cannot_judge
+    reason: str | None = None  # why a verdict could not be given (cannot_judge)
     # the hypothesis the margin is about ("other", "pair" or a reversal's key): for a suspected
     # swap the one reported, for "agrees" the one closest to its threshold
     hypothesis: str | None = None
@@ -337,6 +346,13 @@ def label_record(
 
     preprocess = PreprocessConfig(**loaded.preprocess)
     record = read_record(path, preprocess, require_leads=False, exclude=exclude)
+    seconds = record.signal.shape[1] / loaded.fs
+    if seconds < MIN_SECONDS_TO_LABEL:
+        raise ValueError(
+            f"{path}: {record.signal.shape[1]} samples at {loaded.fs} Hz ({seconds:.2f} s) is too "
+            f"short to label; leadtune label needs at least {MIN_SECONDS_TO_LABEL:g} s (and "
+            f"{MIN_SECONDS_TO_JUDGE:g} s to judge the header)"
+        )
     names = list(record.channel_names)
     header_leads = [lead if lead in loaded.leads else None for lead in record.leads]
     notes = []
@@ -361,6 +377,18 @@ def label_record(
     if record.fs_original != loaded.fs:
         notes.append(f"resampled from {record.fs_original:g} Hz to the model's {loaded.fs} Hz")
     channels, probs, verdict = label_signal(loaded, record.signal, names, header_leads)
+    unjudged = []
+    if len(channels) < MIN_CHANNELS_TO_JUDGE:
+        unjudged.append(
+            f"{len(channels)} channel(s): a verdict needs at least {MIN_CHANNELS_TO_JUDGE}, "
+            "since a lead is told apart from the others in the record"
+        )
+    if seconds < MIN_SECONDS_TO_JUDGE:
+        unjudged.append(
+            f"{seconds:.1f} s of signal: a verdict needs at least {MIN_SECONDS_TO_JUDGE:g} s"
+        )
+    if unjudged:
+        verdict = Verdict("cannot_judge", reason="; ".join(unjudged), scores=verdict.scores)
     return RecordLabels(
         record=str(record.path),
         fs_original=record.fs_original,
@@ -398,7 +426,9 @@ def format_record(result: RecordLabels) -> str:
             f"{c.probability:>6.3f} {c.margin:>7.3f}{flag}"
         )
     v = result.verdict
-    if v.status == "no_header_leads":
+    if v.status == "cannot_judge":
+        lines.append(f"  CANNOT JUDGE the header: {v.reason} (labels shown, not compared)")
+    elif v.status == "no_header_leads":
         lines.append("  the header names no standard leads (or names one twice): nothing compared")
     elif v.status == "agrees":
         lines.append(
@@ -426,13 +456,16 @@ def format_record(result: RecordLabels) -> str:
 class LabelSummary:
     read: int = 0
     with_swaps: list[str] = field(default_factory=list)
+    not_judged: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [
             f"summary: {self.read} record(s) labelled, {len(self.with_swaps)} with a suspected "
-            f"swap, {len(self.failed)} could not be read"
+            f"swap, {len(self.not_judged)} could not be judged, {len(self.failed)} could not "
+            "be read"
         ]
+        lines += [f"  not judged: {name}" for name in self.not_judged]
         lines += [f"  swap: {name}" for name in self.with_swaps]
         lines += [f"  unreadable: {name}: {reason}" for name, reason in self.failed]
         return "\n".join(lines)
@@ -441,7 +474,9 @@ class LabelSummary:
     def exit_code(self) -> int:
         if self.failed:
             return EXIT_UNREADABLE
-        return EXIT_SWAP if self.with_swaps else EXIT_OK
+        if self.with_swaps:
+            return EXIT_SWAP
+        return EXIT_NOT_JUDGED if self.not_judged else EXIT_OK
 
 
 def label_paths(
@@ -490,6 +525,8 @@ def label_paths(
         summary.read += 1
         if result.verdict.status == "swap_suspected":
             summary.with_swaps.append(result.record)
+        elif result.verdict.status == "cannot_judge":
+            summary.not_judged.append(result.record)
         results.append(result)
         rows.append(result.csv_row())
         if not as_json:

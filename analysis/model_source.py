@@ -24,7 +24,6 @@ default is used and :attr:`LoadedModel.notes` says so.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from leadtune.search.tracking import check_tracking_uri, mlflow_client, use_tracking_uri
+from leadtune.trainables.data.cache import default_preprocess, find_preprocess  # noqa: F401
 from leadtune.trainables.data.preprocess import preprocess_settings
 from leadtune.trainables.model_package import PACKAGE_FILE, is_package
 from leadtune.trainables.tasks import DEFAULT_TASK
@@ -137,36 +137,6 @@ def load_model(
 
 
 # -- what a model expects: preprocessing ---------------------------------------------------------
-
-
-def default_preprocess(fs: int) -> dict[str, Any]:
-    from leadtune.trainables.data.preprocess import PreprocessConfig
-
-    return PreprocessConfig(fs=fs).to_dict()
-
-
-def find_preprocess(fingerprint: str, fs: int, cache_roots: list[Path] | None = None):
-    """(preprocess settings, where they came from) for the training data with this fingerprint.
-
-    The dataset cache manifest records the settings; it is looked up by fingerprint under the
-    cache roots. Without one, the data layer's defaults at the model's rate are returned.
-    """
-    from leadtune.trainables.data.cache import MANIFEST_FILE, default_cache_root
-
-    roots = [Path(r) for r in (cache_roots or [])] + [default_cache_root()]
-    for root in roots:
-        for manifest_file in sorted((root / "datasets").glob(f"*/{MANIFEST_FILE}")):
-            try:
-                manifest = json.loads(manifest_file.read_text())
-            except (OSError, ValueError):
-                continue
-            if manifest.get("fingerprint") == fingerprint:
-                return dict(manifest["settings"]["preprocess"]), f"dataset manifest {manifest_file}"
-    return (
-        default_preprocess(fs),
-        "defaults of the data layer (PreprocessConfig); no dataset cache manifest with "
-        f"fingerprint {fingerprint[:12]} was found",
-    )
 
 
 def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -366,7 +336,7 @@ def _from_mlflow(folder: Path, tags: dict[str, str], source: str, kind: str,
                  cache_roots: list[Path], card: dict[str, Any]) -> LoadedModel:  # fmt: skip
     """The package in ``folder`` (or inside the MLflow model there), or, for a version
     registered before packages, its checkpoint."""
-    from leadtune.analysis.pyfunc import package_folder
+    from leadtune.trainables.pyfunc import package_folder
 
     if is_package(folder):
         return _from_package(folder, source, kind, cache_roots, card)

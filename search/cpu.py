@@ -8,7 +8,9 @@ between two samples loses at most one interval of its time, so short-lived proce
 slightly under-counted on both sides.
 
 ``python -m leadtune.search.cpu PID`` follows a running search (its driver's PID) from outside
-and prints the same figures when it ends.
+and prints the same figures when it ends; ``python -m leadtune.search.cpu server-idle SECONDS``
+measures what the local MLflow server costs to start and to keep idle (run it with and without
+``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true`` to see MLflow's job runner).
 """
 
 from __future__ import annotations
@@ -168,12 +170,9 @@ class CpuAccount:
 _ACTIVE: list[CpuAccount] = []  # the driver's account (Tune pickles its callbacks)
 
 
-def trial_pid_callback(account: CpuAccount) -> Any:
-    """A Ray Tune callback telling the account which workers ran trials."""
-    from leadtune.search.callback import TrialPidCallback
-
+def activate(account: CpuAccount) -> None:
+    """Make ``account`` the one that ``search.callback.TrialPidCallback`` tells of trial PIDs."""
     _ACTIVE[:] = [account]
-    return TrialPidCallback()
 
 
 def note_trial_pid(pid: int) -> None:
@@ -214,5 +213,31 @@ def _follow(argv: list[str]) -> int:
     return 0
 
 
+def _server_idle(seconds: float) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from leadtune.search.tracking import MlflowServer
+
+    account = CpuAccount(interval_s=1.0).start()
+    with tempfile.TemporaryDirectory(prefix="leadtune-server-idle-") as tmp:
+        server = MlflowServer(db_path=Path(tmp) / "mlflow.db", artifacts=Path(tmp) / "art")
+        server.start()
+        started = account.share()
+        time.sleep(seconds)
+        idle = account.stop()
+        server.stop()
+    processes = [row for row in idle.top if row[0] == "mlflow"]
+    job_runner = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false (leadtune's default)")
+    print(
+        f"MLflow server, job runner {job_runner}: {len(processes)} processes; start-up "
+        f"{started.total_s:.1f} CPU s; then {idle.total_s - started.total_s:.1f} CPU s over "
+        f"{seconds:g} s idle"
+    )
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["server-idle"] and len(sys.argv) == 3:
+        raise SystemExit(_server_idle(float(sys.argv[2])))
     raise SystemExit(_follow(sys.argv[1:]))

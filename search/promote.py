@@ -304,8 +304,9 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
     weights-only package, ``analysis.pyfunc``) and register it as a new version."""
     from mlflow.exceptions import MlflowException
 
-    from leadtune.analysis.pyfunc import PACKAGE_DATA, save_pyfunc
+    from leadtune.trainables.data.cache import find_preprocess
     from leadtune.trainables.model_package import write_package
+    from leadtune.trainables.pyfunc import PACKAGE_DATA, save_pyfunc
     from leadtune.trainables.tasks import load_trained_model
 
     model, config, state = load_trained_model(checkpoint)
@@ -324,6 +325,10 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
                 "val_thresholds": (state.get("metrics") or {}).get("val_thresholds"),
                 "test_metrics": {k: v for k, v in test_metrics.items() if _is_number(v)},
                 "source": {"checkpoint": str(checkpoint), "run_id": run_id, **tags},
+                # what the training data went through, so the package says what input it wants
+                "preprocessing": find_preprocess(
+                    str(data.get("fingerprint", "unknown")), int(data.get("fs", 100))
+                )[0],
             },
             program_of=(model, example),
             dynamic_leads=spec.variable_leads,

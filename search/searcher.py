@@ -63,7 +63,12 @@ class LeadtuneOptunaSearch(OptunaSearch):
             return
         value, step = result.get(self.metric), result.get("epoch")
         reported = self.__dict__.setdefault("_reported_steps", {})  # (absent in old pickles)
-        if _finite(value) and step is not None and reported.get(trial_id) != int(step):
+        if (
+            _finite(value)
+            and step is not None
+            and reported.get(trial_id) != int(step)
+            and not _finished_in_storage(self._ot_study, self._ot_trials[trial_id])
+        ):
             self._ot_trials[trial_id].report(float(value), int(step))
             reported[trial_id] = int(step)
 
@@ -73,6 +78,11 @@ class LeadtuneOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial, result = self._ot_trials[trial_id], result or {}
+        if _finished_in_storage(self._ot_study, ot_trial):
+            # a driver that died after telling Optuna but before Tune saved its state: the
+            # restored searcher sees the trial end again; Optuna's record is kept as it is
+            self._completed_trials.add(trial_id)
+            return
         names = self.metric if isinstance(self.metric, list) else [self.metric]
         found = [result.get(name) for name in names]
         value = found[0] if all(_finite(v) for v in found) else None
@@ -93,6 +103,12 @@ class LeadtuneOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(END_ATTR, reason)
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
+
+
+def _finished_in_storage(study: Any, ot_trial: Any) -> bool:
+    """Whether the study's storage already holds this trial as finished (told before)."""
+    stored = study._storage.get_trial(ot_trial._trial_id)
+    return stored.state.is_finished()
 
 
 def make_searcher(define: Callable, metric: str | list[str], mode: str | list[str], storage: str,

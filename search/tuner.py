@@ -606,12 +606,14 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from leadtune.search.callback import MlflowTrialCallback
-    from leadtune.search.cpu import trial_pid_callback
+    from leadtune.search.callback import MlflowTrialCallback, TrialPidCallback
+    from leadtune.search.cpu import activate
     from leadtune.search.searcher import make_searcher
     from leadtune.search.study import SpaceWithFixed, open_study
 
     settings = plan.settings
+    if account is not None:  # (a resumed search restores its callbacks, this one included)
+        activate(account)
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial_entry,
@@ -687,7 +689,7 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
                 checkpoint_score_attribute=plan.metric,  # each epoch's own value
                 checkpoint_score_order=plan.mode,
             ),
-            callbacks=[callback, *([trial_pid_callback(account)] if account else [])],
+            callbacks=[callback, TrialPidCallback()],
             progress_reporter=reporter,
             verbose=1,
         ),
@@ -863,9 +865,11 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
 
 
 def _mark_pareto(plan: SearchPlan, client: Any, parent_run_id: str, ranked: list) -> list:
-    """The Pareto front of the trials with a result, on every objective at each trial's best
-    epoch: marked on the rows (``pareto``) and on their MLflow runs (``leadtune.pareto``)."""
-    front = pareto_front(ranked, [(plan.metric, plan.mode), *plan.objectives])
+    """The Pareto front of the trials that ran their whole budget (Optuna's COMPLETE trials, the
+    ones its own front is drawn from), on every objective at each trial's best epoch: marked on
+    the rows (``pareto``) and on their MLflow runs (``leadtune.pareto``)."""
+    full = [t for t in ranked if t["state"] in ("completed", "early_stopped_patience")]
+    front = pareto_front(full, [(plan.metric, plan.mode), *plan.objectives])
     on_front = {t["trial_id"] for t in front}
     for trial in ranked:
         trial["pareto"] = trial["trial_id"] in on_front

@@ -155,12 +155,16 @@ def _pickled_globals(weights_file) -> set[str]:
 
 def test_a_registered_version_names_no_python_class(env):
     """What the registry holds survives any refactoring of leadtune: a JSON file (task, config)
-    and tensors; no pickled class or module path that a move or rename could break."""
+    and tensors; no pickled class. (The MLflow model around it names one module, the pyfunc
+    loader; leadtune's own loaders read the package and do not need it.)"""
     from leadtune.analysis.model_source import _download
     from leadtune.search.tracking import mlflow_client
+    from leadtune.trainables.pyfunc import LOADER_MODULE, package_folder
 
     version = mlflow_client(env.tracking_uri).get_model_version("lead-id", env.version)
-    folder = _download(version.source, env.tracking_uri)
+    mlmodel = _download(version.source, env.tracking_uri)
+    assert f"loader_module: {LOADER_MODULE}" in (mlmodel / "MLmodel").read_text()
+    folder = package_folder(mlmodel)
     manifest = (folder / "leadtune-model.json").read_text()
     assert '"task": "lead_id"' in manifest and "leadtune.trainables" not in manifest
     used = _pickled_globals(folder / "weights.pt")

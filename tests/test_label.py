@@ -181,6 +181,43 @@ def test_fewer_channels_at_another_rate(env, labelled_folder, keep, tmp_path, ca
     assert any("resampled from 500 Hz" in note for note in result["notes"])
 
 
+@pytest.mark.parametrize(
+    ("keep", "seconds", "reason"),
+    [([1], 10.0, "1 channel(s)"), ([0, 1], 10.0, "2 channel(s)"),
+     (list(range(12)), 1.5, "1.5 s of signal")],
+    ids=["one channel", "two channels", "1.5 s"],
+)  # fmt: skip
+def test_what_cannot_be_judged_is_never_said_to_agree(
+    env, labelled_folder, keep, seconds, reason, tmp_path, capsys
+):
+    """One or two channels, or under 2.5 s: labelled, verdict cannot_judge with its reason,
+    exit status 4 (the header II on one channel once got "agrees" with lead I assigned)."""
+    header = labelled_folder[1][0]
+    record = wfdb.rdrecord(str(header.with_suffix("")))
+    wfdb.wrsamp(
+        "short", fs=record.fs, units=["mV"] * len(keep), sig_name=[LEADS[i] for i in keep],
+        p_signal=record.p_signal[: round(seconds * record.fs), keep],
+        fmt=["16"] * len(keep), write_dir=str(tmp_path),
+    )  # fmt: skip
+    code, result, _ = _label_json(capsys, tmp_path / "short.hea", "--model", env.checkpoint)
+    assert code == 4 and result["verdict"]["status"] == "cannot_judge"
+    assert reason in result["verdict"]["reason"] and len(_assigned(result)) == len(keep)
+    assert main(["label", str(tmp_path / "short.hea"), "--model", str(env.checkpoint)]) == 4
+    assert "CANNOT JUDGE the header" in capsys.readouterr().out
+
+
+def test_a_record_too_short_to_label_is_a_one_line_error(env, labelled_folder, tmp_path, capsys):
+    header = labelled_folder[1][0]
+    record = wfdb.rdrecord(str(header.with_suffix("")))
+    wfdb.wrsamp(
+        "tiny", fs=record.fs, units=["mV"] * 12, sig_name=list(LEADS),
+        p_signal=record.p_signal[:3], fmt=["16"] * 12, write_dir=str(tmp_path),
+    )  # fmt: skip
+    assert main(["label", str(tmp_path / "tiny.hea"), "--model", str(env.checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is too short to label; leadtune label needs at least 1 s" in err[0]
+
+
 def test_extra_channels_must_be_excluded_by_name_or_index(env, labelled_folder, tmp_path, capsys):
     header = labelled_folder[1][1]
     breathing = np.sin(np.linspace(0, 20, 1000))

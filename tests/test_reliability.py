@@ -348,3 +348,38 @@ def test_an_unwritable_output_folder_is_a_one_line_error(command, tmp_path, caps
     }[command]
     message = one_line_error(argv, capsys)
     assert folder in message and "cannot be written" in message and "a-file" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("d_model", 10_000_000, "d_model must be in [1, 2048]"),
+     ("depth", 100_000, "depth must be in [0, 48]"),
+     ("ffn_mult", 10**6, "ffn_mult must be in [1, 16]"),
+     ("d_model", 256, "the config describes a model of 4,356,580 values")],
+    ids=["d_model 1e7", "depth 1e5", "ffn_mult 1e6", "d_model 256"],
+)  # fmt: skip
+def test_a_package_whose_config_claims_other_sizes_is_refused_before_allocating(
+    key, value, message, tmp_path, capsys
+):
+    """A crafted config (the bundled model's weights, a size changed) is refused by the size
+    bounds or by the shapes counted on the meta device, before the model is built: quickly and
+    without the gigabytes the claimed sizes would need."""
+    import json
+    import resource
+
+    from leadtune.bundled import model_dir
+
+    folder = tmp_path / "crafted"
+    shutil.copytree(model_dir(), folder)
+    manifest = json.loads((folder / "leadtune-model.json").read_text())
+    manifest["config"][key] = value
+    (folder / "leadtune-model.json").write_text(json.dumps(manifest))
+    assert main(["evaluate", str(folder), "--out", str(tmp_path / "warm")]) == 2  # imports paid
+    capsys.readouterr()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    error = one_line_error(["label", str(RECORD), "--model", str(folder)], capsys)
+    seconds = time.perf_counter() - started
+    assert message in error and "weights do not match the recorded config" in error
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 500 and seconds < 30, (grown_mb, seconds)  # bounds, not a benchmark

@@ -59,3 +59,30 @@ def test_warm_start_errors_are_one_line_and_come_first(tmp_path):
         check_warm_start(storage, "earlier", "later")
     with pytest.raises(ValueError, match="other direction"):
         open_study(storage, "upside", "max", (), 0, None, None, "earlier")
+
+
+def test_a_trial_optuna_already_finished_is_never_told_again(tmp_path):
+    """A driver killed after telling Optuna a trial's end, before Tune saved the searcher: the
+    restored searcher sees the trial end again. It must not tell Optuna a second time (that was
+    ``UpdateFinishedTrialError`` on every --resume) nor change the recorded result."""
+    import copy
+
+    from leadtune.search.searcher import make_searcher
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    open_study(storage, "s", "min", (), 0, "best_val_loss")
+    searcher = make_searcher(
+        lambda t: {"x": t.suggest_float("x", 0, 1)}, "best_val_loss", "min", storage, "s", 0, "a"
+    )
+    searcher.suggest("t1")
+    saved = copy.deepcopy({k: v for k, v in searcher.__dict__.items() if k != "_ot_study"})
+    result = {"best_val_loss": 0.5, "epoch": 2, "schedule_pct": 100.0}
+    searcher.on_trial_result("t1", result)
+    searcher.on_trial_complete("t1", result)
+    # the state Tune restores is older: the trial is not known as completed there
+    searcher._completed_trials = saved["_completed_trials"]
+    searcher.on_trial_result("t1", {**result, "best_val_loss": 0.1, "epoch": 3})
+    searcher.on_trial_complete("t1", {**result, "best_val_loss": 0.1})
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.5
+    assert trial.intermediate_values == {2: 0.5}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,7 +201,26 @@ def task_names() -> list[str]:
 def build_trained(spec: TaskSpec, config_values: dict[str, Any], weights: dict) -> tuple[Any, Any]:
     """(model in eval mode, config object): the task's model built from a recorded config with
     its trained weights. Raises what the config check or ``load_state_dict`` raises."""
-    config = spec.config_from_dict(config_values)
+    import torch
+
+    config = spec.config_from_dict(config_values)  # sizes within the task's bounds
+    # The model's tensors, counted on the meta device (no memory) before it is built for real:
+    # a config whose model does not match the weights is refused before any allocation.
+    try:
+        with torch.device("meta"):
+            meta = spec.build_model(config).state_dict()
+        shapes = {k: tuple(v.shape) for k, v in meta.items()}
+    except (NotImplementedError, RuntimeError):  # a builder that needs real values: no check
+        shapes = None
+    given = {k: tuple(v.shape) for k, v in weights.items() if hasattr(v, "shape")}
+    if shapes is not None and shapes != given:
+        wanted = sum(math.prod(s) for s in shapes.values())
+        held = sum(math.prod(s) for s in given.values())
+        differ = sorted(set(shapes) ^ set(given)) or [k for k in shapes if shapes[k] != given[k]]
+        raise ValueError(
+            f"the config describes a model of {wanted:,} values in {len(shapes)} tensors, the "
+            f"weights hold {held:,} in {len(given)} (first difference: {differ[0]})"
+        )
     model = spec.build_model(config)
     model.load_state_dict(weights)
     return model.eval(), config

@@ -590,3 +590,34 @@ def prepare_dataset(
     dataset = PreparedDataset.load(final_dir)
     dataset.seconds = time.perf_counter() - started
     return dataset
+
+
+# -- what a model trained on a dataset expects ---------------------------------------------------
+
+
+def default_preprocess(fs: int) -> dict[str, Any]:
+    from leadtune.trainables.data.preprocess import PreprocessConfig
+
+    return PreprocessConfig(fs=fs).to_dict()
+
+
+def find_preprocess(fingerprint: str, fs: int, cache_roots: list[Path] | None = None):
+    """(preprocess settings, where they came from) for the training data with this fingerprint.
+
+    The dataset cache manifest records the settings; it is looked up by fingerprint under the
+    cache roots. Without one, the data layer's defaults at the model's rate are returned.
+    """
+    roots = [Path(r) for r in (cache_roots or [])] + [default_cache_root()]
+    for root in roots:
+        for manifest_file in sorted((root / "datasets").glob(f"*/{MANIFEST_FILE}")):
+            try:
+                manifest = json.loads(manifest_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if manifest.get("fingerprint") == fingerprint:
+                return dict(manifest["settings"]["preprocess"]), f"dataset manifest {manifest_file}"
+    return (
+        default_preprocess(fs),
+        "defaults of the data layer (PreprocessConfig); no dataset cache manifest with "
+        f"fingerprint {fingerprint[:12]} was found",
+    )

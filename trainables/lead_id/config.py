@@ -17,6 +17,16 @@ LEAD_SETS = {"all": LEADS, "precordial": PRECORDIAL, "limb": LIMB}
 TRAIN_PARTS = ("all", "context_head", "head")
 
 
+SIZE_BOUNDS = {
+    "d_model": (1, 2048),
+    "depth": (0, 48),
+    "heads": (1, 64),
+    "ffn_mult": (1, 16),
+    "inducing_points": (1, 1024),
+    "width": (0.01, 8),
+}
+
+
 @dataclass
 class LeadIdConfig:
     """One lead-identification run. Defaults reproduce the reference model and its training."""
@@ -131,6 +141,13 @@ class LeadIdConfig:
         check_at_least_one(
             self, ("max_train_records", "max_val_records", "num_threads", "early_stopping_patience")
         )
+        # Sizes a config may declare: well beyond any model in the notes or the spaces (the
+        # reference is D 128, 5 blocks; the search tops out at D 256, 6 blocks), small enough
+        # that a crafted package cannot make the builder allocate without limit.
+        for name, (low, high) in SIZE_BOUNDS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if self.train_parts not in TRAIN_PARTS:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-LOADER_MODULE = "leadtune.analysis.pyfunc"
+LOADER_MODULE = "leadtune.trainables.pyfunc"
 PACKAGE_DATA = "package"  # the package's folder name under the MLflow model's data/
 
 
@@ -35,29 +35,35 @@ class LeadtunePyfuncModel:
     """What ``mlflow.pyfunc.load_model`` returns inside its PyFuncModel."""
 
     def __init__(self, package_dir: str | Path) -> None:
-        from leadtune.analysis.model_source import load_model
+        from leadtune.trainables.data.cache import find_preprocess
         from leadtune.trainables.data.preprocess import PreprocessConfig
+        from leadtune.trainables.model_package import load_package
         from leadtune.trainables.tasks import get_task
 
-        self.loaded = load_model(str(package_dir))
-        self.spec = get_task(self.loaded.task)
-        self.preprocess = PreprocessConfig(**self.loaded.preprocess)
+        self.model, self.config, manifest = load_package(package_dir)
+        self.spec = get_task(manifest["task"])
+        data = manifest.get("data") or {}
+        self.fs = int(data.get("fs", 100))
+        settings = (
+            manifest.get("preprocessing")
+            or find_preprocess(str(data.get("fingerprint", "unknown")), self.fs)[0]
+        )
+        self.preprocess = PreprocessConfig(**settings)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
         signals = _signals(model_input)
-        fs_in = float((params or {}).get("fs") or self.loaded.fs)
+        fs_in = float((params or {}).get("fs") or self.fs)
         if fs_in <= 0:
             raise ValueError(f"fs must be a positive sampling rate in Hz, got {fs_in:g}")
         from leadtune.trainables.data.preprocess import preprocess
 
         prepared = np.stack([preprocess(record, fs_in, self.preprocess) for record in signals])
-        loaded = self.loaded
         if self.spec.predict is None:
             import torch
 
             with torch.inference_mode():
-                return loaded.model(torch.from_numpy(prepared)).float().numpy()
-        return self.spec.predict(loaded.model, loaded.config, loaded.fs, prepared)
+                return self.model(torch.from_numpy(prepared)).float().numpy()
+        return self.spec.predict(self.model, self.config, self.fs, prepared)
 
 
 def _signals(model_input: Any) -> np.ndarray:
@@ -130,9 +136,9 @@ def save_pyfunc(path: Path, package_dir: Path, spec: Any, example: np.ndarray) -
                 "leadtune_task": spec.name,
                 "input": f"raw signals in mV, (batch, K, samples) float32, at fs Hz (parameter "
                 f"fs, default {fs}); the model's preprocessing is applied inside",
-                "leads": list(getattr(wrapped.loaded, "leads", ())),
+                "leads": list(getattr(wrapped.config, "leads", ())),
                 "output": spec.predict_output,
-                "preprocessing": wrapped.loaded.preprocess,
+                "preprocessing": wrapped.preprocess.to_dict(),
             },
         )
     return Path(path)
