@@ -84,7 +84,7 @@ class MlflowTrialCallback(Callback):
     def run_id_for(self, trial: Any) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        from leadtune.search.study import OPTUNA_TRIAL_KEY, training_config
+        from leadtune.search.study import OPTUNA_TRIAL_KEY
 
         found = self.client.search_runs(
             [self.experiment_id],
@@ -111,11 +111,23 @@ class MlflowTrialCallback(Callback):
                 },
             )
             run_id = run.info.run_id
-            self.client.log_batch(run_id, params=_params(training_config(trial.config)))
+            self.client.log_batch(run_id, params=_params(self._full_config(trial.config)))
             if self.dataset_input is not None:
                 self.client.log_inputs(run_id, datasets=[self.dataset_input])
         self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _full_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Every training setting the trial runs with: the searched and fixed values and the
+        task's defaults for the rest (MLflow params are written once, so all of them now)."""
+        from leadtune.search.study import training_config
+        from leadtune.trainables.tasks import get_task
+
+        given = training_config(config)
+        try:
+            return {**get_task(self.task).config_from_dict(given).to_dict(), **given}
+        except (ValueError, KeyError, TypeError):  # the trial itself will say what is wrong
+            return given
 
     def _source_tags(self) -> dict[str, str]:
         """What MLflow's Source column shows, as on the parent run: the command and commit."""

@@ -278,7 +278,10 @@ def runs_view_state(metric: str, mode: str, metrics: list[str], params: list[str
     first (the sort order), then ``metrics`` (the task's other figures) and ``params``, and the
     search's own best value last (on the parent run)."""
     best = f"metrics.`best_{metric}`"
-    columns = [best, *(f"metrics.`{m}`" for m in metrics)]
+    # how each trial ended and after how many epochs (a trial ASHA stopped at epoch 3 and one
+    # that ran 40 both show MLflow's green "Finished")
+    ended = ["tags.`leadtune.state`", "tags.`leadtune.epochs_run`"]
+    columns = [best, *ended, *(f"metrics.`{m}`" for m in metrics)]
     columns += [f"params.`{p}`" for p in params]
     columns.append(f"metrics.`{PARENT_METRIC_PREFIX}{metric}`")
     columns = list(dict.fromkeys(columns))

@@ -536,6 +536,14 @@ def _parent_run(plan: SearchPlan, client: Any, tracking_uri: str, fingerprint: s
         for k, v in asdict(plan.settings).items()
         if k not in ("overrides", "data", "resume", "experiment")
     }
+    sched = scheduler_plan(plan)
+    settings.update(  # as the search runs them, not as given (None: the space's default)
+        metric=plan.metric, mode=plan.mode, study=plan.study, tracking_uri=tracking_uri,
+        storage_path=str(plan.root), optuna_storage=plan.optuna_storage,
+        scheduler=sched.name, fidelity=sched.fidelity, grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor, register_name=plan.register_name,
+        objective=[f"{m}:{mode}" for m, mode in plan.objectives] or None,
+    )  # fmt: skip
     settings.update({f"fixed.{k}": v for k, v in plan.fixed.items()})
     settings.update(
         {"data.source": plan.settings.data.source, "data.limit": plan.settings.data.limit}
@@ -901,6 +909,7 @@ def _runs_view(plan: SearchPlan, client: Any, experiment_id: str,
     # the trials' best-epoch figures once the search has logged them (see _log_best_epochs)
     prefix = "best_" if trials else ""
     metrics = [prefix + column.key for column in plan.spec.table_metrics]
+    metrics += [name for name, _ in plan.objectives]  # further objectives (their last value)
     set_runs_view(client, experiment_id, plan.metric, plan.mode, metrics, params)
 
 

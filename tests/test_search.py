@@ -142,12 +142,21 @@ def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_d
     children = client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    for column in columns:  # every metric on every run it is for; conditional parameters
-        kind, name = column.split(".", 1)  # (depth, heads) only where the trial has them
+    assert columns[1:3] == ["tags.`leadtune.state`", "tags.`leadtune.epochs_run`"]
+    for column in columns:  # every metric and tag on every run it is for; conditional
+        kind, name = column.split(".", 1)  # parameters (depth, heads) where the trial has them
         name = name.strip("`")
         runs = [parent] if name.startswith("search_best_") else children
-        held = [name in (r.data.metrics if kind == "metrics" else r.data.params) for r in runs]
-        assert kind in ("metrics", "params") and (all if kind == "metrics" else any)(held), column
+        found = {"metrics": lambda r: r.data.metrics, "params": lambda r: r.data.params,
+                 "tags": lambda r: r.data.tags}[kind]  # fmt: skip
+        held = [name in found(r) for r in runs]
+        assert (any if kind == "params" else all)(held), column
+    for run in children:  # the full training config, not only the searched values
+        assert {"lr", "encoder", "epochs", "seed", "jitter_prob", "lr_schedule"} <= set(
+            run.data.params
+        )
+    assert parent.data.params["metric"] == "val_loss" and parent.data.params["scheduler"] == "asha"
+    assert Path(parent.data.params["storage_path"]).is_absolute()
     varied = {c[len("params.`") : -1] for c in columns if c.startswith("params.")}
     configs = [t["config"] for t in outcome["trials"]]
     assert {"encoder", "lr"} <= varied
