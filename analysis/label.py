@@ -413,7 +413,8 @@ def format_record(result: RecordLabels) -> str:
     lines = [
         f"{result.record}  ({len(result.channels)} channels, {result.fs_original:g} Hz read, "
         f"{result.fs} Hz model input)",
-        f"  {'ch':>2}  {'header':<8} {'lead':<5} {'p':>6} {'margin':>7}",
+        f"  {'ch':>2}  {'header':<8} {'lead':<5} {'p':>6} {'margin':>7}   (p: probability of "
+        "the assigned lead; margin: p minus the next most probable lead's)",
     ]
     for c in result.channels:
         flag = (
@@ -431,10 +432,15 @@ def format_record(result: RecordLabels) -> str:
     elif v.status == "no_header_leads":
         lines.append("  the header names no standard leads (or names one twice): nothing compared")
     elif v.status == "agrees":
+        gap = (
+            f"{-v.margin_nats:.1f} nats below the header's labelling"
+            if v.margin_nats < 0
+            else f"{v.margin_nats:.1f} nats above it, under its threshold"
+        )
         lines.append(
-            "  the header agrees with the signal (no hypothesis beats it by more than its "
-            f"threshold; closest: {v.hypothesis}, {v.margin_nats:+.1f} nats against "
-            f"{v.threshold_nats:g})"
+            "  the header agrees with the signal: no swap hypothesis beats it by its threshold "
+            f"(the closest, {v.hypothesis}, scores {gap}; a swap needs "
+            f"{v.threshold_nats:g} nats above)"
         )
     elif v.reversal:
         lines.append(

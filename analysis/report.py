@@ -69,6 +69,7 @@ class SearchData:
     importances: dict[str, float]
     importance_note: str
     notes: list[str] = field(default_factory=list)
+    parent_tags: dict[str, str] = field(default_factory=dict)  # the search's MLflow parent run
 
     @property
     def metric(self) -> str:
@@ -159,7 +160,18 @@ def collect(search_dir: Path, tracking_uri: str | None) -> SearchData:
         )
     trials.sort(key=lambda t: (t.trial_id, t.run_id))
     optuna_trials, importances, note = _optuna_facts(state)
-    return SearchData(search_dir, state, uri, trials, optuna_trials, importances, note)
+    try:
+        parent_tags = dict(client.get_run(state["parent_run_id"]).data.tags)
+    except Exception:  # a parent run removed from MLflow: the report goes on without it
+        parent_tags = {}
+    if not parent_tags.get("leadtune.promoted"):  # promoted before the parent recorded it
+        for run in runs:
+            if run.data.tags.get("leadtune.promoted"):
+                parent_tags["leadtune.promoted"] = run.data.tags["leadtune.promoted"]
+                parent_tags["leadtune.promoted_trial"] = run.data.tags.get("leadtune.trial_id", "")
+    return SearchData(
+        search_dir, state, uri, trials, optuna_trials, importances, note, parent_tags=parent_tags
+    )
 
 
 def _optuna_facts(state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float], str]:
@@ -473,6 +485,29 @@ def trials_table(data: SearchData) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _promotion_lines(data: SearchData) -> list[str]:
+    """The champion decision recorded on the parent run by promotion, with the test figures of
+    the promoted trial's run."""
+    tags = data.parent_tags
+    if not tags.get("leadtune.promoted"):
+        return ["Not promoted (a search with --no-promote, or not finished): `leadtune promote`."]
+    promoted = next(
+        (t for t in data.trials if t.trial_id == tags.get("leadtune.promoted_trial")), None
+    )
+    tests = {
+        k: v for k, v in (promoted.metrics if promoted else {}).items() if k.startswith("test_")
+    }
+    lines = [
+        f"- registered: `models:/{tags['leadtune.promoted']}` (trial "
+        f"{tags.get('leadtune.promoted_trial')}, MLflow run `{promoted.run_id if promoted else '?'}`)",
+        f"- champion alias: {tags.get('leadtune.champion_decision', '?')}",
+        "- test (once): " + (", ".join(f"{k} {_fmt(v)}" for k, v in sorted(tests.items())) or "?"),
+    ]
+    if tags.get("leadtune.search_gain"):
+        lines.append(f"- {tags['leadtune.search_gain']}")
+    return lines
+
+
 def _best_lines(data: SearchData) -> list[str]:
     best = data.best()
     if best is None:
@@ -536,6 +571,10 @@ def render_markdown(data: SearchData, plots: dict[str, str]) -> str:
         "",
         *_best_lines(data),
         "",
+        "## Promotion",
+        "",
+        *_promotion_lines(data),
+        "",
         "## Trials",
         "",
         "| " + " | ".join(header) + " |",
@@ -589,6 +628,8 @@ def render_html(data: SearchData, plots: dict[str, str]) -> str:
         "<h2>Best trial</h2>",
     ]
     parts += [f"<p>{_markdown_inline(line)}</p>" for line in _best_lines(data) if line]
+    parts.append("<h2>Promotion</h2>")
+    parts += [f"<p>{_markdown_inline(line.lstrip('- '))}</p>" for line in _promotion_lines(data)]
     parts.append(
         "<h2>Trials</h2><div style='overflow-x:auto'><table><tr>"
         + "".join(f"<th>{esc(h)}</th>" for h in header)

@@ -637,6 +637,9 @@ def measure_search(settings: BenchSettings, log: Any) -> list[dict[str, Any]]:
                     "wall_seconds": state.get("wall_seconds"),  # Tuner.fit alone
                     "trial_seconds_sum": sum(trial_seconds),
                     "peak_tree_pss_bytes": sampler.peak_bytes,
+                    # CPU seconds outside the trials (search.cpu), as the summary prints them
+                    "cpu_outside_share": outcome.cpu.outside_share if outcome.cpu else None,
+                    "cpu_seconds": outcome.cpu.seconds if outcome.cpu else {},
                 }
             )
             import ray
@@ -855,6 +858,12 @@ def print_search(results: list[dict[str, Any]]) -> None:
             f"peak memory (PSS of driver + Ray + workers) "
             f"{_megabytes(row['peak_tree_pss_bytes'])}"
         )
+        if row.get("cpu_outside_share") is not None:
+            outside = {k: round(v, 1) for k, v in row["cpu_seconds"].items() if k != "trials"}
+            print(
+                f"    CPU outside trials {100 * row['cpu_outside_share']:.1f} % "
+                f"(trials {row['cpu_seconds'].get('trials', 0):.1f} CPU s; outside {outside})"
+            )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -252,6 +252,16 @@ def promote_best(
         f"registered {register_name} v{version.version}; champion "
         f"{'moved to it' if move else 'unchanged'}: {reason}"
     )
+    # the decision on the search's parent run, where the report (and a reader of MLflow) finds it
+    decision = {
+        "leadtune.promoted": f"{register_name}/{version.version}",
+        "leadtune.promoted_trial": best["trial_id"],
+        "leadtune.champion_decision": f"{'moved to it' if move else 'unchanged'}: {reason}",
+    }
+    if gain is not None:
+        decision["leadtune.search_gain"] = gain_sentence(gain)
+    for key, value in decision.items():
+        client.set_tag(saved["parent_run_id"], key, value[:5000])
     return {
         "task": spec.name,
         "registered_model": register_name,

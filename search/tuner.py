@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -772,11 +773,22 @@ def _stderr_reporter_class() -> type:
         """Tune's trial table on stderr: stdout carries only the result (``--json``)."""
 
         def _print(self, msg: str) -> None:
-            # "Result logdir" names Ray's temporary session folder, not where results go.
-            kept = [line for line in msg.splitlines() if not line.startswith("Result logdir:")]
-            print("\n".join(kept), file=sys.stderr, flush=True)
+            print(tidy_status(msg), file=sys.stderr, flush=True)
 
     return StderrReporter
+
+
+# Lines of Tune's status block that say nothing to a user: Ray's temporary session folder (not
+# where results go), and ASHA's rung cut-offs (negated for a metric to minimise).
+_STATUS_NOISE = ("Result logdir:", "Bracket:")
+_LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{5,}(?:e[-+]?\d+)?")
+
+
+def tidy_status(msg: str) -> str:
+    """Tune's status block, without its noise lines and with numbers rounded to 4 significant
+    digits (it prints 16)."""
+    kept = [line for line in msg.splitlines() if not line.startswith(_STATUS_NOISE)]
+    return _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", "\n".join(kept))
 
 
 def _StderrReporter(**kwargs: Any) -> Any:  # noqa: N802 (a class made when Ray is imported)

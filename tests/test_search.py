@@ -256,8 +256,9 @@ def test_trials_the_time_budget_stops_are_pruned_not_failed(tmp_path, cache_dir)
                                 trials=8, epochs=6))  # fmt: skip
     finally:
         shutdown_ray()
-    assert code in (0, 3)
     trials = optuna_trials(tmp_path)
+    # 1: no trial reported within the budget (a busy machine); the states must hold all the same
+    assert code in (0, 3) or (code == 1 and all(t.value is None for t in trials)), code
     assert optuna.trial.TrialState.FAIL not in {t.state for t in trials}, trials
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned  # 8 trials of 6 epochs do not fit in 25 s
@@ -437,7 +438,11 @@ def test_a_two_objective_search_keeps_a_pareto_front_and_promotes_by_the_budget(
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])  # fmt: skip
     assert code == 0
     assert (out / "plots" / "pareto.png").stat().st_size > 10_000
-    assert "Pareto front" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Pareto front" in text
+    # the champion decision and the test figures, from the parent run promotion tagged
+    assert f"registered: `models:/lead-id/{version.version}` (trial {expected['trial_id']}" in text
+    assert "- champion alias: moved to it" in text and "test_lead_accuracy " in text
 
 
 def test_a_task_that_is_not_lead_identification_runs_through_search_and_promotion(

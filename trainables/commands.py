@@ -272,7 +272,10 @@ def run_train(args: argparse.Namespace) -> int:
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     print(f"training {spec.name}: {describe_config(config)} from {args.source}", file=sys.stderr)
 
-    bar = tqdm(total=config.epochs, desc="epochs", unit="epoch", file=sys.stderr)
+    bar = tqdm(  # a bar on a terminal; in a log file the JSON line per epoch below is the record
+        total=config.epochs, desc="epochs", unit="epoch", file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    )  # fmt: skip
     if resume is not None:
         bar.update(_checkpoint_epoch(resume))
     shown = [("train_loss", "loss"), ("val_loss", "val_loss")] + [

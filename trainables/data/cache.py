@@ -453,7 +453,11 @@ def _build(
     skipped: list[dict[str, Any]] = []
     digest = hashlib.sha256()
     bar = tqdm(
-        total=total, desc="reading PTB-XL", unit="rec", file=sys.stderr, disable=not progress
+        total=total,
+        desc="reading PTB-XL",
+        unit="rec",
+        file=sys.stderr,
+        disable=not progress or not sys.stderr.isatty(),  # no carriage-return line in a log file
     )
     with bar:
         for job, result in _read_all(jobs, preprocess, workers):

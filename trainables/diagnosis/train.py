@@ -13,6 +13,7 @@ the single test evaluation. The plumbing is :mod:`leadtune.trainables.training`'
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +213,8 @@ class DiagnosisTraining:
             from tqdm import tqdm
 
             batches = tqdm(batches, total=self.steps_per_epoch, leave=False,
-                           desc=f"epoch {epoch + 1}/{self.cfg.epochs}")  # fmt: skip
+                           desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                           disable=not sys.stderr.isatty())  # fmt: skip
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         for step, rows in enumerate(batches, start=1):
             if len(rows) < 2:  # BatchNorm needs two examples: a last batch of one is left out

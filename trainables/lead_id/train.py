@@ -11,6 +11,7 @@ device, random streams, batches, the guard) is task-neutral: :mod:`leadtune.trai
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -381,6 +382,7 @@ class LeadIdTraining:
                 total=self.steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 leave=False,
+                disable=not sys.stderr.isatty(),
             )
         parameters = [p for p in model.parameters() if p.requires_grad]
         for step, idx in enumerate(batches, start=1):
