@@ -223,7 +223,7 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
         root=root,
         optuna_storage=optuna_storage,
         fixed={},
-        register_name=settings.register_name or spec.register_name,
+        register_name=check_register_name(settings.register_name or spec.register_name),
     )
     if settings.resume:
         plan.search_dir = _search_to_resume(plan)
@@ -244,6 +244,12 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     plan.objectives = _objectives(settings, space, spec, plan.metric)
     plan.budgets = _budgets(settings, spec, plan.metric)
     fixed = {**space.fixed, **settings.overrides}
+    if settings.epochs is not None and "epochs" in settings.overrides:
+        if settings.overrides["epochs"] != settings.epochs:
+            raise ValueError(
+                f"--epochs {settings.epochs} and --set epochs={settings.overrides['epochs']} "
+                "disagree; give one of them"
+            )
     if settings.epochs is not None:
         fixed["epochs"] = settings.epochs
     if isinstance(fixed.get("init_from"), str):  # trials run in their own folders
@@ -319,6 +325,19 @@ def check_study_name(study: str) -> str:
             f"--study {study!r}: use letters, digits, '_', '.' and '-' (not first), at most 100"
         )
     return study
+
+
+def check_register_name(name: str) -> str:
+    """A registered model name MLflow takes (and a URI path segment): letters, digits, ``_.-``
+    (checked here, not after the search has run)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise ValueError(
+            f"--register-name {name!r}: use letters, digits, '_', '.' and '-' (not first), at "
+            "most 100"
+        )
+    return name
 
 
 def check_ray_address(address: str) -> None:
