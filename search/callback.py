@@ -23,10 +23,19 @@ from leadtune.search.tracking import (
 
 
 def trial_state(trial: Any, last: dict[str, Any]) -> str:
-    """How a trial that Tune completed ended: on its own, or stopped early."""
-    planned = int(trial.config.get("epochs", 0) or 0)
+    """How a trial that Tune completed ended: on its own, or stopped early. Read from how far
+    through its own schedule it got (``schedule_pct``, reported with every epoch), as Optuna is
+    told (``search.searcher``); the config's ``epochs`` is only there when a space fixes it (the
+    diagnosis space leaves it to the task's default, and its ASHA-stopped trials were once
+    called completed here while Optuna had them PRUNED)."""
+    from leadtune.search.searcher import PROGRESS_KEY
+
     if last.get("early_stopped"):
         return "early_stopped_patience"
+    progress = last.get(PROGRESS_KEY)
+    if progress is not None:
+        return "completed" if float(progress) >= 100.0 - 1e-9 else "early_stopped_scheduler"
+    planned = int(trial.config.get("epochs", 0) or 0)
     if planned and int(last.get("epoch", planned)) < planned:
         return "early_stopped_scheduler"
     return "completed"

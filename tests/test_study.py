@@ -86,3 +86,19 @@ def test_a_trial_optuna_already_finished_is_never_told_again(tmp_path):
     (trial,) = optuna.load_study(study_name="s", storage=storage).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.5
     assert trial.intermediate_values == {2: 0.5}
+
+
+def test_a_trial_stopped_short_of_its_schedule_is_not_called_completed():
+    """The state leadtune records (summary, MLflow tag, Pareto front) follows the schedule the
+    trial ran, also when the space leaves ``epochs`` to the task's default (not in the config):
+    the diagnosis search once called 13 ASHA-stopped trials "completed"."""
+    from types import SimpleNamespace
+
+    from leadtune.search.callback import trial_state
+
+    unfixed = SimpleNamespace(config={"model": "inception1d", "lr": 0.01})
+    assert trial_state(unfixed, {"epoch": 13, "schedule_pct": 26.0}) == "early_stopped_scheduler"
+    assert trial_state(unfixed, {"epoch": 50, "schedule_pct": 100.0}) == "completed"
+    assert trial_state(unfixed, {"epoch": 7, "early_stopped": True}) == "early_stopped_patience"
+    fixed = SimpleNamespace(config={"epochs": 4})  # a result from before schedule_pct existed
+    assert trial_state(fixed, {"epoch": 2}) == "early_stopped_scheduler"
