@@ -376,7 +376,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     label.add_argument(
         "--json", action="store_true",
-        help="JSON on stdout (schema leadtune.label/2): one object per record, a list for several",
+        help="JSON on stdout (schema leadtune.label/3): one object per record, a list for several",
     )  # fmt: skip
     label.add_argument("--csv", default=None, metavar="FILE", help="one CSV row per record")
     label.set_defaults(func=run_label)

@@ -24,7 +24,7 @@ unsure of). A named reversal is reported when it
 scores within ``NAME_SLACK`` nats of the best hypothesis; otherwise the exchanged channels of
 the best labelling are listed.
 
-Output: a readable table, ``--json`` (schema ``leadtune.label/2``, below), and for folders a CSV
+Output: a readable table, ``--json`` (schema ``leadtune.label/3``, below), and for folders a CSV
 row per record (``--csv``). Exit status: 0 all records labelled and none flagged, 1 a swap is
 suspected in at least one record, 2 at least one record could not be read.
 """
@@ -44,7 +44,7 @@ from leadtune.analysis.model_source import LoadedModel
 from leadtune.trainables.lead_id import metrics
 from leadtune.trainables.lead_id.reversals import REVERSALS
 
-SCHEMA = "leadtune.label/2"
+SCHEMA = "leadtune.label/3"
 # Nats per record by which the best hypothesis must beat the header's labelling to flag a swap,
 # where the model records none (see the bundled model's card for the value chosen on validation).
 DEFAULT_SWAP_THRESHOLD = 3.0

@@ -86,6 +86,8 @@ class SearchData:
         for trial in self.trials:
             if chosen and trial.trial_id == chosen:
                 return trial
+        if self.state.get("budgets") and self.state.get("status") == "finished":
+            return None  # no trial met the search's --within budgets
         done = [t for t in self.trials if t.best_value is not None and math.isfinite(t.best_value)]
         if not done:
             return None
@@ -277,7 +279,10 @@ def plot_pareto(data: SearchData, path: Path) -> Path | None:
     storage = data.state.get("optuna_storage")
     if not objectives or not storage:
         return None
-    study = optuna.load_study(study_name=data.state["study"], storage=storage)
+    try:
+        study = optuna.load_study(study_name=data.state["study"], storage=storage)
+    except Exception:  # a moved or missing study: the rest of the report still stands
+        return None
     if len(study.directions) < 2 or not study.best_trials:
         return None
     plt = _pyplot()

@@ -124,6 +124,10 @@ def run_promote_command(args: argparse.Namespace) -> int:
     from leadtune.trainables.runtime import check_writable
 
     budgets = [parse_within(text) for text in args.within] if args.within else None
+    if args.register_name:
+        from leadtune.search.tuner import check_register_name
+
+        check_register_name(args.register_name)
     root = Path(args.storage_path).resolve()
     search_dir = find_search(root, args.study, args.experiment)
     saved = check_finished(search_dir)  # before any server starts

@@ -311,7 +311,7 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
               test_metrics: dict[str, Any], tags: dict[str, str],
               gain: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """Write the model into the trial's run as an MLflow model (pyfunc flavour around the
-    weights-only package, ``analysis.pyfunc``) and register it as a new version."""
+    weights-only package, ``trainables.pyfunc``) and register it as a new version."""
     from mlflow.exceptions import MlflowException
 
     from leadtune.trainables.data.cache import find_preprocess

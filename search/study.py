@@ -117,6 +117,12 @@ def open_study(storage: str, name: str, mode: str | list[str], initial_points: t
             f"{wanted}; use another --study, or the study's --mode and --objective"
         )
     existing = len(study.trials)
+    names = list(objective) if isinstance(objective, (list, tuple)) else [objective]
+    if objective and study.metric_names and list(study.metric_names) != names:
+        raise ValueError(
+            f"study {name!r} in {storage} optimises {study.metric_names}, but this search would "
+            f"{names}; use another --study, or the study's --metric and --objective"
+        )
     if objective and not study.metric_names:
         study.set_metric_names(
             list(objective) if isinstance(objective, (list, tuple)) else [objective]

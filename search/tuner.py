@@ -232,7 +232,7 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
         plan.metric, plan.mode = plan.previous["metric"], plan.previous["mode"]
         plan.register_name = settings.register_name or plan.previous["register_name"]
         plan.objectives = [tuple(o) for o in plan.previous.get("objectives", [])]
-        plan.budgets = _budgets(settings, spec, plan.metric) if settings.within else [
+        plan.budgets = _budgets(settings, spec, plan.metric, plan.objectives) if settings.within else [
             tuple(b) for b in plan.previous.get("budgets", [])
         ]  # fmt: skip
         return plan
@@ -242,7 +242,7 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
             f"{', '.join(spec.searchable_metrics)}"
         )
     plan.objectives = _objectives(settings, space, spec, plan.metric)
-    plan.budgets = _budgets(settings, spec, plan.metric)
+    plan.budgets = _budgets(settings, spec, plan.metric, plan.objectives)
     fixed = {**space.fixed, **settings.overrides}
     if settings.epochs is not None and "epochs" in settings.overrides:
         if settings.overrides["epochs"] != settings.epochs:
@@ -255,6 +255,7 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     if isinstance(fixed.get("init_from"), str):  # trials run in their own folders
         fixed["init_from"] = str(Path(fixed["init_from"]).resolve())
     plan.fixed = fixed
+    scheduler_plan(plan)  # a grace period beyond the horizon is an error now, not mid-start
     plan.defaults = {"seed": settings.seed, "num_threads": max(1, int(settings.cpus_per_trial))}
     from leadtune.search.study import SpaceWithFixed
 
@@ -288,15 +289,17 @@ def _objectives(settings: SearchSettings, space: Any, spec: Any, metric: str) ->
     return chosen
 
 
-def _budgets(settings: SearchSettings, spec: Any, metric: str) -> list:
+def _budgets(settings: SearchSettings, spec: Any, metric: str, objectives: list) -> list:
     from leadtune.search.objectives import COST_METRICS, parse_within
 
     budgets = [parse_within(t) for t in settings.within or []]
-    known = [*spec.searchable_metrics, *COST_METRICS]
+    # what each trial row carries at its best epoch: the further objectives and the model's cost
+    known = list(dict.fromkeys([*(m for m, _ in objectives), *COST_METRICS]))
     for name, _, _ in budgets:
         if name not in known:
             raise ValueError(
-                f"--within {name}: not a metric of the {spec.name} task; one of {', '.join(known)}"
+                f"--within {name}: a budget may name {', '.join(known)} (a further --objective "
+                "or the model's cost)"
             )
     return budgets
 

@@ -106,7 +106,7 @@ def test_folder_mode_json_csv_and_exit_code(env, labelled_folder, tmp_path, caps
     model, _, _ = load_trained_model(env.checkpoint)
     by_name = {h.stem: h for h in headers}
     for result in good:
-        assert result["schema"] == "leadtune.label/2"
+        assert result["schema"] == "leadtune.label/3"
         assert {"record", "channels", "probabilities", "verdict", "notes"} <= set(result)
         assigned = _assigned(result)
         assert sorted(assigned) == sorted(LEADS)

@@ -278,7 +278,7 @@ def test_a_folder_with_bad_records_labels_the_rest_and_keeps_them_in_json(env, t
     assert code == 2  # a record could not be read
     good = [o for o in out if "error" not in o]
     bad = [o for o in out if "error" in o]
-    assert len(good) == 1 and good[0]["schema"] == "leadtune.label/2"
+    assert len(good) == 1 and good[0]["schema"] == "leadtune.label/3"
     assert len(bad) == 1 and bad[0]["record"] == str(zero) and "flat" in bad[0]["error"]
     rows = (tmp_path / "out.csv").read_text().splitlines()
     assert len(rows) == 3 and "unreadable" in rows[2]

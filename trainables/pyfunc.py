@@ -16,8 +16,9 @@ never go through pyfunc: they read the package directly, see ``package_folder``.
 Input: raw signals in mV, ``(batch, K, samples)`` float32 (one record: ``(K, samples)``), at the
 sampling rate given as the ``fs`` parameter (default: the model's own). The model's
 preprocessing (resampling to its rate, the high-pass it was trained with, clipping if any) is
-applied here, per record, as ``leadtune label`` does. Output: see the task's ``predict_output``
-(the model's ``metadata``).
+applied here, per record, as ``leadtune label`` does; unlike ``label``, a record longer than the
+model's 10 s is fed whole, not cut into 10 s windows and averaged (send 10 s for label's
+figures). Output: see the task's ``predict_output`` (the model's ``metadata``).
 """
 
 from __future__ import annotations
