@@ -135,7 +135,7 @@ class RecordLabels:
             "header_names": " ".join(c.header_name or "-" for c in self.channels),
             "assigned": " ".join(self.assignment),
             "probabilities": " ".join(f"{c.probability:.3f}" for c in self.channels),
-            "notes": " | ".join(self.notes),
+            "notes": " | ".join([*([v.reason] if v.reason else []), *self.notes]),
             "error": "",
         }
 
