@@ -318,29 +318,29 @@ def _sigterm_as_sigint() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_study_name(study: str) -> str:
-    """A study name is a folder and an MLflow experiment name: letters, digits, ``_.-``, not
-    starting with a dot (so ``--study ../x`` cannot leave the storage path)."""
-    import re
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", study):
+
+def _checked_name(flag: str, value: str) -> str:
+    """Letters, digits, ``_.-``, not starting with ``.`` or ``-``, at most 100: a folder, an
+    MLflow experiment or registered-model name, and a URI path segment."""
+    if not _NAME.fullmatch(value):
         raise ValueError(
-            f"--study {study!r}: use letters, digits, '_', '.' and '-' (not first), at most 100"
+            f"{flag} {value!r}: use letters, digits, '_', '.' and '-' (not first), at most 100"
         )
-    return study
+    return value
+
+
+def check_study_name(study: str) -> str:
+    """A study name is a folder and an MLflow experiment name (so ``--study ../x`` cannot
+    leave the storage path)."""
+    return _checked_name("--study", study)
 
 
 def check_register_name(name: str) -> str:
-    """A registered model name MLflow takes (and a URI path segment): letters, digits, ``_.-``
-    (checked here, not after the search has run)."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-        raise ValueError(
-            f"--register-name {name!r}: use letters, digits, '_', '.' and '-' (not first), at "
-            "most 100"
-        )
-    return name
+    """A registered model name, checked before the search runs (MLflow refused ``../x`` only
+    after it)."""
+    return _checked_name("--register-name", name)
 
 
 def check_ray_address(address: str) -> None:
