@@ -195,6 +195,26 @@ FINETUNE_REFERENCE_POINT: dict[str, Any] = {
     "jitter_prob": 0.5,
     "jitter_sigma_max": 0.03,
     "roll_max": 0,
+    "anchor_l2": 1e-3,  # the space's weakest pull toward the release: next to none
+}
+
+# The first lead_id_finetune search's champion (study lead_id_finetune, trial a54ba5bd: best
+# fewer-leads and noise accuracy, 12-lead loss 0.077 against the release's 0.069), queued with a
+# moderate pull toward the release so the second search starts where the first ended.
+FIRST_SEARCH_CHAMPION: dict[str, Any] = {
+    "lr": 4.7e-4,
+    "lr_schedule": "constant",
+    "epochs": 4,
+    "train_parts": "all",
+    "weight_decay": 1.4e-6,
+    "subset_prob": 0.226,
+    "subset_min_leads": 1,
+    "gain_max": 0.148,
+    "lowpass_prob": 0.059,
+    "jitter_prob": 0.49,
+    "jitter_sigma_max": 0.039,
+    "roll_max": 50,
+    "anchor_l2": 0.1,
 }
 
 
@@ -204,7 +224,7 @@ def lead_id_finetune_space(trial: Any) -> dict[str, Any]:
     return {
         "lr": trial.suggest_float("lr", 1e-5, 1e-3, log=True),
         "lr_schedule": trial.suggest_categorical("lr_schedule", ["cosine", "constant"]),
-        "epochs": trial.suggest_int("epochs", 3, 5),
+        "epochs": trial.suggest_int("epochs", 3, 4),
         "train_parts": trial.suggest_categorical("train_parts", ["all", "context_head", "head"]),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
         "subset_prob": trial.suggest_float("subset_prob", 0.0, 0.8),
@@ -214,6 +234,8 @@ def lead_id_finetune_space(trial: Any) -> dict[str, Any]:
         "jitter_prob": trial.suggest_float("jitter_prob", 0.3, 0.9),
         "jitter_sigma_max": trial.suggest_float("jitter_sigma_max", 0.015, 0.15, log=True),
         "roll_max": trial.suggest_categorical("roll_max", [0, 50, 100]),
+        # pull toward the release's weights (L2-SP): 1e-3 is next to none, 10 holds them close
+        "anchor_l2": trial.suggest_float("anchor_l2", 1e-3, 10.0, log=True),
     }
 
 
@@ -227,18 +249,18 @@ register_space(
             **RELEASED_ARCHITECTURE,
             "init_from": _released_model(),
             "robust_validation": True,
-            # 12-lead validation loss may rise by at most 0.01 nats over the release's 0.069
-            # (about +15 %): at 1-2 epochs into a fine-tune with lead subsets its accuracy was
-            # 98.1-98.2 % at 0.080-0.087 nats against the release's 98.3 %
-            "finetune_loss_tolerance": 0.01,
+            # 12-lead validation loss must not exceed the release's (0.069). The first search
+            # (epochs 3-5, no anchor) allowed +0.01 nats: its champion kept 98.45 % at 12 leads
+            # on fold 10 against the release's 98.76 %, short of what the model must keep.
+            "finetune_loss_tolerance": 0.0,
             "batch_size": 38,
         },
-        initial_points=(FINETUNE_REFERENCE_POINT,),
+        initial_points=(FINETUNE_REFERENCE_POINT, FIRST_SEARCH_CHAMPION),
         metric="val_finetune_score",
         mode="max",
         # judged at half of each trial's own schedule (epoch 2 of 3 or 4, 3 of 5): never by
         # its first epoch
         grace_period=50.0,
-        table_params=("lr", "epochs", "train_parts", "subset_prob", "jitter_sigma_max"),
+        table_params=("lr", "epochs", "train_parts", "anchor_l2", "subset_prob"),
     )
 )

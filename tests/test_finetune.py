@@ -157,3 +157,31 @@ def test_scheduler_plan_follows_the_space_and_the_command_line():
     )
     with pytest.raises(ValueError, match="beyond the horizon"):
         planned(space="smoke", fidelity="epoch", epochs=2, grace_period=5)
+
+
+def _distance(a: dict, b: dict) -> float:
+    """Euclidean distance between two state dicts' floating-point weights."""
+    return float(
+        sum(((a[n].double() - b[n].double()) ** 2).sum() for n in a if a[n].is_floating_point())
+        ** 0.5
+    )
+
+
+def test_the_anchor_holds_a_fine_tune_near_its_start(tmp_path):
+    start = tmp_path / "start"
+    _, weights = _trained(start)
+    first = next(start.glob("epoch_*"))
+    common = {"init_from": str(first), "lr": 1e-2, "lr_schedule": "constant", "epochs": 2}
+    _, free = _trained(tmp_path / "free", **common)
+    _, held = _trained(tmp_path / "held", anchor_l2=100.0, **common)
+    # Same seed, same batches: only the pull differs, and it must keep the weights nearer.
+    assert _distance(held, weights) < 0.5 * _distance(free, weights)
+
+
+def test_an_anchor_without_start_weights_is_refused():
+    from leadtune.trainables.lead_id.config import LeadIdConfig
+
+    with pytest.raises(ValueError, match="anchor_l2 pulls toward"):
+        LeadIdConfig.from_dict({"anchor_l2": 0.1})
+    with pytest.raises(ValueError, match="anchor_l2 must be in"):
+        LeadIdConfig.from_dict({"anchor_l2": -1.0, "init_from": "x"})

@@ -74,6 +74,9 @@ class LeadIdConfig:
     init_from: str | None = None  # warm start from a checkpoint's or package's weights
     # which parts learn: all | context_head (encoder frozen, its BatchNorm statistics too) | head
     train_parts: str = "all"
+    # pull toward the init_from weights while fine-tuning (L2-SP, Li et al. 2018): adds
+    # anchor_l2 * (w - w_init) to each learning tensor's gradient; 0 = off
+    anchor_l2: float = 0.0
     # validate also with fewer leads (8, 6 limb, 6 precordial, 3) and under 0.05 / 0.1 mV noise
     # (val_robust_accuracy), and with init_from the fine-tuning score val_finetune_score
     robust_validation: bool = False
@@ -156,6 +159,13 @@ class LeadIdConfig:
             )
         if self.robust_validation and tuple(self.leads) != LEADS:
             raise ValueError("robust_validation needs all 12 leads (leads=all)")
+        if not 0 <= self.anchor_l2 <= 1e3:
+            raise ValueError(f"anchor_l2 must be in [0, 1000], got {self.anchor_l2:g}")
+        if self.anchor_l2 > 0 and not self.init_from:
+            raise ValueError(
+                "anchor_l2 pulls toward the weights a fine-tune starts from: set init_from too, "
+                "or anchor_l2=0"
+            )
         if self.finetune_loss_tolerance < 0:
             raise ValueError("finetune_loss_tolerance must be >= 0 nats")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -99,6 +99,16 @@ def freeze(model: torch.nn.Module, train_parts: str) -> list[torch.nn.Module]:
     return modules
 
 
+def pull_toward(
+    parameters: list[torch.nn.Parameter], anchors: list[torch.Tensor], strength: float
+) -> None:
+    """L2-SP: add ``strength * (w - anchor)`` to each gradient, the gradient of
+    ``strength / 2 * ||w - anchor||^2`` (the reported training loss stays the lead loss)."""
+    for parameter, anchor in zip(parameters, anchors, strict=True):
+        if parameter.grad is not None:
+            parameter.grad.add_(parameter.detach() - anchor, alpha=strength)
+
+
 def lead_columns(config: LeadIdConfig, data_leads: tuple[str, ...]) -> np.ndarray:
     """Indices of the configured leads in the dataset's channel order."""
     return np.array([data_leads.index(lead) for lead in config.leads])
@@ -311,6 +321,7 @@ class LeadIdTraining:
                 self.optimizer, T_max=cfg.epochs * self.steps_per_epoch, eta_min=cfg.lr_min
             )
         self.guard = StepGuard(skip=cfg.skip_nonfinite_steps)
+        self.anchors: list[torch.Tensor] = []  # the init weights of the learning tensors
         self.start_epoch, self.best_val_loss, self.stale_epochs = 0, math.inf, 0
         self.start_val_loss: float | None = None  # the init weights' 12-lead validation loss
         self.conditions = (
@@ -336,6 +347,10 @@ class LeadIdTraining:
                 f"init_from {folder}: its weights do not fit this model ({first[0].strip()}); "
                 "give the same model settings the checkpoint was trained with"
             ) from None
+        if self.cfg.anchor_l2 > 0:
+            self.anchors = [
+                p.detach().clone() for p in self.model.parameters() if p.requires_grad
+            ]
 
     def measure_start(self) -> None:
         """The init weights' 12-lead validation loss: what a fine-tune must not make worse."""
@@ -401,6 +416,8 @@ class LeadIdTraining:
             loss = lead_loss(logits, labels, self.loss_weight, mask)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.anchors:
+                pull_toward(parameters, self.anchors, self.cfg.anchor_l2)
             rows = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else idx
             if self.guard.step_is_finite(
                 loss, parameters, epoch + 1, step, self.data.ids("train", rows)
