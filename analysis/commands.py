@@ -247,7 +247,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="write a search report (trials, best trial, importances, plots) and attach it in MLflow",
         description="A readable report of a search: trials table, best trial, Optuna parameter "
-        "importances, optimisation history, parallel coordinates and learning curves (PNG); "
+        "importances, optimisation history, parallel coordinates, intermediate values (Optuna's "
+        "own plots) and learning curves (PNG), with links to the MLflow runs and version; "
         "also logged to the search's MLflow parent run under report/.",
         formatter_class=fmt,
     )

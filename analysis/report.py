@@ -4,7 +4,9 @@ Sources: the search folder's ``leadtune_search.state`` (which study, MLflow pare
 storage), the MLflow child runs (one per trial: params, per-epoch metrics with step = epoch,
 state, duration) and the Optuna study (objective values, parameter importances).
 
-Output: ``report.md`` or ``report.html`` with PNG plots (matplotlib, Agg) in ``plots/``, plus
+Output: ``report.md`` or ``report.html`` with PNG plots in ``plots/`` (Optuna's own
+``optuna.visualization.matplotlib`` plots of the study, and leadtune's learning curves from
+MLflow's per-epoch metrics), plus
 ``trials.csv`` and ``report.json``; the folder is also logged to the search's MLflow parent run
 under ``report/`` so it shows in the MLflow UI.
 """
@@ -241,30 +243,102 @@ def _pyplot():
     return plt
 
 
-def plot_history(data: SearchData, path: Path) -> Path | None:
-    """Objective value per Optuna trial, with the best so far."""
-    points = [(r["number"], r["value"]) for r in data.optuna_trials if r["value"] is not None]
-    if not points:
+def _study(data: SearchData) -> Any:
+    """The search's Optuna study, or None where it cannot be read (moved or missing storage):
+    the rest of the report still stands."""
+    import optuna
+
+    storage = data.state.get("optuna_storage")
+    if not storage:
         return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=data.state["study"], storage=storage)
+    except Exception:  # a missing database or study, in several exception types
+        return None
+
+
+def _optuna_plot(data: SearchData, path: Path, draw: Any, size: tuple[float, float]) -> Path | None:
+    """Save one of ``optuna.visualization.matplotlib``'s plots of the search's study. ``draw``
+    gets the study and the target options (the primary objective, named, for a multi-objective
+    study) and returns the Axes; a plot Optuna cannot draw (too few trials) is left out."""
+    import warnings
+
+    study = _study(data)
+    if study is None or not any(t.state.name == "COMPLETE" for t in study.trials):
+        return None
+    options: dict[str, Any] = {"target_name": data.metric}
+    if len(study.directions) > 1:
+        options["target"] = lambda t: t.values[0]  # the primary objective
     plt = _pyplot()
-    numbers, values = zip(*points)
-    best, running = [], None
-    for v in values:
-        running = (
-            v if running is None else (min(running, v) if data.mode == "min" else max(running, v))
-        )
-        best.append(running)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(numbers, values, "o", label="trial")
-    ax.step(numbers, best, where="post", color="C3", label="best so far")
-    ax.set_xlabel("Optuna trial number")
-    ax.set_ylabel(data.metric)
-    ax.set_title("Optimisation history")
-    ax.legend()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        try:
+            ax = draw(study, options)
+        except (ValueError, RuntimeError):
+            return None
+    axes = ax if isinstance(ax, np.ndarray) else np.array([ax])
+    fig = axes.flat[0].figure
+    fig.set_size_inches(*size)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # Optuna puts some legends outside the axes
     plt.close(fig)
     return path
+
+
+def plot_history(data: SearchData, path: Path) -> Path | None:
+    """Objective value per Optuna trial and the best so far (Optuna's
+    ``plot_optimization_history``)."""
+    import optuna.visualization.matplotlib as ovm
+
+    from matplotlib.ticker import MaxNLocator
+
+    def draw(study: Any, options: dict[str, Any]) -> Any:
+        ax = ovm.plot_optimization_history(study, **options)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
+        return ax
+
+    return _optuna_plot(data, path, draw, (7, 4))
+
+
+def plot_importances(data: SearchData, path: Path) -> Path | None:
+    """fANOVA importances (seed 0) as Optuna draws them (``plot_param_importances``)."""
+    if not data.importances:
+        return None
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+
+    def draw(study: Any, options: dict[str, Any]) -> Any:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return ovm.plot_param_importances(study, evaluator=evaluator, **options)
+
+    return _optuna_plot(data, path, draw, (7, 0.4 * len(data.importances) + 2))
+
+
+def plot_parallel(data: SearchData, path: Path) -> Path | None:
+    """One line per finished trial across its parameters and the objective (Optuna's
+    ``plot_parallel_coordinate``)."""
+    import optuna.visualization.matplotlib as ovm
+
+    names = {k for r in data.optuna_trials if r["value"] is not None for k in r["params"]}
+    width = max(7.0, 1.2 * (len(names) + 1))
+    return _optuna_plot(
+        data, path, lambda st, o: ovm.plot_parallel_coordinate(st, **o), (width, 4.8)
+    )
+
+
+def plot_intermediate(data: SearchData, path: Path) -> Path | None:
+    """Each trial's reported value per epoch, as ASHA saw it (Optuna's
+    ``plot_intermediate_values``; single-objective studies only: Optuna keeps no intermediate
+    values with several objectives)."""
+    import optuna.visualization.matplotlib as ovm
+
+    study = _study(data)
+    if study is None or len(study.directions) > 1:
+        return None
+    if not any(t.intermediate_values for t in study.trials):
+        return None
+    return _optuna_plot(data, path, lambda st, o: ovm.plot_intermediate_values(st), (7, 4))
 
 
 def plot_pareto(data: SearchData, path: Path) -> Path | None:
@@ -275,13 +349,8 @@ def plot_pareto(data: SearchData, path: Path) -> Path | None:
 
     import optuna
 
-    objectives = data.state.get("objectives") or []
-    storage = data.state.get("optuna_storage")
-    if not objectives or not storage:
-        return None
-    try:
-        study = optuna.load_study(study_name=data.state["study"], storage=storage)
-    except Exception:  # a moved or missing study: the rest of the report still stands
+    study = _study(data) if data.state.get("objectives") else None
+    if study is None:
         return None
     if len(study.directions) < 2 or not study.best_trials:
         return None
@@ -299,89 +368,6 @@ def plot_pareto(data: SearchData, path: Path) -> Path | None:
     fig.set_size_inches(7, 4.5)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-NOT_APPLICABLE = -0.15  # where a conditional parameter a trial does not have is drawn
-
-
-def _axis_values(values: list[Any]) -> tuple[list[float], list[str]]:
-    """Positions in [0, 1] for a parallel-coordinates axis, and the axis' tick labels (bottom,
-    top; or one per category). Log scale where the values span more than a factor 20; a trial
-    without the parameter (conditional) sits at NOT_APPLICABLE."""
-    numeric = [_finite(v) for v in values]
-    present = [v for v in values if v is not None]
-    if (
-        present
-        and all(n is not None for n, v in zip(numeric, values) if v is not None)
-        and not any(isinstance(v, (bool, str)) for v in present)
-    ):
-        low = min(n for n in numeric if n is not None)
-        high = max(n for n in numeric if n is not None)
-        log = low > 0 and high / low > 20  # learning rates and the like
-        scale = (lambda x: math.log10(x)) if log else (lambda x: x)
-        lo, hi = scale(low), scale(high)
-        span = hi - lo or 1.0
-        ticks = [f"{low:.3g}", f"{high:.3g}" + (" (log)" if log else "")]
-        return [NOT_APPLICABLE if n is None else (scale(n) - lo) / span for n in numeric], ticks
-    categories = sorted({str(v) for v in present})
-    step = max(len(categories) - 1, 1)
-    return [
-        NOT_APPLICABLE if v is None else categories.index(str(v)) / step for v in values
-    ], categories
-
-
-def plot_parallel(data: SearchData, path: Path) -> Path | None:
-    """One line per finished trial across its parameters and the objective, coloured by the
-    objective (colour bar); each axis labelled with its range or categories; conditional
-    parameters a trial does not have at 'n/a'."""
-    rows = [r for r in data.optuna_trials if r["value"] is not None]
-    if not rows:
-        return None
-    plt = _pyplot()
-    names = sorted({k for r in rows for k in r["params"]})
-    axes = names + [data.metric]
-    columns = [_axis_values([r["params"].get(n) for r in rows]) for n in names]
-    columns.append(_axis_values([r["value"] for r in rows]))
-    values = [r["value"] for r in rows]
-    low, high = min(values), max(values)
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(axes)), 4.8), dpi=100)
-    cmap = plt.get_cmap("viridis_r" if data.mode == "min" else "viridis")
-    norm = plt.Normalize(low, high if high > low else low + 1e-9)
-    for i, value in enumerate(values):
-        ys = [column[0][i] for column in columns]
-        ax.plot(range(len(axes)), ys, "-o", color=cmap(norm(value)), alpha=0.8, markersize=3)
-    for j, (_, ticks) in enumerate(columns):
-        ax.axvline(j, color="grey", lw=0.5)
-        step = max(len(ticks) - 1, 1)
-        for y, text in zip((k / step for k in range(len(ticks))), ticks):
-            ax.text(j + 0.04, y, text, fontsize=7, va="center")
-        if any(column_value == NOT_APPLICABLE for column_value in columns[j][0]):
-            ax.text(j + 0.04, NOT_APPLICABLE, "n/a", fontsize=7, va="center", color="grey")
-    ax.set_xticks(range(len(axes)), axes, rotation=30, ha="right")
-    ax.set_yticks([])
-    ax.set_ylim(NOT_APPLICABLE - 0.08, 1.08)
-    ax.set_title(f"Parallel coordinates (Optuna trials; colour: {data.metric})")
-    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
-    bar.set_label(f"{data.metric} ({'lower' if data.mode == 'min' else 'higher'} is better)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_importances(data: SearchData, path: Path) -> Path | None:
-    if not data.importances:
-        return None
-    plt = _pyplot()
-    items = sorted(data.importances.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(items) + 1.5), dpi=100)
-    ax.barh([k for k, _ in items], [v for _, v in items], color="C0")
-    ax.set_xlabel("importance (fraction of the objective's variance)")
-    ax.set_title("Parameter importances (Optuna, fANOVA)")
-    fig.tight_layout()
-    fig.savefig(path)
     plt.close(fig)
     return path
 
@@ -490,6 +476,23 @@ def trials_table(data: SearchData) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _ui_link(data: SearchData, **page: Any) -> str:
+    """A link to a page of the MLflow UI on this search's tracking store: the server itself
+    where the search used one, else the address ``mlflow ui --backend-store-uri URI`` serves."""
+    from leadtune.search.tracking import ui_url
+
+    uri = data.tracking_uri
+    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return ui_url(base, **page)
+
+
+def _ui_note(data: SearchData) -> list[str]:
+    uri = data.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return []
+    return [f"(MLflow links: open the UI first with `mlflow ui --backend-store-uri {uri}`.)", ""]
+
+
 def _promotion_lines(data: SearchData) -> list[str]:
     """The champion decision recorded on the parent run by promotion, with the test figures of
     the promoted trial's run."""
@@ -502,9 +505,18 @@ def _promotion_lines(data: SearchData) -> list[str]:
     tests = {
         k: v for k, v in (promoted.metrics if promoted else {}).items() if k.startswith("test_")
     }
+    name, _, version = tags["leadtune.promoted"].partition("/")
+    model_page = f"{name}/versions/{version}" if version else name
+    run = promoted.run_id if promoted else None
     lines = [
-        f"- registered: `models:/{tags['leadtune.promoted']}` (trial "
-        f"{tags.get('leadtune.promoted_trial')}, MLflow run `{promoted.run_id if promoted else '?'}`)",
+        f"- registered: [`models:/{tags['leadtune.promoted']}`]({_ui_link(data, model=model_page)}) "
+        f"(trial {tags.get('leadtune.promoted_trial')}, MLflow run "
+        + (
+            f"[`{run}`]({_ui_link(data, experiment_id=data.state['experiment_id'], run_id=run)})"
+            if run
+            else "`?`"
+        )
+        + ")",
         f"- champion alias: {tags.get('leadtune.champion_decision', '?')}",
         "- test (once): " + (", ".join(f"{k} {_fmt(v)}" for k, v in sorted(tests.items())) or "?"),
     ]
@@ -518,8 +530,10 @@ def _best_lines(data: SearchData) -> list[str]:
     if best is None:
         return ["No trial reported the search metric."]
     params = {k: v for k, v in best.params.items() if k not in HIDDEN_PARAMS}
+    link = _ui_link(data, experiment_id=data.state["experiment_id"], run_id=best.run_id)
     return [
-        f"Trial **{best.trial_id}** (MLflow run `{best.run_id}`): best {data.metric} "
+        *_ui_note(data),
+        f"Trial **{best.trial_id}** (MLflow run [`{best.run_id}`]({link})): best {data.metric} "
         f"= {_fmt(best.best_value)} ({data.mode}imised), state {best.state}.",
         "",
         "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(params.items())),
@@ -536,6 +550,17 @@ def write_csv(data: SearchData, path: Path) -> Path:
         for trial, row in zip(data.trials, rows):
             writer.writerow([trial.run_id, *row])
     return path
+
+
+# The report's plots in the order both formats show them.
+PLOT_TITLES = {
+    "importances": "Parameter importances",
+    "history": "Optimisation history",
+    "parallel": "Parallel coordinates",
+    "intermediate": "Intermediate values (what ASHA compared)",
+    "learning_curves": "Learning curves (validation, per epoch)",
+    "pareto": "Pareto front",
+}
 
 
 def render_markdown(data: SearchData, plots: dict[str, str]) -> str:
@@ -594,14 +619,7 @@ def render_markdown(data: SearchData, plots: dict[str, str]) -> str:
     if data.importances:
         lines += ["", "| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in data.importances.items()]
-    titles = {
-        "importances": "Parameter importances",
-        "history": "Optimisation history",
-        "parallel": "Parallel coordinates",
-        "learning_curves": "Learning curves (validation, per epoch)",
-        "pareto": "Pareto front",
-    }
-    for key, title in titles.items():
+    for key, title in PLOT_TITLES.items():
         if key in plots:
             if key != "importances":
                 lines += ["", f"## {title}"]
@@ -643,13 +661,7 @@ def render_html(data: SearchData, plots: dict[str, str]) -> str:
         parts.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>")
     parts.append("</table></div><h2>Parameter importances</h2>")
     parts.append(f"<p>{esc(data.importance_note)}.</p>")
-    for key, title in (
-        ("importances", "Parameter importances"),
-        ("history", "Optimisation history"),
-        ("parallel", "Parallel coordinates"),
-        ("learning_curves", "Learning curves (validation, per epoch)"),
-        ("pareto", "Pareto front"),
-    ):
+    for key, title in PLOT_TITLES.items():
         if key in plots:
             if key != "importances":
                 parts.append(f"<h2>{esc(title)}</h2>")
@@ -660,11 +672,12 @@ def render_html(data: SearchData, plots: dict[str, str]) -> str:
 
 
 def _markdown_inline(line: str) -> str:
-    """A Markdown line with **bold** and `code` as HTML."""
+    """A Markdown line with **bold**, [links](url) and `code` as HTML."""
     import re
 
     text = html.escape(line)
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"\[(.+?)\]\((.+?)\)", r"<a href='\2'>\1</a>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
@@ -689,6 +702,7 @@ def write_report(
         ("importances", plot_importances),
         ("history", plot_history),
         ("parallel", plot_parallel),
+        ("intermediate", plot_intermediate),
         ("learning_curves", plot_learning_curves),
         ("pareto", plot_pareto),
     ):

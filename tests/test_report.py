@@ -179,6 +179,14 @@ def test_plots_importances_and_mlflow_attachment(search, markdown_report):
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
     summary = json.loads((markdown_report / "report.json").read_text())
     study = optuna.load_study(study_name="mini", storage=search["state"]["optuna_storage"])
+    # ASHA's view, drawn by Optuna, exactly when the study holds intermediate values
+    has_intermediate = any(t.intermediate_values for t in study.trials)
+    assert ("intermediate" in summary["plots"]) == has_intermediate
+    # the best trial links its MLflow run in the UI (the address `mlflow ui` serves)
+    best = summary["best_trial"]
+    run_id = next(t["run_id"] for t in summary["trials"] if t["trial_id"] == best)
+    page = (markdown_report / "report.md").read_text()
+    assert f"#/experiments/{search['state']['experiment_id']}/runs/{run_id}" in page
     varied = {k for t in study.trials for k in t.params}
     assert set(summary["importances"]) <= varied and summary["importances"]
     assert sum(summary["importances"].values()) == pytest.approx(1.0, abs=1e-6)
