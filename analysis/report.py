@@ -290,7 +290,6 @@ def plot_history(data: SearchData, path: Path) -> Path | None:
     """Objective value per Optuna trial and the best so far (Optuna's
     ``plot_optimization_history``)."""
     import optuna.visualization.matplotlib as ovm
-
     from matplotlib.ticker import MaxNLocator
 
     def draw(study: Any, options: dict[str, Any]) -> Any:

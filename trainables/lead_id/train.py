@@ -348,9 +348,7 @@ class LeadIdTraining:
                 "give the same model settings the checkpoint was trained with"
             ) from None
         if self.cfg.anchor_l2 > 0:
-            self.anchors = [
-                p.detach().clone() for p in self.model.parameters() if p.requires_grad
-            ]
+            self.anchors = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
 
     def measure_start(self) -> None:
         """The init weights' 12-lead validation loss: what a fine-tune must not make worse."""
