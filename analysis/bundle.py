@@ -299,7 +299,7 @@ def bundle(checkpoint: Path, source: Path, out: Path, train_command: str, n_boot
     from leadtune.trainables.data.cache import prepare_dataset
     from leadtune.trainables.data.preprocess import PreprocessConfig
     from leadtune.trainables.lead_id.models import count_parameters
-    from leadtune.trainables.model_package import load_package, write_package
+    from leadtune.trainables.model_package import load_package, portable_paths, write_package
 
     loaded = load_model(str(checkpoint))
     preprocess, _ = find_preprocess(loaded.fingerprint, loaded.fs)
@@ -410,6 +410,7 @@ def bundle(checkpoint: Path, source: Path, out: Path, train_command: str, n_boot
     card["versions"] = {"leadtune": __version__, "torch": torch.__version__.split("+")[0]}
     card["train_command"] = train_command
     card["command"] = shlex.join(["python", "-m", "leadtune.analysis.bundle", *sys.argv[1:]])
+    card = portable_paths(card)
     (out / "MODEL_CARD.md").write_text(model_card(card))
     (out / "card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     return card

@@ -101,6 +101,29 @@ def _default_source(loaded: Any) -> str:
     return default_source()
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model a command reads: ``--model`` as in ``leadtune label``, or positional."""
+    parser.add_argument(
+        "model", nargs="?", default=None,
+        help=MODEL_HELP + " (the same as --model; default: the bundled model)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model", dest="model_option", default=None, metavar="MODEL",
+        help="the model, as for leadtune label (default: the bundled model)",
+    )  # fmt: skip
+
+
+def chosen_model(args: argparse.Namespace) -> None:
+    """Settle ``args.model`` from the positional and ``--model`` (one of them, or both equal)."""
+    given = getattr(args, "model_option", None)
+    if given is not None:
+        if args.model is not None and args.model != given:
+            raise ValueError(
+                f"two models given ({args.model} and --model {given}): give one of them"
+            )
+        args.model = given
+
+
 @_mlflow_errors_as_one_line
 def run_evaluate(args: argparse.Namespace) -> int:
     from leadtune.analysis.evaluate import evaluate_model, format_summary, write_evaluation
@@ -108,6 +131,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from leadtune.trainables.data.ptbxl import database_files
     from leadtune.trainables.runtime import check_writable
 
+    chosen_model(args)
     if args.out:
         check_writable(Path(args.out), "--out")
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
@@ -179,6 +203,7 @@ def run_export(args: argparse.Namespace) -> int:
     from leadtune.analysis.model_source import load_model
     from leadtune.trainables.runtime import check_writable
 
+    chosen_model(args)
     check_writable(Path(args.out), "--out")
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     card = export_model(loaded, Path(args.out), tolerance=args.tolerance, onnx=not args.no_onnx)
@@ -267,7 +292,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--out", default=None, help="output folder (default: <search folder>/report)"
     )
-    report.add_argument("--format", choices=("md", "html"), default="md")
+    report.add_argument(
+        "--format", choices=("md", "html"), default="md", help="report.md or report.html"
+    )
     report.add_argument(
         "--no-mlflow", action="store_true", help="do not attach the report to the parent run"
     )
@@ -282,18 +309,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "in the model's fixed order (the model is permutation-equivariant).",
         formatter_class=fmt,
     )
+    add_model_arguments(evaluate)
     evaluate.add_argument(
-        "model", nargs="?", default=None,
-        help=MODEL_HELP + " (default: the bundled model)",
-    )  # fmt: skip
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+        "--split", choices=("train", "val", "test"), default="test", help="the split to score"
+    )
     evaluate.add_argument(
         "--source",
         default=None,
         help="PTB-XL folder (default: the model's training data if present, else the bundled sample)",
     )
     evaluate.add_argument(
-        "--cache-dir", default=None, help="dataset cache root (default ~/.cache/leadtune)"
+        "--cache-dir", default=None, help="dataset cache root (default: ~/.cache/leadtune)"
     )
     evaluate.add_argument("--limit", type=int, default=None, help="use only the first N records")
     evaluate.add_argument(
@@ -328,10 +354,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(JSON + Markdown) and a check that the export reproduces the original's outputs.",
         formatter_class=fmt,
     )
-    export.add_argument(
-        "model", nargs="?", default=None,
-        help=MODEL_HELP + " (default: the bundled model)",
-    )  # fmt: skip
+    add_model_arguments(export)
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ and run ids")
     export.add_argument(

@@ -32,7 +32,12 @@ import numpy as np
 
 from leadtune.analysis.model_source import CARD_FILE, LoadedModel
 from leadtune.trainables.data.preprocess import preprocess_settings
-from leadtune.trainables.model_package import PROGRAM_FILE, export_program, write_package
+from leadtune.trainables.model_package import (
+    PROGRAM_FILE,
+    export_program,
+    portable_paths,
+    write_package,
+)
 
 EXPORTED_PROGRAM_FILE = PROGRAM_FILE
 TORCHSCRIPT_FILE = "model.torchscript.pt"
@@ -349,6 +354,7 @@ def export_model(
     # The .pt2 program is the primary artefact: it has to run on every check shape.
     primary_ok = primary["file"] is not None and not primary["unsupported_shapes"]
     card["verification"]["passed"] = not failed and primary_ok
+    card = portable_paths(card)
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
     (out_dir / CARD_MARKDOWN).write_text(format_card(card))
     if primary["file"] is None:

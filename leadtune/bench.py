@@ -881,8 +881,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="reference (D=128), d64, or all; comma-separated for several",
     )
     bench.add_argument("--quick", action="store_true", help="a smoke run of under a minute")
-    bench.add_argument("--batch-size", type=int, default=38)
-    bench.add_argument("--leads", type=int, default=12)
+    bench.add_argument("--batch-size", type=int, default=38, help="ECGs per measured step")
+    bench.add_argument("--leads", type=int, default=12, help="leads per ECG in the measured batch")
     bench.add_argument("--samples", type=int, default=1000, help="samples per lead")
     bench.add_argument("--warmup", type=int, default=2, help="unmeasured steps per variant")
     bench.add_argument("--rounds", type=int, default=5, help="measured steps per variant")
@@ -906,7 +906,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--accuracy", action="store_true", help="train fast and plain side by side (minutes)"
     )
-    bench.add_argument("--accuracy-epochs", type=int, default=ACCURACY_CONFIG["epochs"])
+    bench.add_argument(
+        "--accuracy-epochs",
+        type=int,
+        default=ACCURACY_CONFIG["epochs"],
+        help="epochs of each side of --accuracy",
+    )
     bench.add_argument(
         "--search", action="store_true", help="time a small search with 1 and 2 trials at once"
     )

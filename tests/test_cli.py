@@ -127,3 +127,55 @@ def test_flag_errors_are_one_line_with_a_pointer_to_help(argv, message, capsys):
         raise AssertionError(exit_info.value.code)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert message in line and line.endswith("--help)"), line
+
+
+def _all_parsers(parser, path=("leadtune",)):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+    yield " ".join(path), parser
+
+
+def test_every_option_states_its_default_one_way():
+    """Each option that takes a value has help, and a default it has is shown as
+    "(default: X)": no other wording, no option whose default only the code knows."""
+    import argparse
+    import re
+
+    from leadtune.cli import build_parser
+
+    wrong = []
+    for command, parser in _all_parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.help == argparse.SUPPRESS:
+                continue
+            flag = f"{command} {action.option_strings[-1]}"
+            if action.help is None:
+                wrong.append(f"{flag}: no help")
+                continue
+            shown = formatter._get_help_string(action)
+            if re.search(r"; default|\(default [^:]|default is|defaults to|default=", shown):
+                wrong.append(f"{flag}: {shown!r}")
+            elif action.default is not None and not action.required and "(default: " not in shown:
+                wrong.append(f"{flag}: default {action.default!r} not shown")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_model_by_flag_as_in_label_or_by_position(command, tmp_path, capsys):
+    """evaluate and export take --model as label does; the positional form still works, and two
+    different models are a one-line error before anything is read."""
+    out = ["--out", str(tmp_path / "out")]
+    missing = str(tmp_path / "no-such-model")
+    assert main([command, "--model", missing, *out]) == 2
+    by_flag = capsys.readouterr().err.strip()
+    assert main([command, missing, *out]) == 2
+    by_position = capsys.readouterr().err.strip()
+    assert by_flag == by_position and "no-such-model" in by_flag
+    assert main([command, missing, "--model", "models:/lead-id@champion", *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "two models given" in err and len(err.splitlines()) == 1

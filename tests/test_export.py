@@ -171,3 +171,37 @@ def test_a_registered_version_names_no_python_class(env):
     assert used and all(name.startswith(("torch.", "collections.")) for name in used), used
     state = torch.load(folder / "weights.pt", weights_only=True)  # tensors only
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_exporting_a_gru_encoder_prints_no_torch_warning(tmp_path):
+    """nn.GRU's _flat_weights make torch.export warn about attributes assigned during export;
+    that noise is not for users (the export is checked against the eager outputs)."""
+    import warnings
+
+    from leadtune.trainables.lead_id.models import create_model
+    from leadtune.trainables.model_package import export_program
+
+    model = create_model(encoder="inception_gru", context="sab", d_model=16, depth=1, heads=2,
+                         width=0.125).eval()  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        export_program(model, torch.zeros(2, 12, 1000), tmp_path / "model.pt2")
+    assert (tmp_path / "model.pt2").stat().st_size > 0
+    assert not [w for w in seen if "_flat_weights" in str(w.message)]
+
+
+def test_cards_and_packages_carry_no_machine_paths(tmp_path, monkeypatch):
+    from leadtune.trainables.model_package import portable_paths
+
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    card = {
+        "init_from": f"{here}/data/models/thesis-siglabv2",
+        "command": f"python -m leadtune.analysis.bundle {here}/runs/a/checkpoint_000003 --x 1",
+        "list": [here, "/elsewhere/file", 3],
+    }
+    assert portable_paths(card) == {
+        "init_from": "data/models/thesis-siglabv2",
+        "command": "python -m leadtune.analysis.bundle runs/a/checkpoint_000003 --x 1",
+        "list": [".", "/elsewhere/file", 3],
+    }

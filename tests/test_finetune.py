@@ -73,9 +73,9 @@ def test_frozen_parts_keep_their_weights_and_batchnorm_statistics(tmp_path):
 
 def test_a_constant_schedule_keeps_the_learning_rate(tmp_path):
     last, _ = _trained(tmp_path, lr=2e-3, lr_schedule="constant")
-    assert last["lr"] == pytest.approx(2e-3)
+    assert last["current_lr"] == pytest.approx(2e-3)
     cosine, _ = _trained(tmp_path / "cos", lr=2e-3)
-    assert cosine["lr"] < 1e-5  # the cosine reached its floor at the end of the run
+    assert cosine["current_lr"] < 1e-5  # the cosine reached its floor at the end of the run
 
 
 def test_warm_start_from_the_released_package_reports_the_start_and_the_score(tmp_path):

@@ -25,7 +25,9 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "default" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
             or not action.option_strings
         ):
             return text
@@ -128,12 +130,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 described = "; ".join(f"{task}: {comment}" for task, comment in said)
             help_text = "; ".join(t for t in (described, help_text) if t)
             if len({_shown(field.name, default) for _, default in per_task}) == 1:
-                shown = _shown(field.name, per_task[0][1])
-                if len(per_task) > 1:
-                    shown += f" (tasks {', '.join(name for name, _ in per_task)})"
+                shown = _shown(field.name, per_task[0][1])  # the same for every task
             else:
                 shown = ", ".join(
-                    f"{_shown(field.name, default)} ({name})" for name, default in per_task
+                    f"{_shown(field.name, default)} for {name}" for name, default in per_task
                 )
             group.add_argument(
                 "--" + field.name.replace("_", "-"),
@@ -141,7 +141,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 type=kind,
                 default=None,
                 metavar=field.name.upper(),
-                help=f"{help_text + '; ' if help_text else ''}default: {shown}",
+                help=f"{help_text + ' ' if help_text else ''}(default: {shown})",
             )
 
 

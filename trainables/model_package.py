@@ -14,6 +14,7 @@ task's spec rebuilds the model from the config), and loading it cannot run code.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,28 @@ class PackageError(ValueError):
 
 def is_package(folder: str | Path) -> bool:
     return (Path(folder) / PACKAGE_FILE).is_file()
+
+
+def portable_paths(value: Any) -> Any:
+    """``value`` with the machine's own paths made portable, for files that travel (packages,
+    model cards): an absolute path under the working folder becomes relative to it, one under
+    the home folder starts with ``~``; paths inside longer strings (a recorded command) too.
+    Dicts and lists are walked; other values are returned as they are."""
+    import os
+
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable_paths(v) for v in value)
+    if not isinstance(value, str) or "/" not in value:
+        return value
+    here, home = os.getcwd().rstrip("/"), os.path.expanduser("~").rstrip("/")
+    if value == here:
+        return "."
+    value = value.replace(here + "/", "")
+    if home and home != "/" and not here.startswith(home + "/") and here != home:
+        value = value.replace(home + "/", "~/")
+    return value
 
 
 def write_package(
@@ -54,9 +77,9 @@ def write_package(
     manifest = {
         "format": PACKAGE_FORMAT,
         "task": task,
-        "config": config,
+        "config": portable_paths(config),
         "weights_dtype": "float16" if half else "as trained",
-        **facts,
+        **portable_paths(facts),
     }
     if program_of is not None:
         model, example = program_of
@@ -130,7 +153,12 @@ def export_program(model: Any, example: Any, path: Path, dynamic_leads: bool = T
     if dynamic_leads:
         axes[1] = torch.export.Dim("leads", min=1, max=x.shape[1])
     name = next(iter(_argument_names(model)), "x")
-    program = torch.export.export(model, (x,), dynamic_shapes={name: axes})
+    with warnings.catch_warnings():
+        # nn.GRU re-assigns its _flat_weights list on every call; torch.export sees that as
+        # attributes "assigned during export" and warns. They are the GRU's own parameters,
+        # traced as such: every export is checked against the eager model's outputs.
+        warnings.filterwarnings("ignore", message=r"(?s).*_flat_weights.*assigned during export")
+        program = torch.export.export(model, (x,), dynamic_shapes={name: axes})
     torch.export.save(program, str(path))
 
 

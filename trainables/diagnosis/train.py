@@ -257,7 +257,8 @@ class DiagnosisTraining:
             "val_loss": float(bce),
             **metrics.summarise(probs, labels, thresholds, SUPERCLASSES, "val"),
             "val_thresholds": [float(t) for t in thresholds],
-            "lr": self.scheduler.get_last_lr()[0],
+            # the schedule's value now (the parameter lr is where it started)
+            "current_lr": self.scheduler.get_last_lr()[0],
             "epoch_seconds": time.perf_counter() - trained["started"],
             "train_ecg_per_second": trained["train_ecg_per_second"],
             "infer_ms_per_ecg": infer_ms,  # validation inference on the trial's device

@@ -467,7 +467,8 @@ class LeadIdTraining:
             "epoch": epoch + 1,
             "train_loss": trained["train_loss"],
             **validation_metrics(log_probs, self.loss_weight_np),
-            "lr": self.scheduler.get_last_lr()[0],
+            # the schedule's value now (the parameter lr is where it started)
+            "current_lr": self.scheduler.get_last_lr()[0],
             "epoch_seconds": time.perf_counter() - started,
             "train_ecg_per_second": trained["train_ecg_per_second"],
             "infer_ms_per_ecg": infer_ms,  # validation inference on the trial's device
