@@ -5,7 +5,7 @@ For the reference architecture (inception_gru + sab x 5, 12 leads, batch 38, fp3
 
 - training-step throughput (forward, backward, AdamW step) and inference throughput of the
   project's model ("fast": fused channels-last encoder, allocator settings of
-  :mod:`trainables.runtime`) and of :mod:`trainables.models.plain_reference` (the direct
+  :mod:`trainables.runtime`) and of :mod:`trainables.lead_id.models.plain_reference` (the direct
   PyTorch rendering, same parameter count) with glibc's default allocator and with the tuned one;
 - peak resident memory of each (one process per variant, so the peaks do not mix);
 - data-pipeline throughput (batch cutting, lead shuffling, jitter) of the training loop;

@@ -25,10 +25,6 @@ COMMAND_MODULES = (
 )
 
 
-class CommandError(Exception):
-    """An error the user can fix; printed as one line without a traceback."""
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors: what was wrong and where the help is, no usage block.
     Sub-command parsers are made of the same class (``add_subparsers`` uses the parent's)."""
@@ -98,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("leadtune: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         # Our own errors (DatasetError, RecordError, config errors) are ValueErrors with a
         # message that says what was wrong and how to fix it: no traceback for those.
         if getattr(args, "debug", False):

@@ -17,7 +17,7 @@ ENCODERS = ("cnn", "inception", "gru", "cnn_gru", "inception_gru")
 CONTEXTS = ("none", "deepsets", "sab", "isab")
 HEADS = (1, 2, 4, 8)
 
-# The reference model of LEAD_ID_NOTES.md, evaluated first so every study has it as a baseline.
+# The reference paper's model (docs/lead-id.md), evaluated first so every study has it as a baseline.
 REFERENCE_POINT: dict[str, Any] = {
     "encoder": "inception_gru",
     "context": "sab",

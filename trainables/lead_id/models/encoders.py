@@ -486,7 +486,7 @@ class InceptionBlock(nn.Module):
     after them, and in eval mode every BatchNorm is folded into the conv before it. When the block's input is narrow (the first block reads one
     channel), the four branch convs are a single matrix product over the columns [input, k5 and
     k11 windows of the bottlenecks, pooled input] with a block-diagonal weight.
-    ``trainables.models.plain_reference`` keeps the direct rendering; tests check the two agree.
+    ``trainables.lead_id.models.plain_reference`` keeps the direct rendering; tests check the two agree.
     """
 
     def __init__(

@@ -28,7 +28,7 @@ from leadtune.trainables.lead_id.models.registry import (
 # The built-in encoders and contexts register themselves on import; load them with the model.
 load_builtin_models()
 
-# Parameter counts of the released reference code (LEAD_ID_NOTES.md), by D, for 12 classes.
+# Parameter counts of the released reference code (the reference paper's code; docs/lead-id.md), by D, for 12 classes.
 RELEASED_PARAMETERS: dict[int, int] = {128: 1_367_393, 64: 592_161}
 
 

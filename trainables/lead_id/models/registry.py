@@ -2,7 +2,7 @@
 
 Like timm, each building block registers a builder function under a short name
 (``@register_encoder("inception_gru")``); a :class:`ModelConfig` names one encoder and one context
-and :func:`trainables.models.create_model` assembles them. This module imports no torch, so a
+and :func:`trainables.lead_id.models.create_model` assembles them. This module imports no torch, so a
 search space or the CLI can validate a configuration cheaply.
 """
 
@@ -60,7 +60,7 @@ def load_builtin_models() -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One lead-identification model. Defaults are the reference model of LEAD_ID_NOTES.md."""
+    """One lead-identification model. Defaults are the reference paper's model (docs/lead-id.md)."""
 
     encoder: str = "inception_gru"
     context: str = "sab"
