@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.leadtune-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test lint typecheck bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 # Build the fused CPU kernels now (about 35 s) rather than in the first training run;
 # without a C++ compiler this warns and leadtune uses its slower PyTorch code path.
 	$(BIN)/python -c "from leadtune.trainables.lead_id.models import kernels; kernels.load()"
+# A static import path (build/static-path) that pyright, Pylance and mypy can follow: see
+# leadtune/static_path.py.
+	$(BIN)/python -m leadtune.static_path
 	touch $(STAMP)
 
 # The main job on the bundled sample: a 2-trial search that finds a working lead-ID model, every
@@ -35,7 +38,12 @@ demo: setup
 	    || [ $$? -eq 1 ]  # exit status 1: labelled, a swap suspected (not a failure)
 
 test: setup
+	$(BIN)/pyright
 	$(BIN)/python -m pytest -q tests
+
+# Every import resolves (leadtune.* through build/static-path); also the first step of `test`.
+typecheck: setup
+	$(BIN)/pyright
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -123,7 +123,7 @@ def export_onnx(model: Any, example: np.ndarray, path: Path) -> str:
 
     x = torch.from_numpy(example)
     try:
-        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+        import onnxscript  # noqa: F401  # pyright: ignore[reportMissingImports]  (optional extra)
 
         batch = torch.export.Dim("batch", min=1, max=4096)
         leads = torch.export.Dim("leads", min=1, max=example.shape[1])
@@ -157,14 +157,14 @@ def export_onnx(model: Any, example: np.ndarray, path: Path) -> str:
 def onnx_runner(path: Path) -> tuple[Any, str]:
     """A function running the ONNX file: onnxruntime if installed, else onnx's reference evaluator."""
     try:
-        import onnxruntime
+        import onnxruntime  # pyright: ignore[reportMissingImports]  (optional)
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return (lambda x: session.run(None, {"signals": x})[0]), "onnxruntime"
     except ImportError:
         pass
-    import onnx
-    from onnx.reference import ReferenceEvaluator
+    import onnx  # pyright: ignore[reportMissingImports]  (the onnx extra)
+    from onnx.reference import ReferenceEvaluator  # pyright: ignore[reportMissingImports]
 
     evaluator = ReferenceEvaluator(onnx.load(str(path)))
     return (lambda x: evaluator.run(None, {"signals": x})[0]), (
@@ -385,7 +385,7 @@ def _try_onnx(
     model: Any, inputs: list[np.ndarray], expected: list[np.ndarray], path: Path
 ) -> dict[str, Any]:
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401  # pyright: ignore[reportMissingImports]
     except ImportError:
         return {
             "file": None,
@@ -398,7 +398,7 @@ def _try_onnx(
         return {"file": None, "skipped": f"export failed: {_reason(exc)}"}
     entry: dict[str, Any] = {"file": path.name, "method": method}
     try:
-        import onnx
+        import onnx  # pyright: ignore[reportMissingImports]  (the onnx extra)
 
         onnx.checker.check_model(str(path))
         run, runner = onnx_runner(path)

@@ -131,3 +131,29 @@ def test_the_import_graph_has_no_cycles() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+def test_the_static_path_lays_the_checkout_out_as_the_installed_package(tmp_path):
+    """build/static-path/leadtune links every mapped folder where the package has it, so
+    static tools (pyright) resolve leadtune.* imports; the path holds only leadtune."""
+    import importlib.machinery
+
+    from leadtune.static_path import build, package_dirs
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "checkout"
+    root.mkdir()
+    (root / "pyproject.toml").write_text((repo / "pyproject.toml").read_text())
+    mapping = package_dirs(root)
+    for folder in set(mapping.values()):
+        (root / folder).mkdir()
+        (root / folder / "__init__.py").write_text("")
+    (root / "search" / "tuner.py").write_text("X = 1\n")
+    entry = build(root)
+    assert [p.name for p in entry.iterdir()] == ["leadtune"]
+    spec = importlib.machinery.PathFinder.find_spec("tuner", [str(entry / "leadtune" / "search")])
+    assert spec is not None and Path(spec.origin).resolve() == root / "search" / "tuner.py"
+    for name, folder in mapping.items():
+        if name != "leadtune":
+            link = entry / "leadtune" / name.split(".")[1]
+            assert link.is_symlink() and link.resolve() == (root / folder).resolve()
