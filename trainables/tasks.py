@@ -107,6 +107,26 @@ class TaskSpec:
         return list(dict.fromkeys(names))
 
 
+def prepare_ptbxl(request: DataRequest) -> Any:
+    """The prepared (cached) PTB-XL dataset a request names, for a task's ``load_data``."""
+    from leadtune.trainables.data.cache import prepare_dataset
+
+    return prepare_dataset(
+        Path(request.source),
+        cache_root=request.cache_dir,
+        limit=request.limit,
+        progress=request.progress,
+    )
+
+
+def ptbxl_source_check(request: DataRequest) -> None:
+    """``check_data`` of a task that reads a PTB-XL folder (both built-in tasks): the folder
+    and its tables exist (imported on use: the reader pulls in wfdb and pandas)."""
+    from leadtune.trainables.data.ptbxl import check_source
+
+    check_source(request)
+
+
 def checked_settings(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
     """A config's ``from_dict`` guard: unknown keys are an error naming them and the known
     ones, never silently ignored (a typo in ``--set`` or a YAML file must not vanish), and a

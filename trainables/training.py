@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from leadtune.trainables.data.leads import LEADS as ALL_LEADS
+
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 # Bumped when what a checkpoint holds changes; 2 = the task is recorded, plain data only.
@@ -85,6 +87,116 @@ class LocalReporter:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitData:
+    """What a trial trains and validates on, held in memory: the training and validation
+    signals, (N, leads, T) float32 in mV, their sampling rate, the data fingerprint and the ECG
+    ids of their rows (for errors that name records). Each task's data class adds its own
+    arrays (diagnosis: the superclass labels).
+
+    The test fold is deliberately absent: it is used once, on the chosen model, by promotion.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    fs: int
+    fingerprint: str
+    leads: tuple[str, ...] = ALL_LEADS
+    source: str = ""
+    train_ids: np.ndarray | None = None
+    val_ids: np.ndarray | None = None
+
+    @staticmethod
+    def split_fields(dataset: Any, train: np.ndarray, val: np.ndarray) -> dict[str, Any]:
+        """The shared fields for rows ``train`` and ``val`` of a prepared dataset."""
+        return {
+            "train": np.ascontiguousarray(dataset.signals[train]),
+            "val": np.ascontiguousarray(dataset.signals[val]),
+            "fs": int(dataset.fs),
+            "fingerprint": str(dataset.fingerprint),
+            "leads": tuple(dataset.leads),
+            "source": str(dataset.manifest.get("source", "")),
+            "train_ids": dataset.ecg_ids[train],
+            "val_ids": dataset.ecg_ids[val],
+        }
+
+    def ids(self, split: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """ECG ids of rows of a split (row numbers where the data came without ids)."""
+        ids = self.train_ids if split == "train" else self.val_ids
+        n = len(self.train if split == "train" else self.val)
+        ids = np.arange(n) if ids is None else np.asarray(ids)
+        return ids if rows is None else ids[rows]
+
+
+class EpochRun:
+    """The epoch loop every task's training shares. A task's run class (``LeadIdTraining``,
+    ``DiagnosisTraining``) sets ``cfg`` (with ``epochs``), ``reporter``, ``device``, ``model``,
+    ``optimizer``, ``scheduler``, ``streams``, ``start_epoch`` and ``stale_epochs``, and gives
+    ``train_epoch(epoch, progress)``, ``validate(epoch, trained)`` (its metrics, with
+    ``early_stopped``), ``checkpoint(metrics)`` and ``resume(folder)`` (which calls
+    :meth:`restore` and then reads its own best-so-far fields)."""
+
+    cfg: Any
+    reporter: Reporter
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    streams: RandomStreams
+    start_epoch: int
+    stale_epochs: int
+
+    def run(self, progress: bool = False) -> dict[str, Any]:
+        """Resume from the reporter's latest checkpoint where there is one, then train,
+        validate and checkpoint epoch by epoch until the schedule ends or early stopping; returns
+        the last epoch's metrics."""
+        resume_dir = self.reporter.latest_checkpoint()
+        if resume_dir is not None:
+            self.resume(resume_dir)
+        self.measure_start()
+        last: dict[str, Any] = {}
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            last = self.validate(epoch, self.train_epoch(epoch, progress))
+            self.checkpoint(last)
+            if last["early_stopped"]:
+                break
+        return last
+
+    def measure_start(self) -> None:
+        """Anything to measure before the first epoch (none by default)."""
+
+    def patience_ran_out(self, improved: bool) -> bool:
+        """Count an epoch for early stopping: ``improved`` on the task's early-stopping metric
+        resets the count; True when ``early_stopping_patience`` epochs passed without one."""
+        self.stale_epochs = 0 if improved else self.stale_epochs + 1
+        patience = self.cfg.early_stopping_patience
+        return patience is not None and self.stale_epochs >= patience
+
+    def restore(self, folder: Path) -> dict[str, Any]:
+        """Continue exactly where an interrupted run stopped: model, optimiser, schedule, random
+        streams, epoch and early-stopping count; returns the checkpoint for the task's fields."""
+        state = load_checkpoint(folder, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.streams.restore(state["rng"])
+        self.start_epoch = state["epoch"]
+        self.stale_epochs = state["stale_epochs"]
+        return state
+
+    def resume(self, folder: Path) -> None:
+        self.restore(folder)
+
+    def train_epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def validate(self, epoch: int, trained: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def checkpoint(self, metrics_now: dict[str, Any]) -> None:
+        raise NotImplementedError
 
 
 class CheckpointError(ValueError):

@@ -9,17 +9,20 @@ from typing import Any
 import numpy as np
 
 from leadtune.trainables.diagnosis.config import DiagnosisConfig, resolve_leads
-from leadtune.trainables.tasks import Column, DataRequest, TaskSpec, register_task
+from leadtune.trainables.tasks import (
+    Column,
+    DataRequest,
+    TaskSpec,
+    prepare_ptbxl,
+    ptbxl_source_check,
+    register_task,
+)
 
 
 def load_data(request: DataRequest) -> tuple[Any, Any]:
-    from leadtune.trainables.data.cache import prepare_dataset
     from leadtune.trainables.diagnosis.train import DiagnosisData
 
-    dataset = prepare_dataset(
-        Path(request.source), cache_root=request.cache_dir, limit=request.limit,
-        progress=request.progress,
-    )  # fmt: skip
+    dataset = prepare_ptbxl(request)
     return DiagnosisData.from_prepared(dataset), dataset
 
 
@@ -97,12 +100,6 @@ def predict(model: Any, config: DiagnosisConfig, fs: int, signals: np.ndarray) -
         ).astype(np.float32)
 
 
-def check_data(request: DataRequest) -> None:
-    from leadtune.trainables.data.ptbxl import check_source
-
-    check_source(request)
-
-
 SPEC = register_task(
     TaskSpec(
         name="diagnosis",
@@ -132,7 +129,7 @@ SPEC = register_task(
         metric="val_macro_auroc",
         mode="max",
         variable_leads=False,
-        check_data=check_data,
+        check_data=ptbxl_source_check,
         describe_models=describe_models,
         models_note="published: counted on the sources' own layouts (../shared/DIAGNOSIS_NOTES.md).",
     )

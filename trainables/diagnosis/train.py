@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.data.ptbxl import SUPERCLASSES
 from leadtune.trainables.diagnosis import metrics
 from leadtune.trainables.diagnosis.config import DiagnosisConfig, resolve_leads
@@ -31,13 +30,14 @@ from leadtune.trainables.diagnosis.models import create_model
 from leadtune.trainables.runtime import apply_gpu_memory_fraction
 from leadtune.trainables.tasks import load_trained_model
 from leadtune.trainables.training import (
+    EpochRun,
     RandomStreams,
     Reporter,
+    SplitData,
     StepGuard,
     TuneReporter,
     check_finite_outputs,
     iterate_batches,
-    load_checkpoint,
     report_epoch,
     resolve_device,
 )
@@ -45,36 +45,21 @@ from leadtune.trainables.training import (
 TASK = "diagnosis"
 
 
-@dataclass
-class DiagnosisData:
-    """The labelled records of the training and validation splits: signals (N, 12, T) float32 mV,
-    superclass labels (N, 5) float32, ECG ids. Records without any superclass are left out."""
+@dataclass(kw_only=True)
+class DiagnosisData(SplitData):
+    """The labelled records of the training and validation splits (:class:`SplitData`) and
+    their superclass labels, (N, 5) float32. Records without any superclass are left out."""
 
-    train: np.ndarray
     train_labels: np.ndarray
-    val: np.ndarray
     val_labels: np.ndarray
-    fs: int
-    fingerprint: str
-    leads: tuple[str, ...] = LEADS
-    source: str = ""
-    train_ids: np.ndarray | None = None
-    val_ids: np.ndarray | None = None
 
     @classmethod
     def from_prepared(cls, dataset: Any) -> DiagnosisData:
         rows = {split: labelled_rows(dataset, split) for split in ("train", "val")}
         return cls(
-            train=np.ascontiguousarray(dataset.signals[rows["train"]]),
+            **cls.split_fields(dataset, rows["train"], rows["val"]),
             train_labels=dataset.superclasses[rows["train"]].astype(np.float32),
-            val=np.ascontiguousarray(dataset.signals[rows["val"]]),
             val_labels=dataset.superclasses[rows["val"]].astype(np.float32),
-            fs=int(dataset.fs),
-            fingerprint=str(dataset.fingerprint),
-            leads=tuple(dataset.leads),
-            source=str(dataset.manifest.get("source", "")),
-            train_ids=dataset.ecg_ids[rows["train"]],
-            val_ids=dataset.ecg_ids[rows["val"]],
         )
 
 
@@ -127,7 +112,7 @@ def fit_standardisation(model: torch.nn.Module, train: np.ndarray, how: str) -> 
         model.standardise.std.copy_(torch.from_numpy(np.broadcast_to(std, shape).copy()))
 
 
-class DiagnosisTraining:
+class DiagnosisTraining(EpochRun):
     """One run's state; :func:`train_diagnosis` drives it epoch by epoch."""
 
     def __init__(self, cfg: DiagnosisConfig, data: DiagnosisData, reporter: Reporter) -> None:
@@ -174,14 +159,8 @@ class DiagnosisTraining:
         self.start_epoch, self.best_auroc, self.stale_epochs = 0, -math.inf, 0
 
     def resume(self, folder: Path) -> None:
-        state = load_checkpoint(folder, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.streams.restore(state["rng"])
-        self.start_epoch = state["epoch"]
+        state = self.restore(folder)
         self.best_auroc = state["best_val_macro_auroc"]
-        self.stale_epochs = state["stale_epochs"]
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Random crops (or whole records), smoothed targets, mixup."""
@@ -263,12 +242,10 @@ class DiagnosisTraining:
             "train_ecg_per_second": trained["train_ecg_per_second"],
             "infer_ms_per_ecg": infer_ms,  # validation inference on the trial's device
         }
-        if found["val_macro_auroc"] > self.best_auroc:
-            self.best_auroc, self.stale_epochs = found["val_macro_auroc"], 0
-        else:
-            self.stale_epochs += 1
-        patience = self.cfg.early_stopping_patience
-        found["early_stopped"] = patience is not None and self.stale_epochs >= patience
+        improved = found["val_macro_auroc"] > self.best_auroc
+        if improved:
+            self.best_auroc = found["val_macro_auroc"]
+        found["early_stopped"] = self.patience_ran_out(improved)
         return found
 
     def checkpoint(self, found: dict[str, Any]) -> None:
@@ -291,16 +268,7 @@ def train_diagnosis(
     if data is None:
         raise ValueError("train_diagnosis needs data=DiagnosisData(...)")
     run = DiagnosisTraining(cfg, data, reporter if reporter is not None else TuneReporter())
-    resume_dir = run.reporter.latest_checkpoint()
-    if resume_dir is not None:
-        run.resume(resume_dir)
-    last: dict[str, Any] = {}
-    for epoch in range(run.start_epoch, cfg.epochs):
-        last = run.validate(epoch, run.train_epoch(epoch, progress))
-        run.checkpoint(last)
-        if last["early_stopped"]:
-            break
-    return last
+    return run.run(progress)
 
 
 def evaluate_model(model: torch.nn.Module, cfg: DiagnosisConfig, thresholds: Any, fs: int,

@@ -9,19 +9,20 @@ from typing import Any
 import numpy as np
 
 from leadtune.trainables.lead_id.config import LeadIdConfig
-from leadtune.trainables.tasks import Column, DataRequest, TaskSpec, register_task
+from leadtune.trainables.tasks import (
+    Column,
+    DataRequest,
+    TaskSpec,
+    prepare_ptbxl,
+    ptbxl_source_check,
+    register_task,
+)
 
 
 def load_data(request: DataRequest) -> tuple[Any, Any]:
-    from leadtune.trainables.data.cache import prepare_dataset
     from leadtune.trainables.lead_id.train import LeadIdData
 
-    dataset = prepare_dataset(
-        Path(request.source),
-        cache_root=request.cache_dir,
-        limit=request.limit,
-        progress=request.progress,
-    )
+    dataset = prepare_ptbxl(request)
     return LeadIdData.from_prepared(dataset), dataset
 
 
@@ -72,12 +73,6 @@ def predict(model: Any, config: LeadIdConfig, fs: int, signals: np.ndarray) -> n
     return logits.float().log_softmax(-1).numpy()
 
 
-def check_data(request: DataRequest) -> None:
-    from leadtune.trainables.data.ptbxl import check_source
-
-    check_source(request)
-
-
 SPEC = register_task(
     TaskSpec(
         name="lead_id",
@@ -111,7 +106,7 @@ SPEC = register_task(
             "val_robust_accuracy",
             "val_finetune_score",
         ),  # fmt: skip
-        check_data=check_data,
+        check_data=ptbxl_source_check,
         describe_models=describe_models,
         models_note=(
             "published: Table VI of the paper (encoders at D = 128), the released code "

@@ -14,7 +14,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.lead_id import metrics
 from leadtune.trainables.lead_id.config import LeadIdConfig
 from leadtune.trainables.lead_id.models import ModelConfig, create_model
@@ -34,8 +32,10 @@ from leadtune.trainables.lead_id.robustness import (
 from leadtune.trainables.runtime import apply_gpu_memory_fraction
 from leadtune.trainables.tasks import load_trained_model
 from leadtune.trainables.training import (
+    EpochRun,
     RandomStreams,
     Reporter,
+    SplitData,
     StepGuard,
     TuneReporter,
     check_finite_outputs,
@@ -49,44 +49,14 @@ from leadtune.trainables.training import (
 TASK = "lead_id"
 
 
-@dataclass
-class LeadIdData:
-    """The arrays a lead-ID trial needs: training and validation signals, (N, 12, T) float32 mV,
-    and their ECG ids (for error messages that name records).
-
-    The test fold is deliberately absent: it is used once, on the chosen model, by promotion.
-    """
-
-    train: np.ndarray
-    val: np.ndarray
-    fs: int
-    fingerprint: str
-    leads: tuple[str, ...] = LEADS
-    source: str = ""
-    train_ids: np.ndarray | None = None
-    val_ids: np.ndarray | None = None
+class LeadIdData(SplitData):
+    """The arrays a lead-ID trial needs (:class:`SplitData`): the training and validation
+    signals and their ECG ids."""
 
     @classmethod
     def from_prepared(cls, dataset: Any) -> LeadIdData:
         """Load the train and val splits of a :class:`PreparedDataset` into memory once."""
-        train, val = dataset.indices("train"), dataset.indices("val")
-        return cls(
-            train=np.ascontiguousarray(dataset.signals[train]),
-            val=np.ascontiguousarray(dataset.signals[val]),
-            fs=int(dataset.fs),
-            fingerprint=str(dataset.fingerprint),
-            leads=tuple(dataset.leads),
-            source=str(dataset.manifest.get("source", "")),
-            train_ids=dataset.ecg_ids[train],
-            val_ids=dataset.ecg_ids[val],
-        )
-
-    def ids(self, split: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """ECG ids of rows of a split (row numbers where the data came without ids)."""
-        ids = self.train_ids if split == "train" else self.val_ids
-        n = len(self.train if split == "train" else self.val)
-        ids = np.arange(n) if ids is None else np.asarray(ids)
-        return ids if rows is None else ids[rows]
+        return cls(**cls.split_fields(dataset, dataset.indices("train"), dataset.indices("val")))
 
 
 def freeze(model: torch.nn.Module, train_parts: str) -> list[torch.nn.Module]:
@@ -263,7 +233,7 @@ def validation_metrics(log_probs: np.ndarray, loss_weight: np.ndarray) -> dict[s
 # -- the training run ----------------------------------------------------------------------------
 
 
-class LeadIdTraining:
+class LeadIdTraining(EpochRun):
     """One training run's state: data views, model, optimiser, schedule, random streams, the
     step guard and early stopping. :func:`train_lead_id` drives it epoch by epoch."""
 
@@ -359,14 +329,8 @@ class LeadIdTraining:
     def resume(self, folder: Path) -> None:
         """Continue exactly where an interrupted run stopped: model, optimiser, schedule,
         random streams, epoch and early-stopping state."""
-        state = load_checkpoint(folder, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.streams.restore(state["rng"])
-        self.start_epoch = state["epoch"]
+        state = self.restore(folder)
         self.best_val_loss = state["best_val_loss"]
-        self.stale_epochs = state["stale_epochs"]
         self.start_val_loss = state.get("start_val_loss")
 
     def batches(self) -> Any:
@@ -477,13 +441,11 @@ class LeadIdTraining:
             metrics_now.update(self.robust_metrics(metrics_now["val_loss"]))
         if self.cfg.skip_nonfinite_steps:
             metrics_now["skipped_steps"] = trained["skipped_steps"]
-        if metrics_now["val_loss"] < self.best_val_loss:
-            self.best_val_loss, self.stale_epochs = metrics_now["val_loss"], 0
-        else:
-            self.stale_epochs += 1
+        improved = metrics_now["val_loss"] < self.best_val_loss
+        if improved:
+            self.best_val_loss = metrics_now["val_loss"]
         metrics_now["best_val_loss"] = self.best_val_loss
-        patience = self.cfg.early_stopping_patience
-        metrics_now["early_stopped"] = patience is not None and self.stale_epochs >= patience
+        metrics_now["early_stopped"] = self.patience_ran_out(improved)
         return metrics_now
 
     def checkpoint(self, metrics_now: dict[str, Any]) -> None:
@@ -523,17 +485,7 @@ def train_lead_id(
     run = LeadIdTraining(
         cfg, data, reporter if reporter is not None else TuneReporter(), data_on_device, build_model
     )
-    resume_dir = run.reporter.latest_checkpoint()
-    if resume_dir is not None:
-        run.resume(resume_dir)
-    run.measure_start()
-    last: dict[str, Any] = {}
-    for epoch in range(run.start_epoch, cfg.epochs):
-        last = run.validate(epoch, run.train_epoch(epoch, progress))
-        run.checkpoint(last)
-        if last["early_stopped"]:
-            break
-    return last
+    return run.run(progress)
 
 
 def evaluate_checkpoint(
