@@ -29,6 +29,11 @@ class CommandError(Exception):
     """An error the user can fix; printed as one line without a traceback."""
 
 
+class Interrupted(Exception):
+    """The work stopped part-way and can be finished (a resume, ``leadtune promote``): one line
+    saying how, exit status 3."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors: what was wrong and where the help is, no usage block.
     Sub-command parsers are made of the same class (``add_subparsers`` uses the parent's)."""
@@ -95,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             runtime.reexec_with_allocator_settings(sys.argv[1:])
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:
+        print(f"leadtune: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("leadtune: interrupted", file=sys.stderr)
         return 130
