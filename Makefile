@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.leadtune-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test test-faults lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# Every fault-injection case (docs/faults.md), the slow ones included: about 15 min on 2 cores.
+test-faults: setup
+	LEADTUNE_SLOW_TESTS=1 $(BIN)/python -m pytest -q tests/test_faults.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -139,6 +139,9 @@ def run_promote_command(args: argparse.Namespace) -> int:
                 f"no MLflow database at {root / 'mlflow.db'}; pass --tracking-uri"
             )
         check_writable(root, "--storage-path")
+        from leadtune.search.tuner import bound_mlflow_retries
+
+        bound_mlflow_retries()  # a local server's failures do not heal by waiting
         server = MlflowServer(db_path=root / "mlflow.db", artifacts=root / "mlartifacts").start()
         tracking_uri = server.uri
     else:

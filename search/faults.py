@@ -73,11 +73,7 @@ class StorageFull(OSError):
     def __init__(self, path: Path, free: int, what: str = ""):
         self.path, self.free = Path(path), free
         doing = f" ({what})" if what else ""
-        super().__init__(
-            errno.ENOSPC,
-            f"storage path {self.path} is full: {_mb(free)} free{doing}; free space there (or "
-            "move it) and resume with --resume",
-        )
+        super().__init__(errno.ENOSPC, f"storage path {self.path} is full: {_mb(free)} free{doing}")
 
     def __str__(self) -> str:
         return self.strerror

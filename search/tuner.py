@@ -467,8 +467,8 @@ def _stopped_on_full_disk(plan: SearchPlan, client: Any, parent_run_id: str,
     with contextlib.suppress(Exception):
         client.set_terminated(parent_run_id, "FAILED")
     raise Interrupted(
-        f"search stopped: {message} (leadtune search --study {plan.study} --storage-path "
-        f"{plan.settings.storage_path} --resume)"
+        f"search stopped, {message}; free space there, then: leadtune search --study "
+        f"{plan.study} --storage-path {plan.settings.storage_path} --resume"
     ) from None
 
 
