@@ -37,7 +37,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# Every fault-injection case (docs/faults.md), the slow ones included: about 15 min on 2 cores.
+# Every fault-injection case (docs/faults.md), the slow ones included: about 22 min on 2 cores.
 test-faults: setup
 	LEADTUNE_SLOW_TESTS=1 $(BIN)/python -m pytest -q tests/test_faults.py
 
