@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.leadtune-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test lint typecheck bench gpu-check clean
+.PHONY: setup demo test test-faults lint typecheck bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ test: setup
 # Every import resolves (leadtune.* through build/static-path); also the first step of `test`.
 typecheck: setup
 	$(BIN)/pyright
+
+# Every fault-injection case (docs/faults.md), the slow ones included: about 22 min on 2 cores
+# shared with other work. CI runs it after `make test` (.ci/run).
+test-faults: setup
+	LEADTUNE_SLOW_TESTS=1 $(BIN)/python -m pytest -q tests/test_faults.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -25,6 +25,11 @@ COMMAND_MODULES = (
 )
 
 
+class Interrupted(Exception):
+    """The work stopped part-way and can be finished (a resume, ``leadtune promote``): one line
+    saying how, exit status 3."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors: what was wrong and where the help is, no usage block.
     Sub-command parsers are made of the same class (``add_subparsers`` uses the parent's)."""
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             runtime.reexec_with_allocator_settings(sys.argv[1:])
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:
+        print(f"leadtune: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("leadtune: interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from leadtune.search.faults import StorageGuard, armed, crash_point, text_says_disk_full
 from leadtune.search.tracking import (
     OPTUNA_TAG,
     STATE_TAG,
@@ -74,6 +75,8 @@ class MlflowTrialCallback(Callback):
         self.metric = metric
         self._runs: dict[str, str] = {}
         self._client: Any = None
+        self._guard: StorageGuard | None = None
+        self._ended_at: float | None = None
 
     @property
     def tracking_uri(self) -> str:
@@ -82,7 +85,13 @@ class MlflowTrialCallback(Callback):
         return os.environ.get(TRACKING_URI_ENV, self._tracking_uri)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_guard": None, "_ended_at": None}
+
+    @property
+    def guard(self) -> StorageGuard:
+        if getattr(self, "_guard", None) is None:  # (absent in a pickle of an older search)
+            self._guard = StorageGuard(self.search_dir)
+        return self._guard
 
     @property
     def client(self) -> Any:
@@ -147,6 +156,19 @@ class MlflowTrialCallback(Callback):
                             "mlflow.source.git.commit": git_commit()}  # fmt: skip
         return self._source
 
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        # a full storage path ends the search now, before a trial fails on it (search.faults)
+        self.guard.check()
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if armed("tune_checkpoint") and getattr(self, "_ended_at", None) is not None:
+            saved = [p.stat().st_mtime for p in self.search_dir.glob("experiment_state-*.json")]
+            if saved and max(saved) > self._ended_at:
+                crash_point("tune_checkpoint")
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info):
+        crash_point("trial_checkpoint")
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
         self.client.set_tag(self.run_id_for(trial), STATE_TAG, "running")
 
@@ -160,6 +182,11 @@ class MlflowTrialCallback(Callback):
         self.client.log_batch(
             run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(values.items())]
         )
+        if armed("trial_last_report"):
+            from leadtune.search.searcher import ran_full_budget
+
+            if ran_full_budget(result):
+                crash_point("trial_last_report")
 
     def _finish(self, trial: Any, state: str, status: str) -> None:
         from leadtune.search.state import record_trial_end
@@ -172,6 +199,8 @@ class MlflowTrialCallback(Callback):
             epoch=last.get("epoch"),
             objective=last.get(f"best_{self.metric}"),
         )
+        self._ended_at = time.time()
+        crash_point("trial_end_recorded")
         run_id = self.run_id_for(trial)
         tags = {STATE_TAG: state}
         if last.get("epoch") is not None:
@@ -182,13 +211,31 @@ class MlflowTrialCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
         self._finish(trial, trial_state(trial, trial.last_result or {}), "FINISHED")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        self._stop_if_disk_full(trial)  # a retry would only fail on it again
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        # a trial that failed on a full disk did not fail: the search stops, and a resume on a
+        # freed path runs it again (the searcher did not fail its Optuna trial either)
+        self._stop_if_disk_full(trial)
         self._finish(trial, "failed", "FAILED")
-        error = getattr(trial, "error_file", None)
-        if error and Path(error).is_file():
-            message = Path(error).read_text().strip().splitlines()
-            if message:
-                self.client.set_tag(self.run_id_for(trial), "leadtune.error", message[-1][:500])
+        message = _error_lines(trial)
+        if message:
+            self.client.set_tag(self.run_id_for(trial), "leadtune.error", message[-1][:500])
+
+    def _stop_if_disk_full(self, trial: Any) -> None:
+        if any(text_says_disk_full(line) for line in _error_lines(trial)):
+            raise self.guard.full_error(f"trial {trial.trial_id} could not write there")
+        self.guard.check(force=True)
+
+
+def _error_lines(trial: Any) -> list[str]:
+    """The errors of a trial as Tune keeps them (its error file)."""
+    error = getattr(trial, "error_file", None)
+    try:
+        return Path(error).read_text().strip().splitlines() if error else []
+    except OSError:
+        return []
 
 
 def _params(config: dict[str, Any]) -> list:

@@ -139,6 +139,9 @@ def run_promote_command(args: argparse.Namespace) -> int:
                 f"no MLflow database at {root / 'mlflow.db'}; pass --tracking-uri"
             )
         check_writable(root, "--storage-path")
+        from leadtune.search.tuner import bound_mlflow_retries
+
+        bound_mlflow_retries()  # a local server's failures do not heal by waiting
         server = MlflowServer(db_path=root / "mlflow.db", artifacts=root / "mlartifacts").start()
         tracking_uri = server.uri
     else:
@@ -148,6 +151,13 @@ def run_promote_command(args: argparse.Namespace) -> int:
             tracking_uri, search_dir, register_name=args.register_name, force=args.force,
             budgets=budgets,
         )  # fmt: skip
+    except KeyboardInterrupt:
+        from leadtune.cli import Interrupted
+
+        raise Interrupted(
+            "promotion interrupted; run the same `leadtune promote` again to finish it (a "
+            "version registered already is completed, not registered twice)"
+        ) from None
     finally:
         if server is not None:
             server.stop()
@@ -192,7 +202,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Promote the best trial of a finished search: evaluate its best checkpoint "
         "once on the test split, register it in the MLflow Model Registry, and move the "
         "'champion' alias to it if it beats the current champion on the same validation "
-        "metric and data.",
+        "metric and data. Exit status: 0 promoted, 2 bad input, 3 interrupted (run it again "
+        "to finish).",
     )
     promote.add_argument(
         "--study", default=None, help="study name (default: the only one under --storage-path)"

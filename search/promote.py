@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from leadtune.search import state as search_state
+from leadtune.search.faults import crash_point
 from leadtune.search.objectives import choose_best, within_text
 from leadtune.search.results import load_results, summarise_trials, trial_runs
 from leadtune.search.tracking import TASK_TAG, mlflow_client, use_tracking_uri
 
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"
+GAIN_TAG = "leadtune.search_gain"
 
 
 def _log(message: str) -> None:
@@ -203,19 +205,18 @@ def promote_best(
 
     version = _registered_version(client, register_name, run_id, checkpoint)
     if version is not None:
-        test_metrics = {
-            k[len("leadtune.") :]: float(v)
-            for k, v in version.tags.items()
-            if k.startswith("leadtune.test_")
-        }
         _log(
             f"trial {best['trial_id']} is already registered as {register_name} v{version.version}"
         )
+        version, test_metrics = _complete_version(client, spec, version, run_id, checkpoint,
+                                                  dataset)  # fmt: skip
         gain = None
     else:
         _log("evaluating the best checkpoint once on the test split ...")
         test_metrics = spec.evaluate(checkpoint, dataset, "test")
         gain = search_gain(spec, best, reference_trial(ranked, saved), metric, dataset)
+        if gain is not None:
+            client.log_batch(saved["parent_run_id"], metrics=_metrics(_gain_metrics(gain)))
         version = register_checkpoint(
             client, spec, register_name, run_id, checkpoint, test_metrics,
             {
@@ -232,8 +233,9 @@ def promote_best(
             },
             gain,
         )  # fmt: skip
-        if gain is not None:
-            client.log_batch(saved["parent_run_id"], metrics=_metrics(_gain_metrics(gain)))
+    # The registry's writes are ordered so that a crash anywhere leaves nothing or a complete
+    # version (its test figures and provenance as tags, written with it in one call); the
+    # alias and the runs' marks follow, and promoting again finishes them (docs/faults.md).
     with search_state.file_lock(
         search_dir.parents[1] / f".{saved['study']}.lock", f"study {saved['study']}"
     ):
@@ -248,18 +250,21 @@ def promote_best(
                 description=f"{model_description(spec)} Champion: v{version.version}"
                 + (f", {version.description}" if version.description else "."),
             )
+            crash_point("promote_alias_set")
     _log(
         f"registered {register_name} v{version.version}; champion "
         f"{'moved to it' if move else 'unchanged'}: {reason}"
     )
+    client.set_tag(run_id, "leadtune.promoted", f"{register_name}/{version.version}")
     # the decision on the search's parent run, where the report (and a reader of MLflow) finds it
     decision = {
         "leadtune.promoted": f"{register_name}/{version.version}",
         "leadtune.promoted_trial": best["trial_id"],
         "leadtune.champion_decision": f"{'moved to it' if move else 'unchanged'}: {reason}",
     }
-    if gain is not None:
-        decision["leadtune.search_gain"] = gain_sentence(gain)
+    sentence = gain_sentence(gain) if gain is not None else version.tags.get(GAIN_TAG)
+    if sentence:
+        decision[GAIN_TAG] = sentence
     for key, value in decision.items():
         client.set_tag(saved["parent_run_id"], key, value[:5000])
     return {
@@ -307,11 +312,37 @@ def _gain_metrics(gain: dict[str, Any]) -> dict[str, float]:
     return found
 
 
+def _complete_version(client: Any, spec: Any, version: Any, run_id: str, checkpoint: Path,
+                      dataset: Any) -> tuple[Any, dict[str, float]]:  # fmt: skip
+    """A version registered before, with its test figures: a version an older leadtune left
+    without them (it tagged them one by one after creating it, and could die in between) gets
+    them now, on its run as well."""
+    test_metrics = _test_tags(version.tags)
+    if test_metrics:
+        return version, test_metrics
+    _log(f"v{version.version} has no test figures (a promotion cut short); evaluating ...")
+    test_metrics = {k: v for k, v in spec.evaluate(checkpoint, dataset, "test").items()
+                    if _is_number(v)}  # fmt: skip
+    client.log_batch(run_id, metrics=_metrics(test_metrics))
+    for key, value in test_metrics.items():
+        client.set_model_version_tag(version.name, version.version, f"leadtune.{key}",
+                                     repr(float(value)))  # fmt: skip
+    return client.get_model_version(version.name, version.version), test_metrics
+
+
+def _test_tags(tags: dict[str, str]) -> dict[str, float]:
+    return {
+        k[len("leadtune.") :]: float(v) for k, v in tags.items() if k.startswith("leadtune.test_")
+    }
+
+
 def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoint: Path,
               test_metrics: dict[str, Any], tags: dict[str, str],
               gain: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """Write the model into the trial's run as an MLflow model (pyfunc flavour around the
-    weights-only package, ``trainables.pyfunc``) and register it as a new version."""
+    weights-only package, ``trainables.pyfunc``) and its test figures, then register it as a
+    new version with all its tags in one call (a crash before leaves no version, one after a
+    complete one)."""
     from mlflow.exceptions import MlflowException
 
     from leadtune.trainables.data.cache import find_preprocess
@@ -345,24 +376,24 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
         )
         mlmodel = save_pyfunc(Path(tmp) / MODEL_ARTIFACT, package, spec, example)
         client.log_artifacts(run_id, str(mlmodel), MODEL_ARTIFACT)
+    crash_point("promote_model_logged")
     client.log_batch(run_id, metrics=_metrics(test_metrics))
+    crash_point("promote_run_metrics")
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     try:
         client.create_registered_model(name, description=model_description(spec))
     except MlflowException:
         pass  # it exists
+    figures = {f"leadtune.{k}": repr(float(v)) for k, v in test_metrics.items() if _is_number(v)}
+    if gain is not None:
+        figures[GAIN_TAG] = gain_sentence(gain)[:5000]
     version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags},
+        name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags, **figures},
         description="; ".join(
             p for p in (version_description(spec, test_metrics, tags), gain_sentence(gain)) if p
         ),
     )  # fmt: skip
-    for key, value in test_metrics.items():
-        if _is_number(value):
-            client.set_model_version_tag(
-                name, version.version, f"leadtune.{key}", repr(float(value))
-            )
-    client.set_tag(run_id, "leadtune.promoted", f"{name}/{version.version}")
+    crash_point("promote_version_created")
     use_tracking_uri(client.tracking_uri)
     return client.get_model_version(name, version.version)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from leadtune.search.faults import StorageGuard, crash_point
 from leadtune.search.study import END_ATTR, OPTUNA_TRIAL_KEY, SEARCH_ATTR, TUNE_TRIAL_ATTR
 
 PROGRESS_KEY = "schedule_pct"  # share of its own epochs a trial has run (SearchReporter)
@@ -43,9 +44,10 @@ class LeadtuneOptunaSearch(OptunaSearch):
     trial number into the Tune trial's config (``_optuna_trial``): the two ids match across
     Optuna, Tune and MLflow, and a search can tell its own Optuna trials from others'."""
 
-    def __init__(self, search_name: str, **kwargs: Any) -> None:
+    def __init__(self, search_name: str, storage_path: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.search_name = search_name
+        self.storage_path = storage_path  # checked before a failed trial is told (faults)
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
@@ -88,6 +90,10 @@ class LeadtuneOptunaSearch(OptunaSearch):
         value = found[0] if all(_finite(v) for v in found) else None
         if not error:  # Tune hands a trial's last result here, not to on_trial_result
             self.on_trial_result(trial_id, result)
+        if error and getattr(self, "storage_path", None) is not None:
+            # a trial that failed on a full disk did not fail: the search stops (interrupted)
+            # and a resume on a freed path runs it again, so Optuna is not told
+            StorageGuard(self.storage_path).check(f"trial {trial_id} failed", force=True)
         if error:
             state, values, reason = optuna.trial.TrialState.FAIL, None, "failed"
         elif not _finite(value):
@@ -102,6 +108,7 @@ class LeadtuneOptunaSearch(OptunaSearch):
             state, values, reason = optuna.trial.TrialState.PRUNED, None, "stopped_early"
         ot_trial.set_user_attr(END_ATTR, reason)
         self._ot_study.tell(ot_trial, values, state=state)
+        crash_point("optuna_tell")  # told, and neither Tune nor the state file knows it yet
         self._completed_trials.add(trial_id)
 
 
@@ -112,12 +119,13 @@ def _finished_in_storage(study: Any, ot_trial: Any) -> bool:
 
 
 def make_searcher(define: Callable, metric: str | list[str], mode: str | list[str], storage: str,
-                  study: str, seed: int, search: str):  # fmt: skip
+                  study: str, seed: int, search: str, storage_path: Any = None):  # fmt: skip
     """Ray's OptunaSearch on the persistent study, tagging each trial (see module doc)."""
     import optuna
 
     return LeadtuneOptunaSearch(
         search_name=search,
+        storage_path=storage_path,
         space=define,
         metric=metric,
         mode=mode,

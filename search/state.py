@@ -25,6 +25,7 @@ process never leaves a lock behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -91,9 +92,29 @@ def write_state(path: Path, **values: Any) -> dict[str, Any]:
     file = Path(path) / STATE_FILE
     path.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    os.replace(tmp, file)
+    text = json.dumps(state, indent=2, default=str)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno != errno.ENOSPC or not file.is_file():
+            raise
+        _write_in_place(file, text)  # a full disk: the blocks the file holds are enough
     return state
+
+
+def _write_in_place(file: Path, text: str) -> None:
+    """Rewrite ``file`` over its own blocks (no new file on a full disk): the new text, padded
+    with spaces to the old length where it is shorter (JSON ignores trailing spaces), so no
+    block is freed and needed again. A reader may see it half-written for a moment."""
+    data = text.encode()
+    with open(file, "r+b") as f:
+        old = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        f.write(data + b" " * max(0, old - len(data)))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def record_trial_end(path: Path, trial_id: str, state: str, **facts: Any) -> None:

@@ -97,6 +97,16 @@ def check_tracking_uri(uri: str | None, what: str) -> str:
             ) from None
         if not ok:
             raise ValueError(f"MLflow server at {uri} is not healthy; check the server")
+    elif uri.split(":", 1)[0].split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
+        from sqlalchemy.engine import make_url
+
+        from leadtune.search.settings import check_database_driver
+
+        try:
+            parsed = make_url(uri)
+        except Exception:
+            raise ValueError(f"{what} {uri!r} is not a database URL") from None
+        check_database_driver(parsed, what)
     elif "://" not in uri:
         raise ValueError(
             f"tracking URI {uri!r} has no scheme; use sqlite:///ABSOLUTE/PATH/mlflow.db, "
@@ -225,19 +235,23 @@ def _watch(parent: int, command: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    orphaned = False
     while child.poll() is None and not stopping:
         if os.getppid() != parent:  # the driver is gone (re-parented to init)
+            orphaned = True
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     if child.poll() is None:
-        _end_group(child)
+        # a killed driver waits for nothing: SQLite's transactions keep the database whole, so
+        # the server gets 2 s to stop, not the 15 s of an orderly stop
+        _end_group(child, grace_s=2.0 if orphaned else 15.0)
     return child.returncode or 0
 
 
-def _end_group(child: subprocess.Popen) -> None:
+def _end_group(child: subprocess.Popen, grace_s: float = 15.0) -> None:
     try:
         os.killpg(child.pid, signal.SIGTERM)
-        child.wait(timeout=15)
+        child.wait(timeout=grace_s)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     try:

@@ -209,6 +209,9 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
     root = Path(settings.storage_path).resolve()
     optuna_storage = settings.optuna_storage or sqlite_uri(root / "optuna.db")
     check_storage_and_urls(settings, root, optuna_storage)
+    from leadtune.search.faults import check_start_space
+
+    check_start_space(root)
     if spec.check_data is not None:
         spec.check_data(settings.data)
     if settings.address not in (None, "auto"):
@@ -401,6 +404,7 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
             from leadtune.search.tracking import MlflowServer
 
             _log("starting a local MLflow tracking server (SQLite) ...")
+            bound_mlflow_retries()
             server = MlflowServer(
                 db_path=plan.root / "mlflow.db", artifacts=plan.root / "mlartifacts"
             ).start()
@@ -415,6 +419,57 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
         sqlite_uri(plan.root / "mlflow.db") if server is not None else tracking_uri
     )
     return outcome
+
+
+# MLflow's client retries a failed request 7 times with a growing back-off (about 8 minutes in
+# all): right for a remote server that restarts, not for the local one leadtune started, whose
+# failures (its database on a full disk, the server gone) do not heal by waiting. A user's own
+# settings win.
+LOCAL_SERVER_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def bound_mlflow_retries() -> None:
+    for name, value in LOCAL_SERVER_RETRIES.items():
+        os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def _tune_signal_handlers() -> Iterator[None]:
+    """Tune replaces the SIGINT (and SIGUSR1) handler for its run and leaves its own in place
+    after it: a Ctrl-C during the promotion would then only set a flag nobody reads. Put back
+    what was there before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    saved = {name: signal.getsignal(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in saved.items():
+            signal.signal(name, handler)
+
+
+def _stopped_on_full_disk(plan: SearchPlan, client: Any, parent_run_id: str,
+                          exc: BaseException) -> None:  # fmt: skip
+    """The storage path is full: leave the search interrupted (the state file first, written in
+    place if need be), tell MLflow if it still answers, and say so in one line (exit 3)."""
+    from leadtune.cli import Interrupted
+    from leadtune.search.faults import describe
+
+    message = describe(exc, plan.search_dir)
+    with contextlib.suppress(Exception):
+        search_state.write_state(plan.search_dir, status=search_state.INTERRUPTED)
+    with contextlib.suppress(Exception):
+        client.set_terminated(parent_run_id, "FAILED")
+    raise Interrupted(
+        f"search stopped, {message}; free space there, then: leadtune search --study "
+        f"{plan.study} --storage-path {plan.settings.storage_path} --resume"
+    ) from None
 
 
 def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome:
@@ -482,8 +537,13 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
             f"{plan.settings.max_concurrent} at once; MLflow experiment {experiment_id}, parent "
             f"run {parent_run_id}"
         )
-        grid = tuner.fit()
-    except BaseException:
+        with _tune_signal_handlers():
+            grid = tuner.fit()
+    except BaseException as exc:
+        from leadtune.search.faults import is_disk_full
+
+        if is_disk_full(exc):
+            _stopped_on_full_disk(plan, client, parent_run_id, exc)
         # The search itself broke (not a trial): leave it resumable and say so in MLflow.
         client.set_terminated(parent_run_id, "FAILED")
         search_state.write_state(plan.search_dir, status=search_state.INTERRUPTED)
@@ -493,7 +553,14 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
             monitor.finish()
     from mlflow.entities import Metric
 
-    outcome = _conclude(plan, grid, client, tracking_uri, experiment_id, parent_run_id, started)
+    try:
+        outcome = _conclude(plan, grid, client, tracking_uri, experiment_id, parent_run_id, started)
+    except Exception as exc:
+        from leadtune.search.faults import is_disk_full
+
+        if is_disk_full(exc):
+            _stopped_on_full_disk(plan, client, parent_run_id, exc)
+        raise
     # what the search cost beyond its trials, up to here (promotion is the test fold's work)
     outcome.cpu = account.stop()
     now = int(time.time() * 1000)
@@ -504,14 +571,22 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
     search_state.write_state(plan.search_dir, cpu_seconds=outcome.cpu.seconds)
     _log(outcome.cpu.sentence())
     if outcome.status == search_state.FINISHED and outcome.best and plan.settings.promote:
+        from leadtune.cli import Interrupted
         from leadtune.search.promote import promote_best
 
-        outcome.promotion = promote_best(
-            tracking_uri=tracking_uri,
-            experiment_path=plan.search_dir,
-            dataset=dataset,
-            register_name=plan.register_name,
-        )
+        try:
+            outcome.promotion = promote_best(
+                tracking_uri=tracking_uri,
+                experiment_path=plan.search_dir,
+                dataset=dataset,
+                register_name=plan.register_name,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted during the promotion; the search has finished, finish the "
+                f"promotion with: leadtune promote --study {plan.study} --storage-path "
+                f"{plan.settings.storage_path}"
+            ) from None
     return outcome
 
 
@@ -680,7 +755,7 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     searcher = make_searcher(
         SpaceWithFixed(plan.space.define, plan.fixed),
         keys if plan.objectives else plan.objective, modes if plan.objectives else plan.mode,
-        plan.optuna_storage, plan.study, seed, plan.search_dir.name,
+        plan.optuna_storage, plan.study, seed, plan.search_dir.name, plan.search_dir,
     )  # fmt: skip
     scheduler = make_scheduler(scheduler_plan(plan))
     callback = MlflowTrialCallback(

@@ -20,3 +20,16 @@ def ptbxl_subset() -> Path:
     if not (path / "ptbxl_database.csv").is_file():
         pytest.skip(f"shared PTB-XL subset not found at {path}")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only with LEADTUNE_SLOW_TESTS=1 (``make test-faults`` sets it
+    for the fault-injection suite)."""
+    import os
+
+    if os.environ.get("LEADTUNE_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set LEADTUNE_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

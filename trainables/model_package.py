@@ -111,9 +111,11 @@ def package_weights(folder: str | Path) -> dict[str, Any]:
     try:
         weights = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:200]
+        from leadtune.trainables.training import load_refusal
+
         raise PackageError(
-            f"{file}: not loaded ({reason}); a package's weights are tensors only"
+            f"{file}: not loaded, {load_refusal(exc)}; leadtune loads a package's weights as "
+            "tensors only and never runs code from a model file"
         ) from None
     if not isinstance(weights, dict):
         raise PackageError(f"{file}: not a state dict of tensors")

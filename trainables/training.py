@@ -255,6 +255,19 @@ def checkpoint_file(path: str | Path) -> Path:
     return file
 
 
+def load_refusal(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words. Torch's own message
+    advises loading it with ``weights_only=False``, which would run whatever code the file
+    holds: that advice is never passed on."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if "weights_only" in reason or "Unsupported global" in reason or "Weights only" in reason:
+        return (
+            "it holds pickled Python objects (code that would run when loaded) besides tensors "
+            "and plain data"
+        )
+    return reason[:200]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint's contents, read with ``weights_only=True``: tensors and plain data only.
 
@@ -267,10 +280,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:
         if isinstance(exc, OSError):
             raise CheckpointError(f"{file}: unreadable ({exc})") from None
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        if "weights_only" in reason or "Unsupported global" in reason:
-            reason = "it holds Python objects besides tensors and plain data"
-        elif file.stat().st_size == 0:
+        reason = load_refusal(exc)
+        if file.stat().st_size == 0:
             reason = "the file is empty"
         raise CheckpointError(
             f"{file}: not loaded, {reason[:200]}; leadtune only loads checkpoints of tensors "

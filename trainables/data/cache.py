@@ -292,6 +292,11 @@ def _read_job(job: _Job, preprocess: PreprocessConfig) -> tuple[_Job, np.ndarray
     absent = [lead for lead in LEADS if lead not in record.leads]
     if absent:
         return job, f"{job.header}: lacks lead(s) {', '.join(absent)}"
+    if record.header_channels != len(LEADS):  # the README: a wrong channel count is skipped
+        return job, (
+            f"{job.header}: {record.header_channels} channels, not the {len(LEADS)} of a PTB-XL "
+            "record"
+        )
     order = [record.leads.index(lead) for lead in LEADS]
     expected = RECORD_SECONDS * preprocess.fs
     if record.signal.shape[1] != expected:

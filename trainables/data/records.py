@@ -64,6 +64,7 @@ class Record:
     channel_indices: list[int] = field(default_factory=list)  # rows' positions in the header
     flat: list[bool] = field(default_factory=list)  # constant channel (no signal at all)
     peak_mv: float = 0.0  # largest |sample| after preprocessing
+    header_channels: int = 0  # channels the header lists (kept or not)
 
 
 def header_path(path: str | Path) -> Path:
@@ -328,6 +329,7 @@ def read_record(
         fs=preprocess.fs,
         fs_original=fs_original,
         channel_indices=keep,
+        header_channels=len(channel_names),
         flat=flat,
         peak_mv=float(np.abs(processed).max()) if processed.size else 0.0,
     )

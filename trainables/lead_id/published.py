@@ -187,7 +187,9 @@ def import_siglabv2(source: Path, out: Path) -> dict[str, Any]:
     try:
         released = torch.load(weights_file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:150]
+        from leadtune.trainables.training import load_refusal
+
+        reason = load_refusal(exc)[:150]
         raise ReleaseError(
             f"{weights_file}: not loaded as plain tensors ({reason}); leadtune only imports "
             "weights that load with weights_only=True"
