@@ -2,10 +2,9 @@
 (``LEADTUNE_CRASH_AT``, see ``search/faults.py`` and ``docs/faults.md``), a storage path that
 fills up, and the small one-line refusals. Real Ray, MLflow and Optuna through the CLI.
 
-A search-level case costs two short searches (about 1-2 min on 2 busy cores); only the case the
-first probe found (the driver killed right after the state file records a trial's end) runs by
-default; the others are marked ``slow`` (``LEADTUNE_SLOW_TESTS=1``, or ``make test-faults``).
-The promotion cases share one finished search.
+A search-level case costs two short searches (about 1-2 min on 2 busy cores), so every case
+that runs a search is marked ``slow``: ``make test-faults`` (``LEADTUNE_SLOW_TESTS=1``) runs
+them, CI runs them after ``make test``. The promotion cases share one finished search.
 """
 
 from __future__ import annotations
@@ -128,7 +127,7 @@ SEARCH_POINTS = ["trial_last_report", "trial_checkpoint", "optuna_tell", "trial_
 
 @pytest.mark.parametrize(
     "point",
-    [pytest.param(p, marks=[] if p == "trial_end_recorded" else pytest.mark.slow)
+    [pytest.param(p, marks=pytest.mark.slow)
      for p in SEARCH_POINTS],
 )  # fmt: skip
 def test_a_driver_killed_at_a_trial_end_step_resumes_to_a_whole_search(point, tmp_path, cache_dir):
@@ -179,6 +178,7 @@ def finished_search(tmp_path_factory, cache_dir) -> tuple[Path, dict[str, str]]:
     return root, record
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_during_promotion_stops_it_with_status_3_and_promote_finishes(finished_search):
     root, record = finished_search
     output = record["output"]
@@ -192,7 +192,7 @@ def test_a_ctrl_c_during_promotion_stops_it_with_status_3_and_promote_finishes(f
 
 @pytest.mark.parametrize(
     "point",
-    [pytest.param(p, marks=[] if p == "promote_version_created" else pytest.mark.slow)
+    [pytest.param(p, marks=pytest.mark.slow)
      for p in PROMOTE_POINTS],
 )  # fmt: skip
 def test_a_promotion_killed_at_a_registry_write_is_finished_by_promote(point, finished_search):
@@ -235,6 +235,7 @@ def _can_mount_tmpfs(tmp_path: Path) -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_storage_path_that_fills_up_stops_the_search_in_seconds_and_resume_finishes(
     tmp_path, cache_dir
 ):
