@@ -376,8 +376,9 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
         )
         mlmodel = save_pyfunc(Path(tmp) / MODEL_ARTIFACT, package, spec, example)
         client.log_artifacts(run_id, str(mlmodel), MODEL_ARTIFACT)
+        model_id = _log_model_entity(client, run_id, mlmodel, spec, tags)
     crash_point("promote_model_logged")
-    client.log_batch(run_id, metrics=_metrics(test_metrics))
+    client.log_batch(run_id, metrics=_metrics(test_metrics, model_id))
     crash_point("promote_run_metrics")
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     try:
@@ -389,11 +390,14 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
         figures[GAIN_TAG] = gain_sentence(gain)[:5000]
     version = client.create_model_version(
         name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags, **figures},
+        model_id=model_id,
         description="; ".join(
             p for p in (version_description(spec, test_metrics, tags), gain_sentence(gain)) if p
         ),
     )  # fmt: skip
     crash_point("promote_version_created")
+    if model_id is not None:
+        _link_version(client, model_id, name, version.version)
     use_tracking_uri(client.tracking_uri)
     return client.get_model_version(name, version.version)
 
@@ -464,10 +468,49 @@ def _numbers(values: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if k.startswith(prefix) and _is_number(v)}
 
 
-def _metrics(values: dict[str, Any]) -> list:
+def _metrics(values: dict[str, Any], model_id: str | None = None) -> list:
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in values.items() if _is_number(v)]
+    return [
+        Metric(k, float(v), now, 0, model_id=model_id) for k, v in values.items() if _is_number(v)
+    ]
+
+
+def _link_version(client: Any, model_id: str, name: str, version: str) -> None:
+    """Name the registered version on the logged model, as ``mlflow.register_model`` does (the
+    tag the model's page reads its "Registered versions" from)."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    known = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    versions = (json.loads(known) if known else []) + [{"name": name, "version": str(version)}]
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
+
+
+def _log_model_entity(
+    client: Any, run_id: str, folder: Path, spec: Any, tags: dict[str, str]
+) -> str | None:
+    """The same MLflow model as an MLflow 3 *logged model* of the trial's run (its "Logged
+    models" tab, the model's own page with its test metrics, linked from the registered
+    version). The run artefact ``model/`` stays the version's source. A tracking server that
+    knows no logged models (MLflow 2) is said and skipped: the registration does not need it."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(
+            experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id, model_type=spec.name,
+            tags={k: v for k, v in tags.items() if k.startswith("leadtune.")},
+        )  # fmt: skip
+        client.log_model_artifacts(logged.model_id, str(folder))
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    except MlflowException as exc:
+        print(f"[promote] no MLflow logged model ({str(exc).splitlines()[0][:200]})",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return logged.model_id

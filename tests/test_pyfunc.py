@@ -114,3 +114,26 @@ def test_mlflow_models_serve_answers_a_scoring_request(tmp_path_factory):
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
         log.close()
+
+
+def test_the_registered_version_is_a_logged_model_of_its_run_with_its_test_figures(
+    tmp_path_factory,
+):
+    """The run's "Logged models" tab holds the promoted model (MLflow 3 logged model, READY),
+    the registered version links it, and the test figures are the model's metrics."""
+    from mlflow.tracking import MlflowClient
+
+    env = delivery_env(tmp_path_factory)
+    client = MlflowClient(env.tracking_uri)
+    version = client.get_model_version_by_alias("lead-id", "champion")
+    run = client.get_run(version.run_id)
+    (logged,) = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
+    assert str(logged.status).endswith("READY") and logged.name == "model"
+    linked = json.loads(logged.tags["mlflow.modelVersions"])
+    assert {"name": "lead-id", "version": str(version.version)} in linked
+    on_model = {m.key: m.value for m in logged.metrics or []}
+    tests = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    assert tests and all(on_model.get(k) == v for k, v in tests.items()), (on_model, tests)
