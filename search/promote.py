@@ -232,6 +232,7 @@ def promote_best(
                 "leadtune.val_value": repr(val_value),
             },
             gain,
+            preprocessing=_dataset_preprocessing(dataset),
         )  # fmt: skip
     # The registry's writes are ordered so that a crash anywhere leaves nothing or a complete
     # version (its test figures and provenance as tags, written with it in one call); the
@@ -338,7 +339,8 @@ def _test_tags(tags: dict[str, str]) -> dict[str, float]:
 
 def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoint: Path,
               test_metrics: dict[str, Any], tags: dict[str, str],
-              gain: dict[str, Any] | None = None) -> Any:  # fmt: skip
+              gain: dict[str, Any] | None = None,
+              preprocessing: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """Write the model into the trial's run as an MLflow model (pyfunc flavour around the
     weights-only package, ``trainables.pyfunc``) and its test figures, then register it as a
     new version with all its tags in one call (a crash before leaves no version, one after a
@@ -366,8 +368,10 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
                 "val_thresholds": (state.get("metrics") or {}).get("val_thresholds"),
                 "test_metrics": {k: v for k, v in test_metrics.items() if _is_number(v)},
                 "source": {"checkpoint": str(checkpoint), "run_id": run_id, **tags},
-                # what the training data went through, so the package says what input it wants
-                "preprocessing": find_preprocess(
+                # what the training data went through, so the package says what input it wants:
+                # the prepared dataset's own settings where the caller has it
+                "preprocessing": preprocessing
+                or find_preprocess(
                     str(data.get("fingerprint", "unknown")), int(data.get("fs", 100))
                 )[0],
             },
@@ -477,6 +481,14 @@ def _metrics(values: dict[str, Any], model_id: str | None = None) -> list:
     return [
         Metric(k, float(v), now, 0, model_id=model_id) for k, v in values.items() if _is_number(v)
     ]
+
+
+def _dataset_preprocessing(dataset: Any) -> dict[str, Any] | None:
+    """The preprocessing a prepared dataset's manifest records (None: the caller's data says
+    none, e.g. a task with its own data layer)."""
+    manifest = getattr(dataset, "manifest", None) or {}
+    found = (manifest.get("settings") or {}).get("preprocess")
+    return dict(found) if found else None
 
 
 def _link_version(client: Any, model_id: str, name: str, version: str) -> None:
