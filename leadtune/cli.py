@@ -12,6 +12,7 @@ import os
 import sys
 
 from leadtune import __version__
+from leadtune.search.faults import Interrupted
 
 # Order is the order shown in --help: the path the data takes.
 COMMAND_MODULES = (
@@ -23,11 +24,6 @@ COMMAND_MODULES = (
     "leadtune.search.commands",  # leadtune search, leadtune promote
     "leadtune.analysis.commands",  # leadtune report, evaluate, export, label
 )
-
-
-class Interrupted(Exception):
-    """The work stopped part-way and can be finished (a resume, ``leadtune promote``): one line
-    saying how, exit status 3."""
 
 
 class OneLineParser(argparse.ArgumentParser):

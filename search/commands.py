@@ -152,7 +152,7 @@ def run_promote_command(args: argparse.Namespace) -> int:
             budgets=budgets,
         )  # fmt: skip
     except KeyboardInterrupt:
-        from leadtune.cli import Interrupted
+        from leadtune.search.faults import Interrupted
 
         raise Interrupted(
             "promotion interrupted; run the same `leadtune promote` again to finish it (a "

@@ -24,6 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+
+class Interrupted(Exception):
+    """The work stopped part-way and can be finished (a resume, ``leadtune promote``): the CLI
+    prints its one line saying how and exits with status 3."""
+
+
 CRASH_ENV = "LEADTUNE_CRASH_AT"
 MIN_FREE_ENV = "LEADTUNE_MIN_FREE_MB"
 DEFAULT_MIN_FREE_MB = 64.0

@@ -394,7 +394,6 @@ def register_checkpoint(client: Any, spec: Any, name: str, run_id: str, checkpoi
         figures[GAIN_TAG] = gain_sentence(gain)[:5000]
     version = client.create_model_version(
         name, source=source, run_id=run_id, tags={TASK_TAG: spec.name, **tags, **figures},
-        model_id=model_id,
         description="; ".join(
             p for p in (version_description(spec, test_metrics, tags), gain_sentence(gain)) if p
         ),

@@ -231,6 +231,8 @@ def check_optuna_storage(url: str) -> None:
                 f"--optuna-storage {url}: folder {Path(database).parent} does not exist"
             )
         return
+    from leadtune.search.tracking import check_database_driver
+
     check_database_driver(parsed, "--optuna-storage")
     try:
         engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(parsed))
@@ -243,28 +245,6 @@ def check_optuna_storage(url: str) -> None:
             f"--optuna-storage {parsed.render_as_string(hide_password=True)} does not answer "
             f"({reason}); start the database or fix the URL"
         ) from None
-
-
-# pip packages of the drivers SQLAlchemy loads, by the module it imports
-_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary",
-                    "MySQLdb": "mysqlclient", "pymysql": "pymysql"}  # fmt: skip
-
-
-def check_database_driver(parsed: Any, flag: str) -> None:
-    """That the Python driver of a database URL is installed: without it SQLAlchemy fails
-    before it reaches the server, and the server is not to blame."""
-    try:
-        parsed.get_dialect().import_dbapi()
-    except ImportError as exc:
-        module = getattr(exc, "name", None) or str(exc)
-        package = _DRIVER_PACKAGES.get(module, module)
-        raise ValueError(
-            f"{flag} {parsed.render_as_string(hide_password=True)}: the {parsed.get_backend_name()}"
-            f" driver ({module}) is not installed; install it into leadtune's environment "
-            f"(pip install '{package}') and run again"
-        ) from None
-    except Exception:  # an unknown dialect: the connection attempt names it
-        return
 
 
 def _connect_timeout(parsed: Any) -> dict[str, Any]:

@@ -100,8 +100,6 @@ def check_tracking_uri(uri: str | None, what: str) -> str:
     elif uri.split(":", 1)[0].split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
         from sqlalchemy.engine import make_url
 
-        from leadtune.search.settings import check_database_driver
-
         try:
             parsed = make_url(uri)
         except Exception:
@@ -113,6 +111,28 @@ def check_tracking_uri(uri: str | None, what: str) -> str:
             "http://host:5000 or postgresql://..."
         )
     return uri
+
+
+# pip packages of the drivers SQLAlchemy loads, by the module it imports
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary",
+                    "MySQLdb": "mysqlclient", "pymysql": "pymysql"}  # fmt: skip
+
+
+def check_database_driver(parsed: Any, flag: str) -> None:
+    """That the Python driver of a database URL is installed: without it SQLAlchemy fails
+    before it reaches the server, and the server is not to blame."""
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as exc:
+        module = getattr(exc, "name", None) or str(exc)
+        package = _DRIVER_PACKAGES.get(module, module)
+        raise ValueError(
+            f"{flag} {parsed.render_as_string(hide_password=True)}: the {parsed.get_backend_name()}"
+            f" driver ({module}) is not installed; install it into leadtune's environment "
+            f"(pip install '{package}') and run again"
+        ) from None
+    except Exception:  # an unknown dialect: the connection attempt names it
+        return
 
 
 def sqlite_uri(path: Path) -> str:

@@ -458,8 +458,7 @@ def _stopped_on_full_disk(plan: SearchPlan, client: Any, parent_run_id: str,
                           exc: BaseException) -> None:  # fmt: skip
     """The storage path is full: leave the search interrupted (the state file first, written in
     place if need be), tell MLflow if it still answers, and say so in one line (exit 3)."""
-    from leadtune.cli import Interrupted
-    from leadtune.search.faults import describe
+    from leadtune.search.faults import Interrupted, describe
 
     message = describe(exc, plan.search_dir)
     with contextlib.suppress(Exception):
@@ -571,7 +570,7 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
     search_state.write_state(plan.search_dir, cpu_seconds=outcome.cpu.seconds)
     _log(outcome.cpu.sentence())
     if outcome.status == search_state.FINISHED and outcome.best and plan.settings.promote:
-        from leadtune.cli import Interrupted
+        from leadtune.search.faults import Interrupted
         from leadtune.search.promote import promote_best
 
         try:

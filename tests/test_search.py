@@ -441,7 +441,8 @@ def test_a_two_objective_search_keeps_a_pareto_front_and_promotes_by_the_budget(
     text = (out / "report.md").read_text()
     assert "Pareto front" in text
     # the champion decision and the test figures, from the parent run promotion tagged
-    assert f"registered: `models:/lead-id/{version.version}` (trial {expected['trial_id']}" in text
+    assert f"registered: [`models:/lead-id/{version.version}`](" in text
+    assert f"(trial {expected['trial_id']}, MLflow run" in text
     assert "- champion alias: moved to it" in text and "test_lead_accuracy " in text
 
 
