@@ -934,6 +934,16 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
         if trial.get("run_id"):
             client.set_tag(trial["run_id"], "leadtune.state", "interrupted")
             client.set_terminated(trial["run_id"], "KILLED")
+    # Trials the time budget stopped end without Tune telling the callback: their runs would
+    # stay RUNNING with no state in MLflow (seen in the lead_id_finetune2 search's runs table).
+    for trial in trials:
+        if trial["state"] == "stopped_by_budget" and trial.get("run_id"):
+            tags = {"leadtune.state": "stopped_by_budget"}
+            if trial.get("epochs_run") is not None:
+                tags["leadtune.epochs_run"] = str(trial["epochs_run"])
+            for key, value in tags.items():
+                client.set_tag(trial["run_id"], key, value)
+            client.set_terminated(trial["run_id"], "KILLED")
 
     ranked = [t for t in trials if t["state"] in search_state.SUCCESSFUL_TRIAL_STATES]
     ranked = [t for t in ranked if t.get("value") is not None]

@@ -268,6 +268,12 @@ def test_trials_the_time_budget_stops_are_pruned_not_failed(tmp_path, cache_dir)
             assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
         else:
             assert trial.value is None
+    # and no MLflow run stays RUNNING: a budget-stopped trial's run ends KILLED with its state
+    _, _, runs = child_runs(tmp_path)
+    assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"], runs
+    for run in runs:
+        if run.data.tags.get("leadtune.state") == "stopped_by_budget":
+            assert run.info.status == "KILLED" and int(run.data.tags["leadtune.epochs_run"]) >= 1
 
 
 def _registered(root: Path, name: str = "lead-id") -> list:
