@@ -307,7 +307,7 @@ def test_a_missing_database_driver_is_named_not_the_server(tmp_path, capsys):
 
     pytest.importorskip("sqlalchemy")
     try:
-        import psycopg  # noqa: F401
+        import psycopg  # noqa: F401  # pyright: ignore[reportMissingImports]  (absent on purpose)
 
         pytest.skip("psycopg is installed here")
     except ImportError:
