@@ -196,6 +196,7 @@ def _attribute_rows(attr, forward, x, base, start, chunk, targets, settings, lay
             target=target, internal_batch_size=MAX_ROWS,
         )  # fmt: skip
     elif settings.method == "saliency":
+        rows = rows.clone().requires_grad_()  # (Captum warns when it has to set this itself)
         found = attr.Saliency(forward).attribute(rows, target=target, abs=False)
     else:
         cam = attr.LayerGradCam(forward, layer).attribute(
@@ -600,9 +601,12 @@ class VerdictMargin:
 
 def verdict_evidence(loaded: Any, signal: np.ndarray, header_leads: list[str | None],
                      result: Any, steps: int = 16) -> dict[str, Any]:  # fmt: skip
-    """For a record whose header was judged: how many nats of the verdict's margin each
-    channel's signal contributed (Integrated Gradients of the margin from a flat line, summed
-    over each channel's samples; they add up to margin(x) - margin(flat line)). The hypothesis
+    """For a record whose header was judged: which channels' signals carry the verdict's margin,
+    two ways. ``nats_lost_without_channel``: the margin minus the margin of the record with that
+    channel left out (the model takes any set of leads), i.e. its own labels' evidence plus what
+    it tells the others. ``nats_by_channel``: Integrated Gradients of the margin from a flat
+    line, summed over each channel's samples (they add up to margin(x) - margin(flat line));
+    in a set model every lead is context for the others, so this spreads wider. The hypothesis
     is the verdict's named reversal, else the best labelling of all (its exchanged channels).
     The first 10 s are explained (the verdict averages longer records' 10 s windows)."""
     import torch
@@ -627,22 +631,41 @@ def verdict_evidence(loaded: Any, signal: np.ndarray, header_leads: list[str | N
         at_flat = float(margin(torch.zeros(1, *x.shape))[0, 0])
     per_channel = found.sum(axis=1)
     names = [c.header_name or str(c.index) for c in result.channels]
+    header = {i: leads.index(header_leads[i]) for i in rows}
+    label = {i: leads.index(labels[i]) for i in rows}
+    removed = []
+    for c in range(len(names)):  # the margin with channel c left out of the record
+        keep = [i for i in range(len(names)) if i != c]
+        kept_rows = [i for i in rows if i != c]
+        if not kept_rows:
+            removed.append(at_x)
+            continue
+        without = VerdictMargin(loaded.model, [keep.index(i) for i in kept_rows],
+                                [header[i] for i in kept_rows], [label[i] for i in kept_rows],
+                                np.asarray(signs)[keep])  # fmt: skip
+        with torch.no_grad():
+            removed.append(at_x - float(without(torch.as_tensor(x[keep][None]))[0, 0]))
     return {
         "hypothesis": verdict.reversal or "best labelling",
-        "method": f"integrated_gradients ({steps} steps, flat-line baseline)",
         "margin_nats": round(at_x, 3),
+        # what leaving each channel out of the record takes away from the margin
+        "nats_lost_without_channel": {n: round(float(v), 3) for n, v in zip(names, removed)},
+        "method": f"integrated_gradients ({steps} steps, flat-line baseline)",
         "margin_at_flat_line_nats": round(at_flat, 3),
         "nats_by_channel": {n: round(float(v), 3) for n, v in zip(names, per_channel)},
     }
 
 
-def format_evidence(record: str, evidence: dict[str, Any], top: int = 4) -> str:
-    ranked = sorted(evidence["nats_by_channel"].items(), key=lambda kv: -abs(kv[1]))
-    shown = ", ".join(f"{name} {value:+.1f}" for name, value in ranked[:top])
+def format_evidence(record: str, evidence: dict[str, Any], top: int = 3) -> str:
+    def shown(key: str) -> str:
+        ranked = sorted(evidence[key].items(), key=lambda kv: -abs(kv[1]))
+        return ", ".join(f"{name} {value:+.1f}" for name, value in ranked[:top])
+
     return (
-        f"  why ({record}): the evidence for {evidence['hypothesis']} over the header's labels "
-        f"({evidence['margin_nats']:.1f} nats on the first 10 s) came most from channel(s) "
-        f"{shown} nats ({evidence['method']}; positive: for the swap)"
+        f"  why: {evidence['hypothesis']} beats the header's labels by "
+        f"{evidence['margin_nats']:.1f} nats (first 10 s); leaving a channel out takes away "
+        f"most for {shown('nats_lost_without_channel')} nats; Integrated Gradients puts most "
+        f"of the margin on {shown('nats_by_channel')} nats (all leads give context)"
     )
 
 
@@ -684,7 +707,7 @@ def plot_traces(
     cmap = plt.get_cmap("coolwarm" if signed else "Reds")
     height = 0.62 * channels + 1.2
     fig, axes = plt.subplots(channels, 1, figsize=(11, height), sharex=True, squeeze=False)
-    fig.subplots_adjust(left=0.08, right=0.9, top=1 - 0.45 / height, bottom=0.6 / height,
+    fig.subplots_adjust(left=0.08, right=0.86, top=1 - 0.45 / height, bottom=0.6 / height,
                         hspace=0.15)  # fmt: skip
     for k, ax in enumerate(axes[:, 0]):
         points = np.stack([t, signal[k]], axis=1)
@@ -706,7 +729,7 @@ def plot_traces(
             ax.spines[side].set_visible(False)
     axes[-1, 0].set_xlabel("time (s)")
     fig.suptitle(title, fontsize=10)
-    bar_axes = fig.add_axes((0.915, 0.3, 0.012, 0.4))
+    bar_axes = fig.add_axes((0.875, 0.3, 0.012, 0.4))
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=bar_axes)
     if signed:
         colour_label += "\n(red raises the output,\nblue lowers it)"
@@ -742,6 +765,7 @@ def plot_global_maps(
         beat = mean_beat[i]
         spread = float(np.ptp(beat)) or 1.0
         ax.plot(ms, i - 1.6 * (beat - beat.mean()) / spread, color="cyan", linewidth=0.9)
+        ax.set_ylim(k - 0.5, -0.5)  # the beat's trace must not widen the panel
         ax.axvline(0, color="white", linewidth=0.5, linestyle=":")
         ax.set_yticks(range(k))
         ax.set_yticklabels(leads, fontsize=6)
