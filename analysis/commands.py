@@ -1,4 +1,4 @@
-"""`leadtune report`, `evaluate`, `export` and `label`: reading what searches and training wrote.
+"""`leadtune report`, `evaluate`, `export`, `label` and `explain`: reading what searches and training wrote.
 
 Only argparse at import time: torch, MLflow and Optuna load inside the commands, so
 ``leadtune --help`` stays fast.
@@ -247,15 +247,109 @@ def run_label(args: argparse.Namespace) -> int:
         args.records, loaded, out=sys.stdout, as_json=args.json, exclude=exclude,
         csv_path=Path(args.csv) if args.csv else None,
     )  # fmt: skip
+    explanations = _explain_verdicts(results, loaded, exclude) if args.explain else {}
     if args.json:
-        objects = [r.to_json() for r in results]
+        objects = [
+            {**r.to_json(), **({"explanation": explanations[r.record]}
+                               if r.record in explanations else {})}
+            for r in results
+        ]  # fmt: skip
         objects += [
             {"schema": SCHEMA, "record": name, "error": why} for name, why in summary.failed
         ]
         print(json.dumps(objects if several else objects[0], indent=2))
+    if explanations and not args.json:
+        from leadtune.analysis.explain import format_evidence
+
+        for record, evidence in explanations.items():
+            print(format_evidence(record, evidence))
     if several:
         print(summary.format(), file=sys.stderr if args.json else sys.stdout)
     return summary.exit_code
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Checks every input (Captum, method, record or folder, output folder, model) before any
+    attribution is computed; then one record or a split."""
+    from leadtune.analysis.explain import (
+        Settings,
+        explain_record,
+        explain_split,
+        format_summary,
+        require_captum,
+    )
+    from leadtune.trainables.runtime import check_writable
+
+    require_captum()
+    if bool(args.record) == bool(args.source):
+        raise ValueError("pass one RECORD, or --source DIR (with --split) for a split")
+    if args.record and not _record_exists(args.record):
+        raise FileNotFoundError(
+            f"no such record: {args.record}; pass a WFDB record (NAME or NAME.hea)"
+        )
+    if args.source:
+        from leadtune.trainables.data.ptbxl import database_files
+
+        database_files(Path(args.source))  # a wrong folder is one line, before any work
+    settings = Settings(args.method, args.n_samples, args.steps, args.baseline, args.seed)
+    settings.check("diagnosis")  # the task-independent checks, before the model loads
+    if args.out:
+        check_writable(Path(args.out), "--out")
+    loaded = _load_for_explain(args)
+    settings.check(loaded.task)
+    where = Path(args.record).name if args.record else args.split
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs/explain") / f"{_slug(str(args.model or 'bundled'))}-{_slug(where)}"
+    )
+    if args.record:
+        summary = explain_record(loaded, args.record, settings, out, _exclusions(args.exclude))
+    else:
+        print(
+            f"[leadtune] explaining {loaded.source} on the {args.split} split of {args.source}",
+            file=sys.stderr,
+        )
+        dataset = _prepare(args.source, args.cache_dir, None, loaded)
+        summary = explain_split(loaded, dataset, args.split, args.limit, settings, out, args.source)
+    print(format_summary(summary))
+    return 0
+
+
+def _exclusions(values: list[str] | None) -> tuple[int | str, ...]:
+    return tuple(int(x) if x.isdigit() else x for x in (values or []))
+
+
+@_mlflow_errors_as_one_line
+def _load_for_explain(args: argparse.Namespace) -> Any:
+    from leadtune.analysis.model_source import load_model
+
+    loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
+    for parameter in loaded.model.parameters():  # gradients for the input only
+        parameter.requires_grad_(False)
+    return loaded
+
+
+def _explain_verdicts(results: list, loaded: Any, exclude: tuple) -> dict[str, Any]:
+    """``label --explain``: for each record with a suspected swap, each channel's share of the
+    verdict's margin (printed unless --json, where it joins the record's object)."""
+    from leadtune.analysis.explain import require_captum, verdict_evidence
+    from leadtune.trainables.data.preprocess import PreprocessConfig
+    from leadtune.trainables.data.records import read_record
+
+    flagged = [r for r in results if r.verdict.status == "swap_suspected"]
+    if not flagged:
+        return {}
+    require_captum()
+    for parameter in loaded.model.parameters():
+        parameter.requires_grad_(False)
+    found = {}
+    for result in flagged:
+        record = read_record(result.record, PreprocessConfig(**loaded.preprocess),
+                             require_leads=False, exclude=exclude)  # fmt: skip
+        header_leads = [c.header_lead for c in result.channels]
+        found[result.record] = verdict_evidence(loaded, record.signal, header_leads, result)
+    return found
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -403,4 +497,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="JSON on stdout (schema leadtune.label/3): one object per record, a list for several",
     )  # fmt: skip
     label.add_argument("--csv", default=None, metavar="FILE", help="one CSV row per record")
+    label.add_argument(
+        "--explain", action="store_true",
+        help="for each record with a suspected swap, how many nats of the verdict's margin each "
+        "channel's signal gave (Integrated Gradients with Captum; JSON: 'explanation')",
+    )  # fmt: skip
     label.set_defaults(func=run_label)
+
+    explain = subparsers.add_parser(
+        "explain",
+        help="attributions (Captum) of a model's outputs over the ECG: figures and arrays",
+        description="What in the signal made the model say it: attributions of each channel's "
+        "predicted lead (lead identification) or of each superclass (diagnosis) over every "
+        "lead and time sample, with Captum, drawn as colour on the 12 traces, and saved as "
+        "arrays (attributions.npz) with the method, baselines, samples and seed. Over a split "
+        "of a PTB-XL folder (--source): for lead identification, heartbeat-aligned global and "
+        "local attribution maps, the share of attribution near the R peaks and on each "
+        "target's own trace, and the PCA of each set-attention block; for diagnosis, each "
+        "lead's share of each class' attribution. Needs Captum (pip install captum).",
+        formatter_class=fmt,
+    )
+    explain.add_argument(
+        "record", nargs="?", default=None, metavar="RECORD",
+        help="a WFDB record (NAME or NAME.hea); or use --source for a split",
+    )  # fmt: skip
+    explain.add_argument("--model", default=None, help=MODEL_HELP + " (default: the bundled model)")
+    explain.add_argument(
+        "--source", default=None, help="a PTB-XL folder: explain a split of it instead of a record"
+    )
+    explain.add_argument("--split", choices=("train", "val", "test"), default="val")
+    explain.add_argument(
+        "--limit", type=positive_int, default=None,
+        help="with --source: only the first N records of the split (diagnosis: of its "
+        "labelled records)",
+    )  # fmt: skip
+    explain.add_argument(
+        "--method", choices=("gradient_shap", "integrated_gradients", "saliency", "grad_cam"),
+        default="gradient_shap",
+        help="Captum method; grad_cam (LayerGradCam on the last convolution) for diagnosis only",
+    )  # fmt: skip
+    explain.add_argument(
+        "--n-samples", type=positive_int, default=16, help="GradientShap: random points per input"
+    )
+    explain.add_argument(
+        "--steps", type=positive_int, default=64, help="Integrated Gradients: points on the path"
+    )
+    explain.add_argument(
+        "--baseline", choices=("zero", "noise"), default="zero",
+        help="zero: a flat line at 0 mV; noise: 8 seeded draws of 0.05 mV Gaussian noise",
+    )  # fmt: skip
+    explain.add_argument("--seed", type=int, default=0, help="GradientShap's and the noise's seed")
+    explain.add_argument(
+        "--out", default=None, help="output folder (default: runs/explain/<model>-<record|split>)"
+    )
+    explain.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ and run ids")
+    explain.add_argument("--cache-dir", default=None, help="dataset cache root")
+    explain.add_argument(
+        "--exclude", action="append", metavar="NAME|INDEX",
+        help="leave out a non-ECG channel of RECORD (lead identification)",
+    )  # fmt: skip
+    explain.set_defaults(func=run_explain)

@@ -22,7 +22,7 @@ COMMAND_MODULES = (
     "leadtune.trainables.commands",  # leadtune train
     "leadtune.bench",  # leadtune bench
     "leadtune.search.commands",  # leadtune search, leadtune promote
-    "leadtune.analysis.commands",  # leadtune report, evaluate, export, label
+    "leadtune.analysis.commands",  # leadtune report, evaluate, export, label, explain
 )
 
 
