@@ -525,7 +525,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     explain.add_argument(
         "--source", default=None, help="a PTB-XL folder: explain a split of it instead of a record"
     )
-    explain.add_argument("--split", choices=("train", "val", "test"), default="val")
+    explain.add_argument(
+        "--split", choices=("train", "val", "test"), default="val",
+        help="with --source: the split whose records are explained",
+    )  # fmt: skip
     explain.add_argument(
         "--limit", type=positive_int, default=None,
         help="with --source: only the first N records of the split (diagnosis: of its "

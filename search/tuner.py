@@ -935,7 +935,7 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
             client.set_tag(trial["run_id"], "leadtune.state", "interrupted")
             client.set_terminated(trial["run_id"], "KILLED")
     # Trials the time budget stopped end without Tune telling the callback: their runs would
-    # stay RUNNING with no state in MLflow (seen in the lead_id_finetune2 search's runs table).
+    # stay RUNNING with no state in MLflow (seen in a real search's runs table).
     for trial in trials:
         if trial["state"] == "stopped_by_budget" and trial.get("run_id"):
             tags = {"leadtune.state": "stopped_by_budget"}
