@@ -201,12 +201,7 @@ class MlflowTrialCallback(Callback):
         )
         self._ended_at = time.time()
         crash_point("trial_end_recorded")
-        run_id = self.run_id_for(trial)
-        tags = {STATE_TAG: state}
-        if last.get("epoch") is not None:
-            tags["leadtune.epochs_run"] = str(last["epoch"])
-        self.client.log_batch(run_id, tags=_tags(tags))
-        self.client.set_terminated(run_id, status=status)
+        end_run(self.client, self.run_id_for(trial), state, last.get("epoch"), status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
         self._finish(trial, trial_state(trial, trial.last_result or {}), "FINISHED")
@@ -242,6 +237,16 @@ def _params(config: dict[str, Any]) -> list:
     from mlflow.entities import Param
 
     return [Param(k, v) for k, v in flat_params(config).items()]
+
+
+def end_run(client: Any, run_id: str, state: str, epochs: Any, status: str) -> None:
+    """End a trial's MLflow run: how it ended (``leadtune.state``), its epochs run where known,
+    and MLflow's status (FINISHED, FAILED, KILLED)."""
+    tags = {STATE_TAG: state}
+    if epochs is not None:
+        tags["leadtune.epochs_run"] = str(epochs)
+    client.log_batch(run_id, tags=_tags(tags))
+    client.set_terminated(run_id, status=status)
 
 
 def _tags(tags: dict[str, str]) -> list:

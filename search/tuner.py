@@ -901,6 +901,7 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
               parent_run_id: str, started: float) -> SearchOutcome:  # fmt: skip
     """Trial table, the search's status, and the bookkeeping in Optuna, MLflow and the state
     file, whatever way the fit ended."""
+    from leadtune.search.callback import end_run
     from leadtune.search.study import (
         fail_orphaned_trials,
         prune_budget_stopped,
@@ -933,20 +934,13 @@ def _conclude(plan: SearchPlan, grid: Any, client: Any, tracking_uri: str, exper
     orphans = fail_orphaned_trials(plan.optuna_storage, plan.study, plan.search_dir.name, alive)
     if orphans:
         _log(f"failed Optuna trial(s) {orphans}: asked for, but no Tune trial will run them")
-    for trial in unfinished:
-        if trial.get("run_id"):
-            client.set_tag(trial["run_id"], "leadtune.state", "interrupted")
-            client.set_terminated(trial["run_id"], "KILLED")
-    # Trials the time budget stopped end without Tune telling the callback: their runs would
-    # stay RUNNING with no state in MLflow (seen in a real search's runs table).
+    # Unfinished trials, and trials the time budget stopped (Tune does not tell the callback of
+    # those: their runs would stay RUNNING with no state in MLflow, as a real search showed).
     for trial in trials:
-        if trial["state"] == "stopped_by_budget" and trial.get("run_id"):
-            tags = {"leadtune.state": "stopped_by_budget"}
-            if trial.get("epochs_run") is not None:
-                tags["leadtune.epochs_run"] = str(trial["epochs_run"])
-            for key, value in tags.items():
-                client.set_tag(trial["run_id"], key, value)
-            client.set_terminated(trial["run_id"], "KILLED")
+        if trial.get("run_id") and trial["state"] in ("unfinished", "stopped_by_budget"):
+            state = "interrupted" if trial["state"] == "unfinished" else "stopped_by_budget"
+            epochs = trial.get("epochs_run") if state == "stopped_by_budget" else None
+            end_run(client, trial["run_id"], state, epochs, "KILLED")
 
     ranked = [t for t in trials if t["state"] in search_state.SUCCESSFUL_TRIAL_STATES]
     ranked = [t for t in ranked if t.get("value") is not None]
