@@ -120,7 +120,7 @@ def run_promote_command(args: argparse.Namespace) -> int:
     from leadtune.search.objectives import parse_within
     from leadtune.search.promote import check_finished, promote_best
     from leadtune.search.state import find_search
-    from leadtune.search.tracking import MlflowServer, check_tracking_uri, sqlite_uri
+    from leadtune.search.tracking import check_tracking_uri, sqlite_uri
     from leadtune.trainables.runtime import check_writable
 
     budgets = [parse_within(text) for text in args.within] if args.within else None
@@ -130,20 +130,15 @@ def run_promote_command(args: argparse.Namespace) -> int:
         check_register_name(args.register_name)
     root = Path(args.storage_path).resolve()
     search_dir = find_search(root, args.study, args.experiment)
-    saved = check_finished(search_dir)  # before any server starts
+    saved = check_finished(search_dir)  # before anything is written
     tracking_uri = args.tracking_uri or saved.get("tracking_uri_given")
-    server = None
     if tracking_uri is None:
         if not (root / "mlflow.db").is_file():
             raise FileNotFoundError(
                 f"no MLflow database at {root / 'mlflow.db'}; pass --tracking-uri"
             )
         check_writable(root, "--storage-path")
-        from leadtune.search.tuner import bound_mlflow_retries
-
-        bound_mlflow_retries()  # a local server's failures do not heal by waiting
-        server = MlflowServer(db_path=root / "mlflow.db", artifacts=root / "mlartifacts").start()
-        tracking_uri = server.uri
+        tracking_uri = sqlite_uri(root / "mlflow.db")
     else:
         check_tracking_uri(tracking_uri, "--tracking-uri")
     try:
@@ -158,10 +153,7 @@ def run_promote_command(args: argparse.Namespace) -> int:
             "promotion interrupted; run the same `leadtune promote` again to finish it (a "
             "version registered already is completed, not registered twice)"
         ) from None
-    finally:
-        if server is not None:
-            server.stop()
-    durable = sqlite_uri(root / "mlflow.db") if server is not None else tracking_uri
+    durable = tracking_uri
     if args.json:
         print(json.dumps(decision, indent=2, default=str))
     else:

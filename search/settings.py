@@ -56,8 +56,13 @@ class SearchSettings:
         "runs/search", "folder for results, checkpoints and the default databases"
     )
     tracking_uri: str | None = _option(
-        None, "MLflow server (http://host:5000) or database URI (default: start a server on "
-        "SQLite under --storage-path for the search's lifetime)",
+        None, "MLflow server (http://host:5000) or database URI (default: the SQLite database "
+        "mlflow.db under --storage-path, written directly by the search)",
+    )  # fmt: skip
+    mlflow_server: bool = _option(
+        False, "without --tracking-uri: start a local MLflow server on that SQLite database for "
+        "the search's lifetime and log through it (costs a process; the default writes the "
+        "database directly)", action="store_true",
     )  # fmt: skip
     optuna_storage: str | None = _option(
         None, "SQLAlchemy URL of the Optuna study (default: sqlite under --storage-path)"

@@ -400,7 +400,7 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
         account = CpuAccount().start()  # this process and all it starts: server, Ray, trials
         server = None
         tracking_uri = settings.tracking_uri or plan.previous.get("tracking_uri_given")
-        if tracking_uri is None:
+        if tracking_uri is None and settings.mlflow_server:
             from leadtune.search.tracking import MlflowServer
 
             _log("starting a local MLflow tracking server (SQLite) ...")
@@ -409,6 +409,10 @@ def run_search(settings: SearchSettings) -> SearchOutcome:
                 db_path=plan.root / "mlflow.db", artifacts=plan.root / "mlartifacts"
             ).start()
             tracking_uri = server.uri
+        elif tracking_uri is None:
+            # Only this driver writes to MLflow (trials report to it through Ray), so the local
+            # default is the database itself: no server process, no HTTP round trip per metric.
+            tracking_uri = sqlite_uri(plan.root / "mlflow.db")
         try:
             outcome = _execute(plan, tracking_uri, account)
         finally:
@@ -662,6 +666,10 @@ def _start_ray(plan: SearchPlan) -> None:
     if not ray.is_initialized():
         if settings.address is None and not os.environ.get("RAY_AUTH_MODE"):
             enable_ray_token_auth()
+        if settings.address is None:
+            # Ray starts one idle worker per CPU for the driver's job; Tune never uses them (each
+            # trial is an actor with its own worker), so on a laptop they only cost CPU to start.
+            os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         ray.init(
             address=settings.address,
             include_dashboard=False,

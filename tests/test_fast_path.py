@@ -20,11 +20,10 @@ import wfdb
 
 from leadtune.trainables import runtime
 from leadtune.trainables.lead_id.models import ModelConfig, count_parameters, create_model, kernels
-from leadtune.trainables.lead_id.models.encoders import (
-    AttentionPooling,
+from leadtune.trainables.lead_id.models.encoders import AttentionPooling, InceptionBlock
+from leadtune.trainables.lead_id.models.fused import (
     BatchNormReLUConcat,
     BlockInputProducts,
-    InceptionBlock,
     TimeMajorAttentionPooling,
     max_pool3_rows,
     max_pool_time,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import wfdb
 
 from leadtune.trainables.lead_id.models import ModelConfig, create_model, kernels
-from leadtune.trainables.lead_id.models.encoders import BatchNormReLUConcat, max_pool3_rows
+from leadtune.trainables.lead_id.models.fused import BatchNormReLUConcat, max_pool3_rows
 from leadtune.trainables.lead_id.models.plain_reference import copy_weights, create_plain_model
 from leadtune.trainables.lead_id.models.recurrent import gru_inference, gru_layers
 from leadtune.trainables.lead_id.train import LeadIdData, train_lead_id

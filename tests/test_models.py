@@ -316,8 +316,13 @@ def test_describe_models_lists_everything_registered() -> None:
     names = {(row["kind"], row["name"]) for row in rows}
     assert names == {("encoder", name) for name in ENCODERS} | {
         ("context", name) for name in CONTEXTS
-    } | {("model", "reference")}
+    } | {("model", "reference"), ("model", "reference-d64")}
     by_name = {row["name"]: row for row in rows}
+    # the released configuration is named beside leadtune train's default (D = 128)
+    assert by_name["reference-d64"]["parameters"] == 582_996
+    assert by_name["reference-d64"]["published_parameters"] == 592_161
+    assert "D=64" in str(by_name["reference-d64"]["description"])
+    assert "default" in str(by_name["reference"]["description"])
     assert by_name["cnn_gru"]["parameters"] == encoder_by_hand("cnn_gru")
     assert by_name["reference"]["parameters"] == 1_349_076
     assert by_name["reference"]["published_parameters"] == 1_367_393
@@ -339,6 +344,7 @@ def test_models_command_prints_table_and_json(capsys: pytest.CaptureFixture[str]
     assert code == 0
     rows = {row["name"]: row for row in json.loads(text)}
     assert rows["reference"]["parameters"] == 582_996
+    assert "reference-d64" not in rows  # already the reference row at --d-model 64
     assert rows["gru"]["parameters"] == encoder_by_hand("gru", 64)
 
 

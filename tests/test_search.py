@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -343,8 +344,8 @@ def test_a_killed_driver_leaves_no_server_and_resume_leaves_no_orphaned_optuna_t
 ):
     args = [a for a in search_args(tmp_path, cache_dir, "--no-promote", trials=3, epochs=3)]
     at = args.index("--tracking-uri")
-    del args[at : at + 2]  # the search starts its own MLflow server
-    proc = _run_cli(args)
+    del args[at : at + 2]  # the default database under --storage-path ...
+    proc = _run_cli([*args, "--mlflow-server"])  # ... through a server the search starts
     db = (tmp_path / "ray" / "mlflow.db").resolve()
     _wait_for(lambda: list((tmp_path / "ray").glob("smoke/search-*/lead_id_*")), proc)
     assert _mlflow_servers(db)
@@ -356,13 +357,32 @@ def test_a_killed_driver_leaves_no_server_and_resume_leaves_no_orphaned_optuna_t
     assert not _mlflow_servers(db)
     shutdown_ray_cluster_of(tmp_path)
 
+    # resumed without the flag: the driver writes the same database itself, and no server runs
     resumed = _run_cli([*args, "--resume"])
-    output, _ = resumed.communicate(timeout=600)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(resumed.stdout.read()), daemon=True)
+    reader.start()
+    servers: list[str] = []
+    deadline = time.monotonic() + 600
+    while resumed.poll() is None and time.monotonic() < deadline:
+        servers += _mlflow_servers(db)
+        time.sleep(0.5)
+    resumed.wait(timeout=5)
+    reader.join(timeout=10)
+    output = "".join(chunks)
     assert resumed.returncode == 0, output
+    assert not servers, servers
     trials = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path}/ray/optuna.db")
     states = [t.state for t in trials.trials]
     assert optuna.trial.TrialState.RUNNING not in states, states
     assert _state(tmp_path)["status"] == "finished"
+    client = mlflow_client(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    finished = [
+        r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"
+    ]
+    assert len(finished) >= 3, [(r.info.run_name, r.info.status) for r in runs]
 
 
 def shutdown_ray_cluster_of(root: Path) -> None:

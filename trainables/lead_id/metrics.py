@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import binom, chi2
 
 LEAD_NAMES: tuple[str, ...] = (
     "I",
@@ -361,6 +360,8 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult:
     if b + c == 0:
         return McNemarResult(b=b, c=c, statistic=0.0, p_value=1.0)
     statistic = (abs(b - c) - 1) ** 2 / (b + c)
+    from scipy.stats import chi2  # (scipy.stats costs ~0.8 s to import; only the tests need it)
+
     return McNemarResult(b=b, c=c, statistic=float(statistic), p_value=float(chi2.sf(statistic, 1)))
 
 
@@ -371,6 +372,8 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult
     b, c = _discordant(correct_a, correct_b)
     if b + c == 0:
         return McNemarResult(b=b, c=c, statistic=0.0, p_value=1.0)
+    from scipy.stats import binom
+
     p_value = min(1.0, 2.0 * float(binom.cdf(min(b, c), b + c, 0.5)))
     return McNemarResult(b=b, c=c, statistic=float(b - c), p_value=p_value)
 
