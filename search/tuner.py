@@ -458,6 +458,21 @@ def _tune_signal_handlers() -> Iterator[None]:
             signal.signal(name, handler)
 
 
+@contextlib.contextmanager
+def _quiet_sql_store() -> Iterator[None]:
+    """MLflow's SQL store logs a failed write with its traceback before raising it; where the
+    failure is expected (the database on a full disk) the one line the search prints says it."""
+    import logging
+
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    level = store_log.level
+    store_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        store_log.setLevel(level)
+
+
 def _stopped_on_full_disk(plan: SearchPlan, client: Any, parent_run_id: str,
                           exc: BaseException) -> None:  # fmt: skip
     """The storage path is full: leave the search interrupted (the state file first, written in
@@ -467,7 +482,7 @@ def _stopped_on_full_disk(plan: SearchPlan, client: Any, parent_run_id: str,
     message = describe(exc, plan.search_dir)
     with contextlib.suppress(Exception):
         search_state.write_state(plan.search_dir, status=search_state.INTERRUPTED)
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), _quiet_sql_store():
         client.set_terminated(parent_run_id, "FAILED")
     raise Interrupted(
         f"search stopped, {message}; free space there, then: leadtune search --study "

@@ -133,7 +133,10 @@ SEARCH_POINTS = ["trial_last_report", "trial_checkpoint", "optuna_tell", "trial_
 def test_a_driver_killed_at_a_trial_end_step_resumes_to_a_whole_search(point, tmp_path, cache_dir):
     """SIGKILL at the named step of the first trial's end; ``--resume`` then ends with each
     trial once, nothing RUNNING anywhere, and a complete champion."""
-    first = _cli(_search(tmp_path, cache_dir), crash_at=point)
+    # Tune saves its experiment state every 10 s or more ("auto"); the second 1-epoch trial can
+    # end sooner than that, and then no save falls between the first trial's end and the search's
+    first = _cli(_search(tmp_path, cache_dir), crash_at=point,
+                 env={"TUNE_GLOBAL_CHECKPOINT_S": "1"} if point == "tune_checkpoint" else None)  # fmt: skip
     assert first.returncode == KILLED, first.stdout[-3000:]
     assert f"crash point {point}" in first.stdout
     assert read_state(next((tmp_path / "ray" / "smoke").glob("search-*")))["status"] == "running"
@@ -236,8 +239,9 @@ def _can_mount_tmpfs(tmp_path: Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tracking", ["database", "server"])
 def test_a_storage_path_that_fills_up_stops_the_search_in_seconds_and_resume_finishes(
-    tmp_path, cache_dir
+    tracking, tmp_path, cache_dir
 ):
     """A real small file system (tmpfs in a private mount namespace) filled while the first
     trial runs: the search stops within seconds, exit 3, one line naming the path and its free
@@ -254,7 +258,7 @@ def test_a_storage_path_that_fills_up_stops_the_search_in_seconds_and_resume_fin
     search = " ".join(
         ["search", "--space", "smoke", "--trials", "2", "--epochs", "2", "--max-concurrent", "1",
          "--storage-path", f"{mount}/s", "--source", str(SAMPLE), "--cache-dir", str(cache_dir),
-         "--no-promote"]
+         "--no-promote", *(["--mlflow-server"] if tracking == "server" else [])]
     )  # fmt: skip
     python = f"{sys.executable} -m leadtune"
     script = textwrap.dedent(f"""
@@ -285,7 +289,12 @@ def test_a_storage_path_that_fills_up_stops_the_search_in_seconds_and_resume_fin
     assert seconds < 30, (seconds, first[-3000:])
     lines = [line for line in first.splitlines() if line.startswith("leadtune: ")]
     assert len(lines) == 1 and f"{mount}/s" in lines[0] and "MB free" in lines[0], first[-3000:]
-    assert "Traceback" not in first, first[-3000:]
+    # The driver checks the free space once a second; when a trial's checkpoint meets the full
+    # disk first, Ray prints that trial's traceback before leadtune's line (docs/faults.md), in
+    # either mode. Nothing else may.
+    for block in first.split("Traceback (most recent call last):")[1:]:
+        assert "No space left on device" in block, first[-3000:]
+    assert first.count("Traceback") <= first.count("Trial task failed"), first[-3000:]
     import json
 
     assert json.loads((out / "first.state").read_text())["status"] == "interrupted"
