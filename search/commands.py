@@ -153,7 +153,6 @@ def run_promote_command(args: argparse.Namespace) -> int:
             "promotion interrupted; run the same `leadtune promote` again to finish it (a "
             "version registered already is completed, not registered twice)"
         ) from None
-    durable = tracking_uri
     if args.json:
         print(json.dumps(decision, indent=2, default=str))
     else:
@@ -161,7 +160,7 @@ def run_promote_command(args: argparse.Namespace) -> int:
             f"{decision['model_uri']}: champion "
             f"{'moved to it' if decision['alias_moved'] else 'unchanged'} ({decision['reason']})\n"
             f"test: {json.dumps(decision['test_metrics'])}\n"
-            f"use it: leadtune evaluate {decision['champion_uri']} --tracking-uri {durable}"
+            f"use it: leadtune evaluate {decision['champion_uri']} --tracking-uri {tracking_uri}"
         )
     return 0
 

@@ -360,7 +360,9 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemarResult:
     if b + c == 0:
         return McNemarResult(b=b, c=c, statistic=0.0, p_value=1.0)
     statistic = (abs(b - c) - 1) ** 2 / (b + c)
-    from scipy.stats import chi2  # (scipy.stats costs ~0.8 s to import; only the tests need it)
+    # imported here: scipy.stats costs ~0.8 CPU s, and training (which imports this module in
+    # every trial) needs only the Hungarian assignment above, not these two tests
+    from scipy.stats import chi2
 
     return McNemarResult(b=b, c=c, statistic=float(statistic), p_value=float(chi2.sf(statistic, 1)))
 

@@ -157,7 +157,12 @@ def describe_models(d_model: int = 128, n_classes: int = 12) -> list[dict[str, o
         # (95.22 vs 96.16 %, Hungarian; docs/figures.md), so 128 stays the default.
         released = dataclasses.replace(base, d_model=RELEASED_D_MODEL)
         rows.append(
-            _reference_row(f"reference-d{RELEASED_D_MODEL}", released, n_classes, "--d-model 64")
+            _reference_row(
+                f"reference-d{RELEASED_D_MODEL}",
+                released,
+                n_classes,
+                f"--d-model {RELEASED_D_MODEL}",
+            )
         )
     return rows
 
