@@ -69,6 +69,15 @@ def quiet_third_party_output() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        from leadtune.trainables import runtime
+
+        # glibc reads its allocator settings at start-up: heavy commands restart once with them,
+        # before the parser imports every command's module (that would be paid twice).
+        words = sys.argv[1:]
+        command = next((word for word in words if not word.startswith("-")), None)
+        if runtime.should_reexec(command) and not {"-h", "--help"} & set(words):
+            runtime.reexec_with_allocator_settings(words)
     quiet_third_party_output()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -84,12 +93,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         sys.exit(2)
-    if argv is None:
-        from leadtune.trainables import runtime
-
-        # glibc reads its allocator settings at start-up: heavy commands restart once with them.
-        if runtime.should_reexec(args.command):
-            runtime.reexec_with_allocator_settings(sys.argv[1:])
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:

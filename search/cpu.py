@@ -25,13 +25,21 @@ from typing import Any
 ROLES = ("trials", "driver", "mlflow", "ray", "ray workers (idle)", "other")
 
 
+# Ray's per-node agents carry a "ray::" title like its workers, but never run a trial.
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _ray_worker(title: str) -> bool:
+    return title.startswith("ray::") and not title.startswith(RAY_AGENTS)
+
+
 def _role(cmdline: list[str], name: str, pid: int, root: int) -> str:
     if pid == root:
         return "driver"
     text = " ".join(cmdline) or name
     if "mlflow" in text or "leadtune.search.tracking" in text or "huey" in text:
         return "mlflow"
-    if text.startswith("ray::"):
+    if _ray_worker(text):
         return "ray workers (idle)"  # until a trial reports from it
     if "ray" in text or name in ("gcs_server", "raylet"):
         return "ray"
@@ -203,7 +211,7 @@ def _follow(argv: list[str]) -> int:
                 title = " ".join(proc.cmdline())
             except psutil.Error:
                 continue
-            if title.startswith("ray::") and "IDLE" not in title:
+            if _ray_worker(title) and "IDLE" not in title:
                 account.note_trial_pid(proc.pid)
         beat += 1
         if beat % 15 == 0:  # a line every 30 s

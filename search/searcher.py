@@ -69,10 +69,35 @@ class LeadtuneOptunaSearch(OptunaSearch):
             _finite(value)
             and step is not None
             and reported.get(trial_id) != int(step)
-            and not _finished_in_storage(self._ot_study, self._ot_trials[trial_id])
+            and not self._told_before(trial_id)
         ):
             self._ot_trials[trial_id].report(float(value), int(step))
             reported[trial_id] = int(step)
+
+    def _told_before(self, trial_id: str) -> bool:
+        """Whether the study already holds the trial as finished: told by a run of this search
+        that was killed before Tune saved it (resume). Asked of the storage once per trial and
+        process; after that only this searcher tells it, and it remembers (_completed_trials)."""
+        checked = self.__dict__.setdefault("_open_in_storage", set())
+        if trial_id in checked:
+            return False
+        if _finished_in_storage(self._ot_study, self._ot_trials[trial_id]):
+            return True
+        checked.add(trial_id)
+        return False
+
+    def save(self, checkpoint_path: str) -> None:
+        # what this process saw in the storage is not saved: a resume asks again
+        seen = self.__dict__.pop("_open_in_storage", None)
+        try:
+            super().save(checkpoint_path)
+        finally:
+            if seen is not None:
+                self._open_in_storage = seen
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.__dict__.pop("_open_in_storage", None)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         import optuna

@@ -17,6 +17,7 @@ MLflow bookkeeping, promotion).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -266,7 +267,7 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
         SpaceWithFixed(space.define, fixed), {**plan.defaults, **fixed}, spec.config_from_dict
     )
     if settings.address is None:  # a local Ray gets this machine's cores and GPUs, no more
-        check_resources(settings, local_resources())
+        check_resources(settings, local_resources(count_gpus=settings.gpus_per_trial > 0))
     if settings.warm_start:
         from leadtune.search.study import check_warm_start
 
@@ -362,7 +363,12 @@ def check_ray_address(address: str) -> None:
         ) from None
 
 
-def local_resources() -> dict[str, float]:
+def local_resources(count_gpus: bool = True) -> dict[str, float]:
+    """This machine's cores and the GPUs torch can use; without ``count_gpus`` (no trial asks
+    for a GPU) torch is not imported: the driver never builds a model, and torch costs it
+    about 1.5 CPU s."""
+    if not count_gpus:
+        return {"CPU": float(os.cpu_count() or 1), "GPU": 0.0}
     import torch
 
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
@@ -678,22 +684,57 @@ def _start_ray(plan: SearchPlan) -> None:
     from leadtune.trainables.runtime import ray_runtime_env
 
     settings = plan.settings
+    local = settings.address is None
     if not ray.is_initialized():
-        if settings.address is None and not os.environ.get("RAY_AUTH_MODE"):
+        if local and not os.environ.get("RAY_AUTH_MODE"):
             enable_ray_token_auth()
-        if settings.address is None:
+        if local:
             # Ray starts one idle worker per CPU for the driver's job; Tune never uses them (each
             # trial is an actor with its own worker), so on a laptop they only cost CPU to start.
             os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-        ray.init(
-            address=settings.address,
-            include_dashboard=False,
-            configure_logging=True,
-            logging_level="WARNING",
-            log_to_driver=False,
-            runtime_env=ray_runtime_env(settings.gpus_per_trial),  # allocator env, GPU share
-        )
+        with _lean_local_node(local):
+            ray.init(
+                address=settings.address,
+                include_dashboard=False,
+                configure_logging=True,
+                logging_level="WARNING",
+                log_to_driver=False,
+                runtime_env=ray_runtime_env(settings.gpus_per_trial),  # allocator env, GPU share
+                # a local Ray without a dashboard has nobody to read its metrics (their agents
+                # cost ~1 CPU s a minute); a cluster's are the cluster's to set
+                _system_config={"enable_metrics_collection": False} if local else None,
+            )
     check_resources(settings, ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def _lean_local_node(local: bool) -> Iterator[None]:
+    """While a local Ray starts, leave out two of its head's processes that such a search never
+    uses: the log monitor (it forwards workers' output to a driver that subscribes; ours passes
+    ``log_to_driver=False``) and the autoscaler monitor (a local Ray cannot grow). Together they
+    cost about 2 CPU s on the demo. ``ray.init`` has no switch for them, so the head's parameters
+    (``ray._private.parameter.RayParams``, Ray pinned in pyproject.toml) get them for this call
+    only; on a Ray without those fields the head starts as Ray's default. A cluster
+    (``--address``) is left as it is."""
+    from ray._private import parameter
+
+    original = parameter.RayParams
+    fields = set(inspect.signature(original).parameters)
+    if not local or not {"include_log_monitor", "no_monitor"} <= fields:
+        yield
+        return
+
+    class LeanRayParams(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("include_log_monitor", False)
+            kwargs.setdefault("no_monitor", True)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = LeanRayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
 
 
 def enable_ray_token_auth() -> None:
@@ -742,6 +783,9 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     settings = plan.settings
     if account is not None:  # (a resumed search restores its callbacks, this one included)
         activate(account)
+    # Tune adds only the loggers its callbacks lack; our own are in _result_files (a resumed
+    # search restores them), so it must not add its TensorBoard logger either.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial_entry,
@@ -820,11 +864,21 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
                 checkpoint_score_attribute=plan.metric,  # each epoch's own value
                 checkpoint_score_order=plan.mode,
             ),
-            callbacks=[callback, TrialPidCallback()],
+            callbacks=[callback, TrialPidCallback(), *_result_files()],
             progress_reporter=reporter,
             verbose=1,
         ),
     )
+
+
+def _result_files() -> list[Any]:
+    """Tune's per-trial ``progress.csv`` and ``result.json`` (its ResultGrid, and so
+    ``leadtune report``, reads them), without the TensorBoard event files Tune also writes by
+    default: MLflow holds every metric, and Tune's TensorBoard logger imports torch into the
+    driver (about 1.5 CPU s on a 2.5-minute demo)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
 @dataclass

@@ -308,6 +308,30 @@ def test_registering_a_new_encoder_makes_it_buildable() -> None:
         del ENCODERS["mean_amplitude"]
 
 
+def test_builtin_block_names_match_what_the_modules_register() -> None:
+    """The static names that let a driver check a configuration without torch."""
+    from leadtune.trainables.lead_id.models import registry
+
+    registered_encoders = set(ENCODERS) - {"mean_amplitude"}
+    assert set(registry.BUILTIN_ENCODERS) == registered_encoders
+    assert set(registry.BUILTIN_CONTEXTS) == set(CONTEXTS)
+
+
+def test_checking_a_configuration_imports_no_torch() -> None:
+    """A search's driver checks every trial's configuration; it must not pay for torch."""
+    code = (
+        "import sys\n"
+        "from leadtune.trainables.lead_id.config import LeadIdConfig\n"
+        "LeadIdConfig.from_dict({'encoder': 'cnn_gru', 'context': 'isab'})\n"
+        "try:\n"
+        "    LeadIdConfig.from_dict({'encoder': 'resnet'})\n"
+        "except ValueError as exc:\n"
+        "    assert 'known: cnn, cnn_gru' in str(exc), exc\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 # --- describe_models and `leadtune models` ----------------------------------------------------
 
 

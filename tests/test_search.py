@@ -68,6 +68,51 @@ def shutdown_ray():
         ray.shutdown()
 
 
+def test_a_new_database_copied_from_the_schema_template_equals_a_migrated_one(
+    tmp_path, monkeypatch
+):
+    """The fast path for a new mlflow.db (a copy of an empty database this MLflow version
+    migrated before) against the plain one (MLflow's migrations): same tables, indexes,
+    schema revision and rows, and MLflow writes to the copy."""
+    import sqlite3
+
+    from leadtune.search.tracking import schema_template
+
+    monkeypatch.setenv("LEADTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    template = schema_template()
+    assert not template.exists()
+    mlflow_client(f"sqlite:///{tmp_path}/migrated.db")  # migrates, then keeps the template
+    assert template.is_file()
+    copy = mlflow_client(f"sqlite:///{tmp_path}/copied.db")
+
+    def contents(db: Path) -> dict:
+        with sqlite3.connect(db) as conn:
+            tables = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+            return {
+                "schema": sorted(
+                    conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+                ),
+                "rows": {
+                    t: sorted(map(repr, conn.execute(f'SELECT * FROM "{t}"'))) for t in tables
+                },
+            }
+
+    migrated, copied = contents(tmp_path / "migrated.db"), contents(tmp_path / "copied.db")
+    assert copied["schema"] == migrated["schema"]
+    default = copy.get_experiment("0")  # made now, here, as a migration here would have
+    assert default.artifact_location == str(tmp_path / "mlruns" / "0")
+    assert abs(default.creation_time / 1000 - time.time()) < 60
+    del copied["rows"]["experiments"], migrated["rows"]["experiments"]
+    assert copied["rows"] == migrated["rows"]  # alembic_version, tags, ...
+    experiment = copy.create_experiment("written")
+    run = copy.create_run(experiment)
+    copy.log_metric(run.info.run_id, "x", 1.0)
+    assert copy.get_run(run.info.run_id).data.metrics == {"x": 1.0}
+
+
 def test_smoke_search_logs_every_trial_and_promotes_a_champion(tmp_path, cache_dir, capsys):
     try:
         code = main(search_args(tmp_path, cache_dir, "--json"))

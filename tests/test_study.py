@@ -61,26 +61,27 @@ def test_warm_start_errors_are_one_line_and_come_first(tmp_path):
         open_study(storage, "upside", "max", (), 0, None, None, "earlier")
 
 
+def _one_float(trial):  # a space the searcher's save can pickle
+    return {"x": trial.suggest_float("x", 0, 1)}
+
+
 def test_a_trial_optuna_already_finished_is_never_told_again(tmp_path):
     """A driver killed after telling Optuna a trial's end, before Tune saved the searcher: the
     restored searcher sees the trial end again. It must not tell Optuna a second time (that was
     ``UpdateFinishedTrialError`` on every --resume) nor change the recorded result."""
-    import copy
-
     from leadtune.search.searcher import make_searcher
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     open_study(storage, "s", "min", (), 0, "best_val_loss")
-    searcher = make_searcher(
-        lambda t: {"x": t.suggest_float("x", 0, 1)}, "best_val_loss", "min", storage, "s", 0, "a"
-    )
+    searcher = make_searcher(_one_float, "best_val_loss", "min", storage, "s", 0, "a")
     searcher.suggest("t1")
-    saved = copy.deepcopy({k: v for k, v in searcher.__dict__.items() if k != "_ot_study"})
     result = {"best_val_loss": 0.5, "epoch": 2, "schedule_pct": 100.0}
     searcher.on_trial_result("t1", result)
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
     searcher.on_trial_complete("t1", result)
     # the state Tune restores is older: the trial is not known as completed there
-    searcher._completed_trials = saved["_completed_trials"]
+    searcher.restore(str(tmp_path / "searcher.pkl"))
+    assert "t1" not in searcher._completed_trials
     searcher.on_trial_result("t1", {**result, "best_val_loss": 0.1, "epoch": 3})
     searcher.on_trial_complete("t1", {**result, "best_val_loss": 0.1})
     (trial,) = optuna.load_study(study_name="s", storage=storage).trials

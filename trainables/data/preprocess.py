@@ -10,7 +10,6 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
-from scipy import signal as sps
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,8 @@ def highpass(
 
     Causal (sosfilt) by default like the reference; `zero_phase` runs it forwards and backwards.
     """
+    from scipy import signal as sps  # here, not at the top: ~1 CPU s a search's driver skips
+
     sos = sps.butter(order, cutoff_hz, btype="highpass", fs=fs, output="sos")
     x = np.asarray(signal, dtype=np.float64)
     filtered = sps.sosfiltfilt(sos, x, axis=-1) if zero_phase else sps.sosfilt(sos, x, axis=-1)
@@ -73,6 +74,8 @@ def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     up, down = _rate_ratio(fs_in, fs_out)
     if up == down:
         return np.asarray(signal)
+    from scipy import signal as sps
+
     # padtype="line" extends the signal linearly at the edges: zero padding would turn an
     # ECG's DC offset into edge ringing.
     return sps.resample_poly(signal, up, down, axis=-1, padtype="line")

@@ -20,7 +20,7 @@ from leadtune.trainables.tasks import (
 
 
 def load_data(request: DataRequest) -> tuple[Any, Any]:
-    from leadtune.trainables.diagnosis.train import DiagnosisData
+    from leadtune.trainables.diagnosis.data import DiagnosisData
 
     dataset = prepare_ptbxl(request)
     return DiagnosisData.from_prepared(dataset), dataset

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from leadtune.trainables.data.ptbxl import SUPERCLASSES
 from leadtune.trainables.diagnosis import metrics
 from leadtune.trainables.diagnosis.config import DiagnosisConfig, resolve_leads
+from leadtune.trainables.diagnosis.data import DiagnosisData, labelled_rows
 from leadtune.trainables.diagnosis.models import create_model
 from leadtune.trainables.runtime import apply_gpu_memory_fraction
 from leadtune.trainables.tasks import load_trained_model
@@ -33,7 +33,6 @@ from leadtune.trainables.training import (
     EpochRun,
     RandomStreams,
     Reporter,
-    SplitData,
     StepGuard,
     TuneReporter,
     check_finite_outputs,
@@ -43,30 +42,6 @@ from leadtune.trainables.training import (
 )
 
 TASK = "diagnosis"
-
-
-@dataclass(kw_only=True)
-class DiagnosisData(SplitData):
-    """The labelled records of the training and validation splits (:class:`SplitData`) and
-    their superclass labels, (N, 5) float32. Records without any superclass are left out."""
-
-    train_labels: np.ndarray
-    val_labels: np.ndarray
-
-    @classmethod
-    def from_prepared(cls, dataset: Any) -> DiagnosisData:
-        rows = {split: labelled_rows(dataset, split) for split in ("train", "val")}
-        return cls(
-            **cls.split_fields(dataset, rows["train"], rows["val"]),
-            train_labels=dataset.superclasses[rows["train"]].astype(np.float32),
-            val_labels=dataset.superclasses[rows["val"]].astype(np.float32),
-        )
-
-
-def labelled_rows(dataset: Any, split: str) -> np.ndarray:
-    """Rows of a split whose record has at least one diagnostic superclass."""
-    rows = dataset.indices(split)
-    return rows[np.asarray(dataset.superclasses)[rows].any(axis=1)]
 
 
 def windows(signals: np.ndarray | torch.Tensor, length: int, stride: int):

@@ -20,7 +20,7 @@ from leadtune.trainables.tasks import (
 
 
 def load_data(request: DataRequest) -> tuple[Any, Any]:
-    from leadtune.trainables.lead_id.train import LeadIdData
+    from leadtune.trainables.lead_id.data import LeadIdData
 
     dataset = prepare_ptbxl(request)
     return LeadIdData.from_prepared(dataset), dataset

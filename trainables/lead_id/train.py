@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from leadtune.trainables.lead_id import metrics
 from leadtune.trainables.lead_id.config import LeadIdConfig
+from leadtune.trainables.lead_id.data import LeadIdData
 from leadtune.trainables.lead_id.models import ModelConfig, create_model
 from leadtune.trainables.lead_id.robustness import (
     finetune_score,
@@ -35,7 +36,6 @@ from leadtune.trainables.training import (
     EpochRun,
     RandomStreams,
     Reporter,
-    SplitData,
     StepGuard,
     TuneReporter,
     check_finite_outputs,
@@ -47,16 +47,6 @@ from leadtune.trainables.training import (
 )
 
 TASK = "lead_id"
-
-
-class LeadIdData(SplitData):
-    """The arrays a lead-ID trial needs (:class:`SplitData`): the training and validation
-    signals and their ECG ids."""
-
-    @classmethod
-    def from_prepared(cls, dataset: Any) -> LeadIdData:
-        """Load the train and val splits of a :class:`PreparedDataset` into memory once."""
-        return cls(**cls.split_fields(dataset, dataset.indices("train"), dataset.indices("val")))
 
 
 def freeze(model: torch.nn.Module, train_parts: str) -> list[torch.nn.Module]:

@@ -28,6 +28,11 @@ BUILTIN_MODULES = (
     "leadtune.trainables.lead_id.models.encoders",
     "leadtune.trainables.lead_id.models.context",
 )
+# The names those modules register, so that checking a configuration that names a built-in block
+# imports no torch (a search's driver checks every trial's configuration and never builds a
+# model). tests/test_models.py holds these equal to what the modules register.
+BUILTIN_ENCODERS = ("cnn", "inception", "gru", "cnn_gru", "inception_gru")
+BUILTIN_CONTEXTS = ("none", "deepsets", "sab", "isab")
 
 
 def register_encoder(name: str) -> Callable[[ModuleBuilder], ModuleBuilder]:
@@ -75,15 +80,12 @@ class ModelConfig:
 
     def validate(self) -> ModelConfig:
         """Raise ValueError with a one-line message if the configuration cannot be built."""
-        load_builtin_models()
-        if self.encoder not in ENCODERS:
-            raise ValueError(
-                f"unknown encoder {self.encoder!r}; known: {', '.join(sorted(ENCODERS))}"
-            )
-        if self.context not in CONTEXTS:
-            raise ValueError(
-                f"unknown context {self.context!r}; known: {', '.join(sorted(CONTEXTS))}"
-            )
+        for kind, name, known in (
+            ("encoder", self.encoder, {*ENCODERS, *BUILTIN_ENCODERS}),
+            ("context", self.context, {*CONTEXTS, *BUILTIN_CONTEXTS}),
+        ):
+            if name not in known:
+                raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
         for name in ("d_model", "depth", "heads", "ffn_mult", "inducing_points"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

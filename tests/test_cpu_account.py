@@ -1,0 +1,44 @@
+"""The account of a search's CPU outside its trials (leadtune.search.cpu): who is counted as
+what, and that a real process tree's seconds land on the right side."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from leadtune.search.cpu import CpuAccount, _role
+
+
+def test_processes_are_counted_by_role() -> None:
+    def role(title: str, name: str = "python", pid: int = 2) -> str:
+        return _role(title.split(), name, pid, root=1)
+
+    assert role("anything", pid=1) == "driver"
+    assert role("ray::IDLE") == "ray workers (idle)"
+    assert role("ray::ImplicitFunc.train") == "ray workers (idle)"  # a trial once it reports
+    # Ray's agents are titled like workers but never run a trial
+    assert role("ray::DashboardAgent") == "ray"
+    assert role("ray::RuntimeEnvAgent") == "ray"
+    assert role("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x") == "ray"
+    assert role("/x/gcs_server", name="gcs_server") == "ray"
+    assert role("python -m mlflow server --backend-store-uri sqlite:///db") == "mlflow"
+    assert role("sleep 5", name="sleep") == "other"
+
+
+def test_a_trial_process_is_counted_as_trial_work_and_the_rest_outside() -> None:
+    burn = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
+    trial = subprocess.Popen([sys.executable, "-c", burn.format(s=1.5)])
+    helper = subprocess.Popen([sys.executable, "-c", burn.format(s=0.5)])
+    account = CpuAccount(interval_s=0.2).start()
+    account.note_trial_pid(trial.pid)
+    try:
+        for proc in (trial, helper):
+            proc.wait(timeout=60)
+    finally:
+        share = account.stop()
+    # A process that ends between two readings loses at most one interval of its time.
+    assert 1.5 - 0.3 <= share.seconds["trials"] <= 1.5 + 0.3, share.seconds
+    assert 0.5 - 0.3 <= share.seconds["other"] <= 0.5 + 0.3, share.seconds
+    assert share.outside_s >= share.seconds["other"]
+    assert 0 < share.outside_share < 1
+    assert "CPU outside trials" in share.sentence()
