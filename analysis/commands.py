@@ -136,6 +136,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         check_writable(Path(args.out), "--out")
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
     other = load_model(args.compare, args.tracking_uri, args.cache_dir) if args.compare else None
+    if loaded.task not in ("lead_id", "diagnosis"):  # a task without a suite of its own
+        return _task_evaluation(args, loaded, other)
     source = args.source or _default_source(loaded)
     database_files(Path(source))  # a wrong folder is one line, before any other output
     print(
@@ -158,6 +160,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
     files = write_evaluation(result, arrays, out)
     print(format_summary(result))
     print(f"written: {files['markdown']}, {files['json']} (+ confusion PNGs, predictions.npz)")
+    return 0
+
+
+def _task_evaluation(args: argparse.Namespace, loaded: Any, other: Any) -> int:
+    from leadtune.analysis.task_evaluation import evaluate_with_task, format_markdown, write
+    from leadtune.trainables.tasks import DataRequest
+
+    if other is not None or args.suite != "paper":
+        what = "--compare" if other is not None else f"--suite {args.suite}"
+        raise ValueError(
+            f"{what} is for lead-identification models; a {loaded.task} model is evaluated by "
+            "its task's own evaluation (drop the flag)"
+        )
+    if args.source is None:
+        raise ValueError(f"a {loaded.task} model needs --source: the data its task reads")
+    request = DataRequest(
+        source=Path(args.source), cache_dir=args.cache_dir, limit=args.limit,
+        progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    result = evaluate_with_task(loaded, request, args.split)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs/evaluate") / f"{_slug(str(args.model or 'model'))}-{args.split}"
+    )
+    files = write(result, out)
+    print(format_markdown(result))
+    print(f"written: {files['markdown']}, {files['json']}")
     return 0
 
 

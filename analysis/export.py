@@ -184,15 +184,26 @@ def _versions() -> dict[str, str]:
     }
 
 
-def build_card(loaded: LoadedModel) -> dict[str, Any]:
-    """Everything a user of the exported model needs to feed it correctly."""
+def build_card(
+    loaded: LoadedModel, inputs: list[np.ndarray], outputs: list[np.ndarray]
+) -> dict[str, Any]:
+    """Everything a user of the exported model needs to feed it correctly: the task's own
+    description of its outputs and input scaling (its ``TaskSpec``), shapes as checked."""
+    from leadtune.trainables.tasks import get_task
+
+    spec = get_task(loaded.task)
     config = loaded.config_dict()
     card = loaded.card
     pre = dict(loaded.preprocess)
+    ecg = _is_ecg_input(loaded, inputs[0])
+    lead_axis = "K" if spec.variable_leads else len(loaded.leads)
+    in_shape = ["B", lead_axis, "T"] if ecg else ["B", *inputs[0].shape[1:]]
+    out_shape = ["B", *outputs[0].shape[1:]]
+    if ecg and spec.variable_leads and outputs[0].ndim >= 2:
+        out_shape[1] = "K"  # one output row per input lead
     return {
-        "name": "leadtune lead identification",
-        "task": "identify the lead of each waveform of an unordered set of K <= "
-        f"{len(loaded.leads)} ECG leads",
+        "name": f"leadtune {spec.name}",
+        "task": spec.description,
         "exported_from": loaded.source,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "origin": {
@@ -212,7 +223,7 @@ def build_card(loaded: LoadedModel) -> dict[str, Any]:
         "preprocessing": {
             **pre,
             "origin": loaded.preprocess_origin,
-            "amplitude_normalisation": "none (amplitude is a cue to the lead)",
+            "amplitude_normalisation": spec.input_scaling,
             "description": (
                 "resample to "
                 f"{pre.get('fs', loaded.fs)} Hz, then "
@@ -228,23 +239,30 @@ def build_card(loaded: LoadedModel) -> dict[str, Any]:
         },
         "input": {
             "name": "signals",
-            "shape": ["B", "K", "T"],
+            "shape": in_shape,
             "dtype": "float32",
-            "units": "mV",
-            "K": f"1..{len(loaded.leads)} waveforms in any order (the model is "
-            "permutation-equivariant)",
-            "T": f"{loaded.samples} samples (10 s at {loaded.fs} Hz, as in training)",
+            "units": "mV" if ecg else "as in training",
+            "K": (
+                f"1..{len(loaded.leads)} waveforms in any order (the model is "
+                "permutation-equivariant)"
+                if spec.variable_leads
+                else f"exactly the {len(loaded.leads)} leads of 'leads', in that order"
+            )
+            if ecg
+            else None,
+            "T": f"{loaded.samples} samples (10 s at {loaded.fs} Hz, as in training)"
+            if ecg
+            else None,
         },
-        "output": {
-            "name": "logits",
-            "shape": ["B", "K", len(loaded.leads)],
-            "meaning": "unnormalised log-probabilities over the lead labels, in the order of "
-            "'leads'; label a recording injectively with the Hungarian method on the "
-            "log-softmax (scipy.optimize.linear_sum_assignment(..., maximize=True))",
-        },
+        "output": {"name": "logits", "shape": out_shape, "meaning": spec.export_output},
         "notes": list(loaded.notes),
         "versions": _versions(),
     }
+
+
+def _is_ecg_input(loaded: LoadedModel, example: np.ndarray) -> bool:
+    """Whether the model reads ECGs shaped (B, its leads, T), as both built-in tasks do."""
+    return example.ndim == 3 and len(loaded.leads) > 0 and example.shape[1] == len(loaded.leads)
 
 
 def export_model(
@@ -264,12 +282,16 @@ def export_model(
     from leadtune.trainables.tasks import get_task
 
     variable = get_task(loaded.task).variable_leads
-    inputs = sample_inputs(len(loaded.leads), loaded.samples, variable_leads=variable)
+    example = get_task(loaded.task).example_input(loaded.config, loaded.fs)
+    if _is_ecg_input(loaded, example):
+        inputs = sample_inputs(len(loaded.leads), loaded.samples, variable_leads=variable)
+    else:  # a task whose input is not (B, leads, T): its own example, as a batch of two
+        inputs = [np.ascontiguousarray(np.repeat(example, 2, axis=0), dtype=np.float32)]
     expected = _outputs(model, inputs)
     np.save(out_dir / "sample_input.npy", inputs[0])
     np.save(out_dir / "sample_output.npy", expected[0])
 
-    card = build_card(loaded)
+    card = build_card(loaded, inputs, expected)
     formats: dict[str, dict[str, Any]] = {}
 
     pt2_path = out_dir / EXPORTED_PROGRAM_FILE
@@ -342,7 +364,12 @@ def export_model(
     card["verification"] = {
         "tolerance": tolerance,
         "sample_input_shapes": [list(x.shape) for x in inputs],
-        "sample_input": "N(0, 0.2 mV) noise, seed 0 (the first shape is saved as sample_input.npy)",
+        "sample_input": (
+            "N(0, 0.2 mV) noise, seed 0"
+            if card["input"]["units"] == "mV"
+            else "the task's example input"
+        )
+        + " (the first shape is saved as sample_input.npy)",
         "formats": formats,
     }
     failed = [
@@ -418,6 +445,10 @@ def _fmt_metrics(values: dict[str, Any]) -> str:
     )
 
 
+def _shape(shape: list[Any]) -> str:
+    return "(" + ", ".join(str(size) for size in shape) + ")"
+
+
 def format_card(card: dict[str, Any]) -> str:
     """The model card as Markdown."""
     pre = card["preprocessing"]
@@ -431,14 +462,16 @@ def format_card(card: dict[str, Any]) -> str:
         "```python",
         "import torch",
         f"model = torch.export.load('{card['files']['torch_export']}').module()  # torch alone",
-        "logits = model(signals)  # signals: float32 tensor (B, K, T) in mV",
+        f"logits = model(signals)  # signals: float32 tensor {_shape(card['input']['shape'])}",
         "```",
         "",
         f"- task: {card['task']}",
-        f"- input `signals`: shape (B, K, T), float32, **mV**; K = {card['input']['K']}; "
-        f"T = {card['input']['T']}",
-        f"- output `logits`: shape (B, K, {len(card['leads'])}); {card['output']['meaning']}",
-        f"- lead labels (output order): {', '.join(card['leads'])}",
+        f"- input `signals`: shape {_shape(card['input']['shape'])}, float32, "
+        f"**{card['input']['units']}**"
+        + (f"; K = {card['input']['K']}" if card["input"].get("K") else "")
+        + (f"; T = {card['input']['T']}" if card["input"].get("T") else ""),
+        f"- output `logits`: shape {_shape(card['output']['shape'])}; {card['output']['meaning']}",
+        f"- leads: {', '.join(card['leads']) or 'none (not an ECG model)'}",
         f"- sampling rate: {card['sampling_rate_hz']} Hz",
         f"- preprocessing: {pre['description']}; amplitude normalisation: "
         f"{pre['amplitude_normalisation']}",

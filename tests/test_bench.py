@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from leadtune import bench
+from leadtune.bench import search, settings, speed, worker
 from leadtune.cli import main
 from leadtune.trainables.lead_id.train import LeadIdData
 
@@ -26,7 +26,7 @@ def test_quick_bench_prints_the_table_and_the_two_lines(capsys: pytest.CaptureFi
     assert float(lines[-2].split()[1]) > 0 and float(lines[-1].split()[1]) > 0
     assert out.startswith("command: leadtune bench --model reference --quick --source none")
     assert "environment: " in out and "torch=" in out
-    for name in bench.VARIANT_NAMES.values():
+    for name in settings.VARIANT_NAMES.values():
         assert name in out
     assert "fast path speed-up (medians): train vs plain default" in out
     # all three variants hold the same model
@@ -42,13 +42,13 @@ def test_speed_ratios_divide_fast_by_each_plain_variant() -> None:
         {"variant": "fast", "allocator": "tuned", "train_ecg_per_second": 7.0,
          "infer_ecg_per_second": 30.0},
     ]  # fmt: skip
-    assert bench.speed_ratios(rows) == {
+    assert speed.speed_ratios(rows) == {
         "train_vs_plain_default": 3.5,
         "infer_vs_plain_default": 3.0,
         "train_vs_plain_tuned": 1.75,
         "infer_vs_plain_tuned": 1.5,
     }
-    assert bench.speed_ratios(rows[1:]) == {
+    assert speed.speed_ratios(rows[1:]) == {
         "train_vs_plain_tuned": 1.75,
         "infer_vs_plain_tuned": 1.5,
     }
@@ -60,7 +60,7 @@ def test_epoch_estimate_adds_training_validation_and_data_time() -> None:
     )
     measured = {"rows": [{"variant": "fast", "allocator": "tuned", "train_ecg_per_second": 10.0,
                           "infer_ecg_per_second": 40.0}]}  # fmt: skip
-    (row,) = bench.estimate_epochs(measured, data, {"host_ecg_per_second": 1000.0})
+    (row,) = speed.estimate_epochs(measured, data, {"host_ecg_per_second": 1000.0})
     assert row["epoch_seconds"] == pytest.approx(100 / 10 + 20 / 40 + 100 / 1000)
 
 
@@ -68,20 +68,20 @@ def test_data_pipeline_figures_are_positive() -> None:
     rng = np.random.default_rng(0)
     data = LeadIdData(rng.normal(size=(50, 12, 100)).astype(np.float32),
                       np.zeros((5, 12, 100), np.float32), 100, "x")  # fmt: skip
-    found = bench.measure_data_pipeline(data, bench.BenchSettings(batch_size=8), repeats=1)
+    found = speed.measure_data_pipeline(data, settings.BenchSettings(batch_size=8), repeats=1)
     assert found["records"] == 50
     assert found["host_ecg_per_second"] > 0 and found["on_device_ecg_per_second"] > 0
 
 
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="unknown --model 'huge'"):
-        bench.BenchSettings(models=("huge",)).validate()
+        settings.BenchSettings(models=("huge",)).validate()
     with pytest.raises(ValueError, match="--leads must be at most 12"):
-        bench.BenchSettings(leads=13).validate()
+        settings.BenchSettings(leads=13).validate()
 
 
 def test_memory_probes_read_this_process() -> None:
-    peak = bench.peak_resident_bytes()
+    peak = worker.peak_resident_bytes()
     assert peak is None or peak > 10 * 2**20
     if os.path.isdir("/proc"):
-        assert bench.tree_pss_bytes(os.getpid()) > 10 * 2**20
+        assert search.tree_pss_bytes(os.getpid()) > 10 * 2**20

@@ -157,6 +157,24 @@ def test_every_model_trains_a_step_on_real_records(model: str, sample, tmp_path)
     assert cfg.model == model and state["task"] == "diagnosis"
 
 
+def test_an_exported_diagnosis_model_has_a_diagnosis_model_card(sample, tmp_path) -> None:
+    """`leadtune export` takes the card's words and shapes from the task (it once called every
+    export a lead-identification model with (B, K, 12) outputs)."""
+    _, data = sample
+    config = {"width": 0.25, "epochs": 1, "batch_size": 16, "max_train_records": 32,
+              "max_val_records": 16, "device": "cpu", "leads": "limb6"}  # fmt: skip
+    train_diagnosis(config, data, LocalReporter(tmp_path))
+    assert main(["export", str(tmp_path / "epoch_001"), "--out", str(tmp_path / "export")]) == 0
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    assert card["name"] == "leadtune diagnosis" and "superclasses" in card["task"]
+    assert card["input"]["shape"] == ["B", 6, "T"] and card["output"]["shape"] == ["B", 5]
+    assert "exactly the 6 leads" in card["input"]["K"]
+    assert "standardises" in card["preprocessing"]["amplitude_normalisation"]
+    assert card["verification"]["passed"]
+    markdown = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert "shape (B, 5)" in markdown and "lead identification" not in markdown
+
+
 def test_thresholds_are_chosen_on_validation_and_applied_unchanged_to_test(sample, tmp_path):
     dataset, data = sample
     reporter = LocalReporter(tmp_path)

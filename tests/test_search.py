@@ -561,6 +561,31 @@ def test_a_task_that_is_not_lead_identification_runs_through_search_and_promotio
     study = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path}/runs/optuna.db")
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3 + ["FAIL"]
 
+    # ... and through the delivery commands, which must use the toy task's own parts
+    champion = "models:/toy-model@champion"
+    common = ["--tracking-uri", uri]
+    assert main(["evaluate", champion, *common, "--source", str(tmp_path),
+                 "--out", str(tmp_path / "evaluate")]) == 0  # fmt: skip
+    evaluation = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())
+    # the task's own evaluation of the registered model: what promotion measured on it
+    assert evaluation["task"] == "toy"
+    assert evaluation["metrics"]["test_loss"] == pytest.approx(
+        outcome.promotion["test_metrics"]["test_loss"], rel=1e-6
+    )
+    assert "test loss" in (tmp_path / "evaluate" / "evaluation.md").read_text()
+    suite = ["--suite", "labelling", "--source", str(tmp_path)]
+    assert main(["evaluate", champion, *common, *suite]) == 2  # lead-ID's suite: a clear error
+    assert main(["export", champion, *common, "--out", str(tmp_path / "export")]) == 0
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    assert card["name"] == "leadtune toy" and card["task"].startswith("fit y = 2x")
+    assert card["input"]["shape"] == ["B", 1, 1] and card["verification"]["passed"]
+    assert main(["report", "--storage-path", str(tmp_path / "runs"), "--study", "toy",
+                 *common]) == 0  # fmt: skip
+    report = next((tmp_path / "runs" / "toy").glob("search-*/report/report.md")).read_text()
+    assert "models:/toy-model/1" in report and "test_loss" in report and "val_slope" in report
+    assert main(["train", "--task", "toy", "--source", str(tmp_path),
+                 "--out", str(tmp_path / "train")]) == 0  # fmt: skip
+
 
 def test_a_crashed_trial_is_retried_from_its_checkpoint_in_the_same_run(tmp_path, cache_dir):
     """A trial worker crashes once after epoch 1: Tune retries it from that checkpoint

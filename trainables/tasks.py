@@ -93,6 +93,10 @@ class TaskSpec:
     # a float32 array, and what they are (the MLflow pyfunc model's predict; None: model(x))
     predict: Callable[[Any, Any, int, Any], Any] | None = None
     predict_output: str = "the model's outputs"
+    # ``leadtune export``'s model card: what the exported network's raw outputs are, and how its
+    # input is scaled before it (the network itself may standardise).
+    export_output: str = "the network's raw outputs"
+    input_scaling: str = "none"
     describe_models: Callable[[int], list[dict[str, Any]]] | None = None
     models_note: str = ""
     models_use_d_model: bool = False

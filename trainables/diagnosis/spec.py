@@ -114,6 +114,11 @@ SPEC = register_task(
         predict=predict,
         predict_output="probabilities (batch, 5) of NORM, MI, STTC, CD, HYP (multi-label; "
         "each record's sliding windows aggregated as in evaluation)",
+        export_output="logits of NORM, MI, STTC, CD, HYP (multi-label: a sigmoid gives each "
+        "probability) for the window given; leadtune's own predictions average the sigmoids "
+        "of a record's sliding windows",
+        input_scaling="none outside the network: its first layer standardises each lead with "
+        "the training split's mean and standard deviation",
         register_name="ecg-diagnosis",
         table_metrics=(
             Column("val_macro_auroc", "auroc"),

@@ -87,6 +87,10 @@ SPEC = register_task(
         predict=predict,
         predict_output="log-probabilities (batch, K, 12) of each input lead being I, II, III, "
         "aVR, aVL, aVF, V1, ..., V6 (in that order)",
+        export_output="unnormalised log-probabilities over the lead labels, in the order of "
+        "'leads'; label a recording injectively with the Hungarian method on the log-softmax "
+        "(scipy.optimize.linear_sum_assignment(..., maximize=True))",
+        input_scaling="none (amplitude is a cue to the lead)",
         register_name="lead-id",
         table_metrics=(
             Column("val_lead_accuracy_hungarian", "lead_acc"),
