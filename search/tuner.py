@@ -710,7 +710,7 @@ def _start_ray(plan: SearchPlan) -> None:
 @contextlib.contextmanager
 def _lean_local_node(local: bool) -> Iterator[None]:
     """While a local Ray starts, leave out two of its head's processes that such a search never
-    uses: the log monitor (it forwards workers' output to a driver that subscribes; ours passes
+    uses: the log monitor (it forwards workers' output to drivers that ask for it; ours passes
     ``log_to_driver=False``) and the autoscaler monitor (a local Ray cannot grow). Together they
     cost about 2 CPU s on the demo. ``ray.init`` has no switch for them, so the head's parameters
     (``ray._private.parameter.RayParams``, Ray pinned in pyproject.toml) get them for this call

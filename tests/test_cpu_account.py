@@ -42,3 +42,20 @@ def test_a_trial_process_is_counted_as_trial_work_and_the_rest_outside() -> None
     assert share.outside_s >= share.seconds["other"]
     assert 0 < share.outside_share < 1
     assert "CPU outside trials" in share.sentence()
+
+
+def test_a_local_ray_head_is_asked_for_no_log_monitor_and_no_autoscaler_monitor() -> None:
+    """What _lean_local_node changes, and only while a local Ray starts (the demo's process
+    listing shows neither process since; docs/figures.md)."""
+    from ray._private import parameter
+
+    from leadtune.search.tuner import _lean_local_node
+
+    with _lean_local_node(True):
+        lean = parameter.RayParams()
+    with _lean_local_node(False):  # joining a cluster: Ray's own defaults
+        plain = parameter.RayParams()
+    after = parameter.RayParams()
+    assert (lean.include_log_monitor, lean.no_monitor) == (False, True)
+    assert (plain.include_log_monitor, plain.no_monitor) == (None, False)
+    assert (after.include_log_monitor, after.no_monitor) == (None, False)
