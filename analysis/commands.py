@@ -7,8 +7,6 @@ Only argparse at import time: torch, MLflow and Optuna load inside the commands,
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,9 @@ def _mlflow_errors_as_one_line(func):
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9@._-]+", "_", text.replace("models:/", "")).strip("_") or "model"
+    from leadtune.analysis.delivery import slug
+
+    return slug(text)
 
 
 @_mlflow_errors_as_one_line
@@ -54,51 +54,17 @@ def run_report(args: argparse.Namespace) -> int:
     print(f"  importances: {data.importance_note}")
     if "mlflow" in files:
         print(f"  attached to MLflow parent run {data.state['parent_run_id']}: {files['mlflow']}")
-    if data.state.get("space") == "lead_subsets":
-        _lead_subsets_table(data, out)
+    from leadtune.analysis.delivery import delivery_of
+    from leadtune.search.promote import task_of
+
+    for section in delivery_of(task_of(data.state)).report_sections:
+        section(data, out)
     return 0
-
-
-def _lead_subsets_table(data: Any, out: Path) -> None:
-    """The lead-subsets study's table: every trial's best checkpoint once on the test split."""
-    from leadtune.analysis import lead_subsets
-    from leadtune.search.tracking import mlflow_client
-
-    print("  evaluating each configuration's models once on the test split ...", file=sys.stderr)
-    table = lead_subsets.lead_subsets_table(
-        data.search_dir, data.state, mlflow_client(data.tracking_uri)
-    )
-    records = f"{data.state.get('data_source')}, labelled test ECGs"
-    files = lead_subsets.write(table, out / "lead_subsets", records)
-    print(lead_subsets.format_markdown(table, records))
-    print(f"  lead-subsets table: {files['markdown']}, {files['csv']}, plot {files['plot']}")
 
 
 def _record_exists(record: str) -> bool:
     path = Path(record)
     return path.exists() or path.with_name(path.name + ".hea").is_file()
-
-
-def _prepare(source: str, cache_dir: str | None, limit: int | None, loaded: Any):
-    from leadtune.trainables.data.cache import prepare_dataset
-    from leadtune.trainables.data.preprocess import PreprocessConfig
-
-    return prepare_dataset(
-        Path(source),
-        cache_root=Path(cache_dir) if cache_dir else None,
-        preprocess=PreprocessConfig(**loaded.preprocess),
-        limit=limit,
-        progress=sys.stderr.isatty(),
-    )
-
-
-def _default_source(loaded: Any) -> str:
-    from leadtune.trainables.commands import default_source
-
-    trained_on = loaded.card.get("data", {}).get("source") or ""
-    if trained_on and (Path(trained_on) / "ptbxl_database.csv").is_file():
-        return trained_on
-    return default_source()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,105 +92,18 @@ def chosen_model(args: argparse.Namespace) -> None:
 
 @_mlflow_errors_as_one_line
 def run_evaluate(args: argparse.Namespace) -> int:
-    from leadtune.analysis.evaluate import evaluate_model, format_summary, write_evaluation
+    """Load the model (and the --compare one), then run the suite its task's delivery names."""
+    from leadtune.analysis.delivery import choose_suite
     from leadtune.analysis.model_source import load_model
-    from leadtune.trainables.data.ptbxl import database_files
     from leadtune.trainables.runtime import check_writable
 
     chosen_model(args)
     if args.out:
         check_writable(Path(args.out), "--out")
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
+    suite = choose_suite(loaded.task, args.suite)  # a suite the task lacks: one line, now
     other = load_model(args.compare, args.tracking_uri, args.cache_dir) if args.compare else None
-    if loaded.task not in ("lead_id", "diagnosis"):  # a task without a suite of its own
-        return _task_evaluation(args, loaded, other)
-    source = args.source or _default_source(loaded)
-    database_files(Path(source))  # a wrong folder is one line, before any other output
-    print(
-        f"[leadtune] evaluating {loaded.source} on the {args.split} split of {source}",
-        file=sys.stderr,
-    )
-    dataset = _prepare(source, args.cache_dir, args.limit, loaded)
-    if loaded.task == "diagnosis":
-        return _diagnosis_evaluation(args, loaded, dataset)
-    if args.suite == "labelling":
-        return _labelling_suite(args, loaded, dataset)
-    result, arrays = evaluate_model(
-        loaded, dataset, split=args.split, n_boot=args.n_boot, seed=args.seed, compare=other
-    )
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs/evaluate") / f"{_slug(args.model or 'bundled')}-{args.split}"
-    )
-    files = write_evaluation(result, arrays, out)
-    print(format_summary(result))
-    print(f"written: {files['markdown']}, {files['json']} (+ confusion PNGs, predictions.npz)")
-    return 0
-
-
-def _task_evaluation(args: argparse.Namespace, loaded: Any, other: Any) -> int:
-    from leadtune.analysis.task_evaluation import evaluate_with_task, format_markdown, write
-    from leadtune.trainables.tasks import DataRequest
-
-    if other is not None or args.suite != "paper":
-        what = "--compare" if other is not None else f"--suite {args.suite}"
-        raise ValueError(
-            f"{what} is for lead-identification models; a {loaded.task} model is evaluated by "
-            "its task's own evaluation (drop the flag)"
-        )
-    if args.source is None:
-        raise ValueError(f"a {loaded.task} model needs --source: the data its task reads")
-    request = DataRequest(
-        source=Path(args.source), cache_dir=args.cache_dir, limit=args.limit,
-        progress=sys.stderr.isatty(),
-    )  # fmt: skip
-    result = evaluate_with_task(loaded, request, args.split)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs/evaluate") / f"{_slug(str(args.model or 'model'))}-{args.split}"
-    )
-    files = write(result, out)
-    print(format_markdown(result))
-    print(f"written: {files['markdown']}, {files['json']}")
-    return 0
-
-
-def _diagnosis_evaluation(args: argparse.Namespace, loaded: Any, dataset: Any) -> int:
-    from leadtune.analysis.diagnosis_evaluation import evaluate_diagnosis, format_markdown, write
-
-    result = evaluate_diagnosis(loaded, dataset, args.split, min(args.n_boot, 2000), args.seed)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs/evaluate") / (f"{_slug(str(args.model or 'model'))}-{args.split}")
-    )
-    files = write(result, out)
-    print(format_markdown(result))
-    print(f"written: {files['markdown']}, {files['json']}")
-    return 0
-
-
-def _labelling_suite(args: argparse.Namespace, loaded: Any, dataset: Any) -> int:
-    from leadtune.analysis.labelling_study import format_markdown, run_labelling_study, write_study
-
-    if loaded.task != "lead_id":
-        raise ValueError(f"--suite labelling needs a lead_id model, not {loaded.task}")
-    result = run_labelling_study(
-        loaded, dataset, args.split, n_boot=min(args.n_boot, 2000), seed=args.seed,
-        threshold=args.swap_threshold,
-    )  # fmt: skip
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs/evaluate")
-        / (f"{_slug(str(args.model or 'bundled'))}-{args.split}-labelling")
-    )
-    files = write_study(result, out)
-    print(format_markdown(result))
-    print(f"written: {files['markdown']}, {files['json']}")
-    return 0
+    return suite(args, loaded, other)
 
 
 @_mlflow_errors_as_one_line
@@ -255,49 +134,6 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-@_mlflow_errors_as_one_line
-def run_label(args: argparse.Namespace) -> int:
-    from leadtune.analysis.label import SCHEMA, label_paths
-    from leadtune.analysis.model_source import load_model
-    from leadtune.trainables.runtime import check_writable
-
-    if args.csv:
-        check_writable(Path(args.csv), "--csv", file=True)
-    if not any(_record_exists(r) for r in args.records):
-        raise FileNotFoundError(
-            f"no such record: {', '.join(args.records)}; pass a WFDB record (NAME, NAME.hea) or "
-            "a folder of them"
-        )
-    loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
-    if loaded.task != "lead_id":
-        raise ValueError(f"{args.model} is a {loaded.task} model; label needs a lead_id model")
-    several = len(args.records) > 1 or any(Path(r).is_dir() for r in args.records)
-    exclude = tuple(int(x) if x.isdigit() else x for x in (args.exclude or []))
-    results, summary = label_paths(
-        args.records, loaded, out=sys.stdout, as_json=args.json, exclude=exclude,
-        csv_path=Path(args.csv) if args.csv else None,
-    )  # fmt: skip
-    explanations = _explain_verdicts(results, loaded, exclude) if args.explain else {}
-    if args.json:
-        objects = [
-            {**r.to_json(), **({"explanation": explanations[r.record]}
-                               if r.record in explanations else {})}
-            for r in results
-        ]  # fmt: skip
-        objects += [
-            {"schema": SCHEMA, "record": name, "error": why} for name, why in summary.failed
-        ]
-        print(json.dumps(objects if several else objects[0], indent=2))
-    if explanations and not args.json:
-        from leadtune.analysis.explain import format_evidence
-
-        for record, evidence in explanations.items():
-            print(format_evidence(record, evidence))
-    if several:
-        print(summary.format(), file=sys.stderr if args.json else sys.stdout)
-    return summary.exit_code
-
-
 def run_explain(args: argparse.Namespace) -> int:
     """Checks every input (Captum, method, record or folder, output folder, model) before any
     attribution is computed; then one record or a split."""
@@ -322,7 +158,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
         database_files(Path(args.source))  # a wrong folder is one line, before any work
     settings = Settings(args.method, args.n_samples, args.steps, args.baseline, args.seed)
-    settings.check("diagnosis")  # the task-independent checks, before the model loads
+    settings.check(None)  # the task-independent checks, before the model loads
     if args.out:
         check_writable(Path(args.out), "--out")
     loaded = _load_for_explain(args)
@@ -340,7 +176,9 @@ def run_explain(args: argparse.Namespace) -> int:
             f"[leadtune] explaining {loaded.source} on the {args.split} split of {args.source}",
             file=sys.stderr,
         )
-        dataset = _prepare(args.source, args.cache_dir, None, loaded)
+        from leadtune.analysis.delivery import ptbxl_for_model
+
+        dataset = ptbxl_for_model(args.source, args.cache_dir, None, loaded)
         summary = explain_split(loaded, dataset, args.split, args.limit, settings, out, args.source)
     print(format_summary(summary))
     return 0
@@ -358,28 +196,6 @@ def _load_for_explain(args: argparse.Namespace) -> Any:
     for parameter in loaded.model.parameters():  # gradients for the input only
         parameter.requires_grad_(False)
     return loaded
-
-
-def _explain_verdicts(results: list, loaded: Any, exclude: tuple) -> dict[str, Any]:
-    """``label --explain``: for each record with a suspected swap, each channel's share of the
-    verdict's margin (printed unless --json, where it joins the record's object)."""
-    from leadtune.analysis.explain import require_captum, verdict_evidence
-    from leadtune.trainables.data.preprocess import PreprocessConfig
-    from leadtune.trainables.data.records import read_record
-
-    flagged = [r for r in results if r.verdict.status == "swap_suspected"]
-    if not flagged:
-        return {}
-    require_captum()
-    for parameter in loaded.model.parameters():
-        parameter.requires_grad_(False)
-    found = {}
-    for result in flagged:
-        record = read_record(result.record, PreprocessConfig(**loaded.preprocess),
-                             require_leads=False, exclude=exclude)  # fmt: skip
-        header_leads = [c.header_lead for c in result.channels]
-        found[result.record] = verdict_evidence(loaded, record.signal, header_leads, result)
-    return found
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -426,11 +242,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     evaluate = subparsers.add_parser(
         "evaluate",
-        help="the paper's statistics for a model on a split (CIs, Table I, McNemar)",
-        description="Lead and set accuracy (argmax and Hungarian) with bootstrap and Wilson "
-        "intervals, per-lead recall overall and per diagnostic superclass, confusion matrices; "
-        "with --compare, McNemar's test against another model on the same ECGs. Leads are fed "
-        "in the model's fixed order (the model is permutation-equivariant).",
+        help="a model's statistics on a split, with intervals (its task's suite)",
+        description="Statistics of one model on one split, by a suite of its task. Lead "
+        "identification's paper suite: lead and set accuracy (argmax and Hungarian) with "
+        "bootstrap and Wilson intervals, per-lead recall overall and per diagnostic superclass, "
+        "confusion matrices, and with --compare McNemar's test against another model on the "
+        "same ECGs; its labelling suite: accuracy by number of leads, reversal detection. The "
+        "superclass classifiers' suite: macro and per-class AUROC and F1 with ECG-level "
+        "intervals. A task of one's own: its own evaluation.",
         formatter_class=fmt,
     )
     add_model_arguments(evaluate)
@@ -440,7 +259,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--source",
         default=None,
-        help="PTB-XL folder (default: the model's training data if present, else the bundled sample)",
+        help="PTB-XL folder, or the data a task of one's own reads (default for PTB-XL models: "
+        "the model's training data if present, else the bundled sample)",
     )
     evaluate.add_argument(
         "--cache-dir", default=None, help="dataset cache root (default: ~/.cache/leadtune)"
@@ -450,7 +270,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out", default=None, help="output folder (default: runs/evaluate/<model>-<split>)"
     )
     evaluate.add_argument(
-        "--compare", default=None, metavar="OTHER", help="second model for McNemar's test"
+        "--compare",
+        default=None,
+        metavar="OTHER",
+        help="second model for McNemar's test (lead identification's paper suite)",
     )
     evaluate.add_argument(
         "--tracking-uri", default=None, help="MLflow URI for models:/ and run ids"
@@ -459,10 +282,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--seed", type=int, default=0, help="bootstrap and permutation-check seed"
     )
+    from leadtune.analysis.delivery import DELIVERIES
+
+    known = "; ".join(f"{task}: {', '.join(d.suites)}" for task, d in sorted(DELIVERIES.items()))
     evaluate.add_argument(
-        "--suite", choices=("paper", "labelling"), default="paper",
-        help="paper: the paper's statistics; labelling: lead accuracy by number of leads "
-        "shown, electrode-reversal detection and false alarms, other recorders",
+        "--suite", default=None,
+        help=f"the suite of the model's task (default: its first; {known}; a task without a "
+        "delivery of its own: task, its own evaluation on --source)",
     )  # fmt: skip
     evaluate.add_argument(
         "--swap-threshold", type=non_negative_float, default=None,
@@ -490,61 +316,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--no-onnx", action="store_true", help="skip the ONNX file")
     export.set_defaults(func=run_export)
 
-    label = subparsers.add_parser(
-        "label",
-        help="label the leads of WFDB records from their signals; name suspected electrode swaps",
-        description="Predict each channel's lead from the waveforms alone (channel names are "
-        "never needed), assign leads injectively (Hungarian), and where the header names "
-        "leads, test it against the named electrode reversals (LA/RA, LA/LL, RA/LL, precordial "
-        "neighbours). A folder is searched recursively for *.hea. Exit status: 0 labelled, no "
-        "swap; 1 a swap suspected; 2 a record could not be read; 4 a record could not be "
-        "judged (fewer than 3 channels or under 2.5 s of signal: labelled, header not "
-        "compared).",
-    )
-    label.add_argument(
-        "records", nargs="+", metavar="RECORD",
-        help="WFDB record (.hea/.dat/.mat or name) or folder",
-    )  # fmt: skip
-    label.add_argument(
-        "--model", default=None,
-        help=MODEL_HELP + " (default: the bundled model, else models:/lead-id@champion)",
-    )  # fmt: skip
-    label.add_argument(
-        "--exclude", action="append", metavar="NAME|INDEX",
-        help="leave out a non-ECG channel (respiration, Frank leads ...), by header name or "
-        "0-based index; repeat for several",
-    )  # fmt: skip
-    label.add_argument(
-        "--tracking-uri", default=None,
-        help="MLflow URI for models:/ and run ids (default: $MLFLOW_TRACKING_URI, else "
-        "runs/search/mlflow.db)",
-    )  # fmt: skip
-    label.add_argument(
-        "--cache-dir", default=None, help="dataset cache root holding the training data's manifest"
-    )
-    label.add_argument(
-        "--json", action="store_true",
-        help="JSON on stdout (schema leadtune.label/3): one object per record, a list for several",
-    )  # fmt: skip
-    label.add_argument("--csv", default=None, metavar="FILE", help="one CSV row per record")
-    label.add_argument(
-        "--explain", action="store_true",
-        help="for each record with a suspected swap, how many nats of the verdict's margin each "
-        "channel's signal gave (Integrated Gradients with Captum; JSON: 'explanation')",
-    )  # fmt: skip
-    label.set_defaults(func=run_label)
-
     explain = subparsers.add_parser(
         "explain",
         help="attributions (Captum) of a model's outputs over the ECG: figures and arrays",
         description="What in the signal made the model say it: attributions of each channel's "
-        "predicted lead (lead identification) or of each superclass (diagnosis) over every "
+        "predicted lead (lead identification) or of each diagnostic superclass over every "
         "lead and time sample, with Captum, drawn as colour on the 12 traces, and saved as "
         "arrays (attributions.npz) with the method, baselines, samples and seed. Over a split "
         "of a PTB-XL folder (--source): for lead identification, heartbeat-aligned global and "
         "local attribution maps, the share of attribution near the R peaks and on each "
-        "target's own trace, and the PCA of each set-attention block; for diagnosis, each "
-        "lead's share of each class' attribution. Needs Captum (pip install captum).",
+        "target's own trace, and the PCA of each set-attention block; for a superclass "
+        "classifier, each lead's share of each class' attribution. Needs Captum (pip install captum).",
         formatter_class=fmt,
     )
     explain.add_argument(
@@ -561,13 +343,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     explain.add_argument(
         "--limit", type=positive_int, default=None,
-        help="with --source: only the first N records of the split (diagnosis: of its "
-        "labelled records)",
+        help="with --source: only the first N records of the split (a superclass "
+        "classifier: of its labelled records)",
     )  # fmt: skip
     explain.add_argument(
         "--method", choices=("gradient_shap", "integrated_gradients", "saliency", "grad_cam"),
         default="gradient_shap",
-        help="Captum method; grad_cam (LayerGradCam on the last convolution) for diagnosis only",
+        help="Captum method; grad_cam (LayerGradCam on the last convolution) for the "
+        "convolutional superclass classifiers only",
     )  # fmt: skip
     explain.add_argument(
         "--n-samples", type=positive_int, default=16, help="GradientShap: random points per input"

@@ -105,12 +105,13 @@ class Settings:
     baseline: str = "zero"  # zero | noise
     seed: int = 0
 
-    def check(self, task: str) -> Settings:
+    def check(self, task: str | None) -> Settings:
+        """One-line errors for impossible settings; ``task`` None: those of every task."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; known: {', '.join(BASELINES)}")
-        if self.method == "grad_cam" and task != "diagnosis":
+        if self.method == "grad_cam" and task is not None and task != "diagnosis":
             raise ValueError(
                 "grad_cam needs a convolutional diagnosis model; for lead identification use "
                 "gradient_shap, integrated_gradients or saliency"

@@ -14,6 +14,11 @@ import sys
 from leadtune import __version__
 from leadtune.search.faults import Interrupted
 
+# The built-in tasks' delivery (evaluate suites, report sections): imported here, on top of
+# everything, as timm's models/__init__.py imports every model (leadtune.analysis.delivery).
+from leadtune.trainables.diagnosis import delivery as _diagnosis_delivery  # noqa: F401
+from leadtune.trainables.lead_id import delivery as _lead_id_delivery  # noqa: F401
+
 # Order is the order shown in --help: the path the data takes.
 COMMAND_MODULES = (
     "leadtune.trainables.data.commands",  # leadtune data prepare|summary
@@ -22,7 +27,8 @@ COMMAND_MODULES = (
     "leadtune.trainables.commands",  # leadtune train
     "leadtune.bench",  # leadtune bench
     "leadtune.search.commands",  # leadtune search, leadtune promote
-    "leadtune.analysis.commands",  # leadtune report, evaluate, export, label, explain
+    "leadtune.analysis.commands",  # leadtune report, evaluate, export, explain
+    "leadtune.trainables.lead_id.delivery.commands",  # leadtune label
 )
 
 

@@ -85,10 +85,10 @@ def test_the_labelling_studys_batched_verdicts_are_labels_own(ptbxl_sample) -> N
     """The study judges records in batches; `leadtune label` judges one record at a time. On
     real records, untouched and under each named reversal, both give the same verdicts."""
     from leadtune.analysis import load_model
-    from leadtune.analysis.label import judge, log_probabilities, swap_thresholds
-    from leadtune.analysis.labelling_study import _verdicts
     from leadtune.trainables.data.records import read_record
     from leadtune.trainables.lead_id import metrics
+    from leadtune.trainables.lead_id.delivery.label import judge, log_probabilities, swap_thresholds
+    from leadtune.trainables.lead_id.delivery.labelling_study import _verdicts
     from leadtune.trainables.lead_id.reversals import REVERSALS
 
     loaded = load_model()

@@ -197,11 +197,11 @@ def test_cards_and_packages_carry_no_machine_paths(tmp_path, monkeypatch):
     here = str(tmp_path)
     card = {
         "init_from": f"{here}/data/models/thesis-siglabv2",
-        "command": f"python -m leadtune.analysis.bundle {here}/runs/a/checkpoint_000003 --x 1",
+        "command": f"python -m leadtune.trainables.lead_id.delivery.bundle {here}/runs/a/checkpoint_000003 --x 1",
         "list": [here, "/elsewhere/file", 3],
     }
     assert portable_paths(card) == {
         "init_from": "data/models/thesis-siglabv2",
-        "command": "python -m leadtune.analysis.bundle runs/a/checkpoint_000003 --x 1",
+        "command": "python -m leadtune.trainables.lead_id.delivery.bundle runs/a/checkpoint_000003 --x 1",
         "list": [".", "/elsewhere/file", 3],
     }

@@ -14,12 +14,12 @@ import wfdb
 from delivery_fixtures import delivery_env, split_records, write_wfdb_copy
 from scipy.optimize import linear_sum_assignment
 
-from leadtune.analysis.label import label_signal
 from leadtune.analysis.model_source import LoadedModel
 from leadtune.cli import main
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.data.records import read_record
 from leadtune.trainables.lead_id.config import LeadIdConfig
+from leadtune.trainables.lead_id.delivery.label import label_signal
 from leadtune.trainables.lead_id.reversals import BY_KEY, REVERSALS
 from leadtune.trainables.tasks import load_trained_model
 
@@ -357,7 +357,7 @@ def test_thresholds_are_chosen_for_at_most_the_target_false_alarms() -> None:
     """On untouched records the free labelling often beats the header by many nats, a V1/V2
     hypothesis rarely; on V1/V2 reversals both beat it by a few. One threshold for all at 1 %
     false alarms misses the reversals; thresholds per hypothesis catch them."""
-    from leadtune.analysis.labelling_study import choose_thresholds
+    from leadtune.trainables.lead_id.delivery.labelling_study import choose_thresholds
 
     rng = np.random.default_rng(0)
     clean = {
@@ -394,7 +394,7 @@ def test_tail_quantiles_extrapolate_beyond_the_largest_margin_seen() -> None:
     """A threshold at the largest of n margins flags about 1 / (n + 1) of new records: the
     chooser extrapolates an exponential tail instead. Checked against the exact quantiles of
     exponential and normal margins."""
-    from leadtune.analysis.labelling_study import _tail_quantile
+    from leadtune.trainables.lead_id.delivery.labelling_study import _tail_quantile
 
     rng = np.random.default_rng(1)
     exponential = rng.exponential(5.0, 2000)
@@ -407,7 +407,7 @@ def test_tail_quantiles_extrapolate_beyond_the_largest_margin_seen() -> None:
 
 
 def test_a_models_thresholds_come_from_its_card() -> None:
-    from leadtune.analysis.label import DEFAULT_SWAP_THRESHOLD, swap_thresholds
+    from leadtune.trainables.lead_id.delivery.label import DEFAULT_SWAP_THRESHOLD, swap_thresholds
 
     loaded, _ = template_world()
     assert swap_thresholds(loaded) == {"other": DEFAULT_SWAP_THRESHOLD}
@@ -418,7 +418,7 @@ def test_a_models_thresholds_come_from_its_card() -> None:
 
 
 def test_the_studys_unnamed_exchanges_are_never_a_named_reversal() -> None:
-    from leadtune.analysis.labelling_study import _exchanged_pairs
+    from leadtune.trainables.lead_id.delivery.labelling_study import _exchanged_pairs
 
     pairs = _exchanged_pairs(2000)
     named = {frozenset(r.leads) for r in REVERSALS if len(r.leads) == 2}

@@ -25,9 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from leadtune.analysis.label import as_thresholds, decide, hypothesis_scores, threshold_of
 from leadtune.trainables.data.leads import LEADS
 from leadtune.trainables.lead_id import metrics
+from leadtune.trainables.lead_id.delivery.label import (
+    as_thresholds,
+    decide,
+    hypothesis_scores,
+    threshold_of,
+)
 from leadtune.trainables.lead_id.reversals import REVERSALS
 from leadtune.trainables.lead_id.robustness import LEAD_SETS
 from leadtune.trainables.lead_id.robustness import shuffled_subsets as _shuffled_subsets
@@ -49,7 +54,7 @@ def _accuracy(log_probs: np.ndarray, labels: np.ndarray, n_boot: int, seed: int)
 
 
 def accuracy_by_lead_set(loaded: Any, signals: np.ndarray, n_boot: int, seed: int) -> dict:
-    from leadtune.analysis.evaluate import predict
+    from leadtune.trainables.lead_id.delivery.evaluation import predict
 
     rng = np.random.default_rng(seed)
     found = {}
@@ -62,7 +67,7 @@ def accuracy_by_lead_set(loaded: Any, signals: np.ndarray, n_boot: int, seed: in
 def _tables(loaded: Any, signals: np.ndarray) -> np.ndarray:
     """(N, K, M) log-probabilities of 10 s records, as ``label.log_probabilities`` gives them
     one record at a time, computed in batches."""
-    from leadtune.analysis.evaluate import predict
+    from leadtune.trainables.lead_id.delivery.evaluation import predict
 
     return metrics.log_softmax(predict(loaded.model, np.ascontiguousarray(signals, np.float32)))
 
@@ -293,7 +298,7 @@ def _round_trip(signals: np.ndarray, fs: int) -> np.ndarray:
 
 
 def other_recorders(loaded: Any, signals: np.ndarray, n_boot: int, seed: int) -> dict:
-    from leadtune.analysis.evaluate import predict
+    from leadtune.trainables.lead_id.delivery.evaluation import predict
 
     rng = np.random.default_rng(seed + 1)
     conditions = {
@@ -318,7 +323,7 @@ def run_labelling_study(
     loaded: Any, dataset: Any, split: str, n_boot: int = 2000, seed: int = 0,
     threshold: float | None = None, limit: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    from leadtune.analysis.label import swap_thresholds
+    from leadtune.trainables.lead_id.delivery.label import swap_thresholds
 
     rows = dataset.indices(split)[:limit]
     columns = [list(dataset.leads).index(lead) for lead in LEADS]

@@ -1,4 +1,4 @@
-"""Make the model that ships with leadtune: ``python -m leadtune.analysis.bundle CHECKPOINT``.
+"""Make the model that ships with leadtune: ``python -m leadtune.trainables.lead_id.delivery.bundle CHECKPOINT``.
 
 From a trained lead-identification checkpoint and the data it was trained on, this writes a model
 package (``leadtune-model.json`` + float16 ``weights.pt``, no code) and its model card to
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from leadtune.analysis.labelling_study import FALSE_ALARM_TARGET
+from leadtune.trainables.lead_id.delivery.labelling_study import FALSE_ALARM_TARGET
 
 LICENCE_FROM_RELEASE = (
     "MIT (fine-tuned from the reference paper's released model, copyright Nathan Macdonald "
@@ -45,7 +45,7 @@ def _ci(values: list[float]) -> str:
 
 def model_card(card: dict[str, Any]) -> str:
     """The bundled model's card (Markdown)."""
-    from leadtune.analysis.labelling_study import format_markdown
+    from leadtune.trainables.lead_id.delivery.labelling_study import format_markdown
 
     test, cfg, paper = card["test"], card["config"], card["test"]["paper"]
     lines = [
@@ -134,8 +134,8 @@ def model_card(card: dict[str, Any]) -> str:
 
 def twelve_lead_correct(loaded: Any, signals: np.ndarray) -> dict[str, np.ndarray]:
     """(N, 12) correctness of each lead's label, argmax and Hungarian, 12 leads in order."""
-    from leadtune.analysis.evaluate import predict
     from leadtune.trainables.lead_id import metrics
+    from leadtune.trainables.lead_id.delivery.evaluation import predict
 
     log_probs = predict(loaded.model, signals)
     true = np.broadcast_to(np.arange(log_probs.shape[1]), log_probs.shape[:2])
@@ -172,8 +172,8 @@ def baseline_results(reference: Any, name: str, dataset: Any, false_alarm_target
     (and it can be computed ahead, ``--baseline-only``)."""
     import hashlib
 
-    from leadtune.analysis.evaluate import evaluate_model
-    from leadtune.analysis.labelling_study import (
+    from leadtune.trainables.lead_id.delivery.evaluation import evaluate_model
+    from leadtune.trainables.lead_id.delivery.labelling_study import (
         choose_thresholds,
         run_labelling_study,
         score_reversals,
@@ -288,16 +288,16 @@ def bundle(checkpoint: Path, source: Path, out: Path, train_command: str, n_boot
 
     import torch
 
-    from leadtune.analysis.evaluate import evaluate_model
-    from leadtune.analysis.labelling_study import (
+    from leadtune.analysis.model_source import find_preprocess, load_model
+    from leadtune.trainables.data.cache import prepare_dataset
+    from leadtune.trainables.data.preprocess import PreprocessConfig
+    from leadtune.trainables.lead_id.delivery.evaluation import evaluate_model
+    from leadtune.trainables.lead_id.delivery.labelling_study import (
         choose_thresholds,
         detection,
         run_labelling_study,
         score_reversals,
     )
-    from leadtune.analysis.model_source import find_preprocess, load_model
-    from leadtune.trainables.data.cache import prepare_dataset
-    from leadtune.trainables.data.preprocess import PreprocessConfig
     from leadtune.trainables.lead_id.models import count_parameters
     from leadtune.trainables.model_package import load_package, portable_paths, write_package
 
@@ -409,7 +409,9 @@ def bundle(checkpoint: Path, source: Path, out: Path, train_command: str, n_boot
 
     card["versions"] = {"leadtune": __version__, "torch": torch.__version__.split("+")[0]}
     card["train_command"] = train_command
-    card["command"] = shlex.join(["python", "-m", "leadtune.analysis.bundle", *sys.argv[1:]])
+    card["command"] = shlex.join(
+        ["python", "-m", "leadtune.trainables.lead_id.delivery.bundle", *sys.argv[1:]]
+    )
     card = portable_paths(card)
     (out / "MODEL_CARD.md").write_text(model_card(card))
     (out / "card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
@@ -418,8 +420,8 @@ def bundle(checkpoint: Path, source: Path, out: Path, train_command: str, n_boot
 
 def _compare(full: Any, half: Any, dataset: Any) -> str:
     """How the float16 weights label the test split against the trained float32 weights."""
-    from leadtune.analysis.evaluate import predict
     from leadtune.trainables.lead_id import metrics
+    from leadtune.trainables.lead_id.delivery.evaluation import predict
 
     rows = dataset.indices("test")
     signals = np.ascontiguousarray(dataset.signals[rows], dtype=np.float32)
@@ -433,7 +435,7 @@ def _compare(full: Any, half: Any, dataset: Any) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m leadtune.analysis.bundle",
+        prog="python -m leadtune.trainables.lead_id.delivery.bundle",
         description="Write the bundled lead-identification model and its card from a checkpoint.",
     )
     parser.add_argument("checkpoint", type=Path, help="the trained model's checkpoint folder")
@@ -459,7 +461,9 @@ def main() -> int:
     # Thousands of forward passes: the same allocator settings as `leadtune evaluate` (without
     # them this machine spent most of the time in page faults, about 10x slower).
     if runtime.should_reexec("evaluate"):
-        runtime.reexec_with_allocator_settings(sys.argv[1:], module="leadtune.analysis.bundle")
+        runtime.reexec_with_allocator_settings(
+            sys.argv[1:], module="leadtune.trainables.lead_id.delivery.bundle"
+        )
 
     if args.baseline_only:
         from leadtune.analysis.model_source import load_model

@@ -152,7 +152,7 @@ def windows(signal: np.ndarray, samples: int) -> np.ndarray:
 def log_probabilities(loaded: LoadedModel, signal: np.ndarray) -> np.ndarray:
     """(K, M) log-probabilities of a (K, T) signal; a record longer than the 10 s the model was
     trained on is cut into 10 s windows whose log-probabilities are averaged (renormalised)."""
-    from leadtune.analysis.evaluate import predict
+    from leadtune.trainables.lead_id.delivery.evaluation import predict
 
     parts = windows(signal, loaded.samples)
     log_probs = predict(loaded.model, np.ascontiguousarray(parts, dtype=np.float32))
