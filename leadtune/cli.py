@@ -7,9 +7,9 @@ so ``leadtune --help`` stays fast (heavy imports happen inside the commands).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from typing import Any
 
 from leadtune import __version__
 from leadtune.search.faults import Interrupted
@@ -18,18 +18,6 @@ from leadtune.search.faults import Interrupted
 # everything, as timm's models/__init__.py imports every model (leadtune.analysis.delivery).
 from leadtune.trainables.diagnosis import delivery as _diagnosis_delivery  # noqa: F401
 from leadtune.trainables.lead_id import delivery as _lead_id_delivery  # noqa: F401
-
-# Order is the order shown in --help: the path the data takes.
-COMMAND_MODULES = (
-    "leadtune.trainables.data.commands",  # leadtune data prepare|summary
-    "leadtune.trainables.catalogue",  # leadtune models
-    "leadtune.trainables.lead_id.published",  # leadtune import
-    "leadtune.trainables.commands",  # leadtune train
-    "leadtune.bench",  # leadtune bench
-    "leadtune.search.commands",  # leadtune search, leadtune promote
-    "leadtune.analysis.commands",  # leadtune report, evaluate, export, explain
-    "leadtune.trainables.lead_id.delivery.commands",  # leadtune label
-)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -47,9 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"leadtune {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).add_parser(subparsers)
+    for module in command_modules():
+        module.add_parser(subparsers)
     return parser
+
+
+def command_modules() -> tuple[Any, ...]:
+    """The modules that add the sub-commands, in the order ``--help`` shows them (the path the
+    data takes). Imported here, when the parser is built, not when this module is: a heavy
+    command re-executes itself first (trainables.runtime), and would pay for them twice."""
+    from leadtune import bench  # leadtune bench
+    from leadtune.analysis import commands as delivery_commands  # report, evaluate, export, explain
+    from leadtune.search import commands as search_commands  # search, promote
+    from leadtune.trainables import catalogue  # models
+    from leadtune.trainables import commands as train_commands  # train
+    from leadtune.trainables.data import commands as data_commands  # data prepare|summary
+    from leadtune.trainables.lead_id import published  # import
+    from leadtune.trainables.lead_id.delivery import commands as label_commands  # label
+
+    return (data_commands, catalogue, published, train_commands, bench, search_commands,
+            delivery_commands, label_commands)  # fmt: skip
 
 
 # Third-party output a leadtune user cannot act on: MLflow's "View run at http://..." links (they
