@@ -259,7 +259,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--source",
         default=None,
-        help="PTB-XL folder, or the data a task of one's own reads (default for PTB-XL models: "
+        help="PTB-XL folder, or the data a task of one's own reads (default: for PTB-XL models, "
         "the model's training data if present, else the bundled sample)",
     )
     evaluate.add_argument(
