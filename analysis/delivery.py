@@ -26,11 +26,24 @@ ReportSection = Callable[[Any, Path], None]
 
 
 @dataclass(frozen=True)
+class Explainer:
+    """A task's part in ``leadtune explain`` (:mod:`leadtune.analysis.explain`): the attribution
+    methods it offers, and what it attributes and draws for one record and over a split."""
+
+    methods: tuple[str, ...]
+    record: Callable[[Any], list[Path]]  # (explain.RecordRun) -> files written
+    split: Callable[[Any], list[Path]]  # (explain.SplitRequest) -> files written
+    # (prepared dataset, a split's rows) -> the rows to explain (None: all of them)
+    keep_rows: Callable[[Any, Any], Any] | None = None
+
+
+@dataclass(frozen=True)
 class Delivery:
     task: str
     # leadtune evaluate --suite NAME -> how it runs; the first is the default
     suites: dict[str, EvaluationSuite] = field(default_factory=dict)
     report_sections: tuple[ReportSection, ...] = ()
+    explainer: Explainer | None = None  # leadtune explain (None: not offered)
 
 
 DELIVERIES: dict[str, Delivery] = {}

@@ -16,6 +16,8 @@ from leadtune.analysis.model_source import load_model
 from leadtune.cli import main
 from leadtune.trainables.data.preprocess import PreprocessConfig
 from leadtune.trainables.data.records import read_record
+from leadtune.trainables.diagnosis.delivery import explain as diagnosis_explain
+from leadtune.trainables.lead_id.delivery import explain as lead_explain
 
 pytest.importorskip("captum")
 
@@ -51,12 +53,12 @@ def test_integrated_gradients_add_up_to_the_logit_difference_on_the_bundled_mode
     settings = explain.Settings(method="integrated_gradients", steps=128)
     two = np.ascontiguousarray(signal[[bundled.leads.index("V2"), bundled.leads.index("aVL")]])
     v2 = bundled.leads.index("V2")
-    forward = explain.LeadIdOutputs(bundled.model)
+    forward = lead_explain.LeadIdOutputs(bundled.model)
     found = explain.attribute(forward, two[None], [0 * 12 + v2], settings)
     assert found.shape == (1, 2, 1000)
     difference = float(
-        explain.lead_id_logits(bundled.model, two)[0, v2]
-        - explain.lead_id_logits(bundled.model, np.zeros_like(two))[0, v2]
+        lead_explain.lead_id_logits(bundled.model, two)[0, v2]
+        - lead_explain.lead_id_logits(bundled.model, np.zeros_like(two))[0, v2]
     )
     assert abs(difference) > 1.0  # a real difference to account for
     assert float(found.sum()) == pytest.approx(difference, rel=0.02)
@@ -69,7 +71,7 @@ def test_gradient_shap_is_reproducible_with_a_seed_and_differs_with_another(
     bundled, signal
 ) -> None:
     three = signal[None, [0, 1, 7]]  # I, II, V2: K = 3; the logit of channel II for II
-    forward = explain.LeadIdOutputs(bundled.model)
+    forward = lead_explain.LeadIdOutputs(bundled.model)
 
     def shap(seed: int) -> np.ndarray:
         settings = explain.Settings(n_samples=3, baseline="noise", seed=seed)
@@ -83,7 +85,7 @@ def test_gradient_shap_is_reproducible_with_a_seed_and_differs_with_another(
 @pytest.mark.parametrize("channels", [(7,), (0, 1, 7)])
 def test_attributions_have_one_map_per_channel_for_k_below_12(bundled, signal, channels) -> None:
     subset = np.ascontiguousarray(signal[list(channels)])
-    found = explain.explain_lead_id(bundled.model, subset, explain.Settings(method="saliency"))
+    found = lead_explain.explain_lead_id(bundled.model, subset, explain.Settings(method="saliency"))
     k = len(channels)
     assert found["attributions"].shape == (k, k, 1000)
     assert found["logits"].shape == (k, 12) and found["predicted"].shape == (k,)
@@ -93,7 +95,7 @@ def test_attributions_have_one_map_per_channel_for_k_below_12(bundled, signal, c
 def test_unknown_method_and_grad_cam_for_lead_id_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown method 'shap'"):
         explain.Settings(method="shap").check("lead_id")
-    with pytest.raises(ValueError, match="grad_cam needs a convolutional diagnosis model"):
+    with pytest.raises(ValueError, match="grad_cam is not offered for lead_id models"):
         explain.Settings(method="grad_cam").check("lead_id")
 
 
@@ -161,13 +163,13 @@ def test_beat_windows_are_centred_on_the_peaks_and_drop_cut_beats() -> None:
 
 
 def test_neighbours_are_symmetric_and_trace_shares_group_them() -> None:
-    leads = list(explain.NEIGHBOURS)
-    for lead, near in explain.NEIGHBOURS.items():
-        assert all(lead in explain.NEIGHBOURS[n] for n in near)
+    leads = list(lead_explain.NEIGHBOURS)
+    for lead, near in lead_explain.NEIGHBOURS.items():
+        assert all(lead in lead_explain.NEIGHBOURS[n] for n in near)
     shares = np.full((1, 12, 12), 0.05)
     for i in range(12):
         shares[0, i, i] = 0.5
-    found = explain.trace_shares(shares, leads)
+    found = lead_explain.trace_shares(shares, leads)
     assert found["own_trace_share"] == pytest.approx(0.5)
     assert found["per_neighbour_share"] == pytest.approx(0.05)
     assert found["own_trace_first"] == 1.0
@@ -221,8 +223,10 @@ def test_integrated_gradients_add_up_on_a_trained_diagnosis_network(diagnosis_ch
     record = read_record(RECORD, PreprocessConfig(**loaded.preprocess))
     x = np.ascontiguousarray(record.signal, dtype=np.float32)
     settings = explain.Settings(method="integrated_gradients", steps=64)
-    found = explain.explain_diagnosis(loaded.model, x, settings)
-    base = explain.explain_diagnosis(loaded.model, np.zeros_like(x), explain.Settings("saliency"))
+    found = diagnosis_explain.explain_diagnosis(loaded.model, x, settings)
+    base = diagnosis_explain.explain_diagnosis(
+        loaded.model, np.zeros_like(x), explain.Settings("saliency")
+    )
     difference = found["logits"] - base["logits"]
     sums = found["attributions"].reshape(5, -1).sum(axis=1)
     np.testing.assert_allclose(sums, difference, rtol=0.03, atol=0.02)

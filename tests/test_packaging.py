@@ -109,8 +109,6 @@ def test_imports_run_one_way_and_search_names_no_task() -> None:
         for word in ("lead_id", "LeadId", "lead-id"):
             assert word not in text, f"{path.relative_to(REPO)} names the task ({word})"
     for path in (REPO / "analysis").rglob("*.py"):
-        if path.name == "explain.py":
-            continue  # its two tasks' attribution code is still to move to their delivery
         code = _code_without_docstrings(path)
         for word in ("lead_id", "diagnosis"):
             found = [line for line in code.splitlines() if word in line]

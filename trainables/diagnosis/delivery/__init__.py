@@ -12,6 +12,7 @@ from typing import Any
 
 from leadtune.analysis.delivery import (
     Delivery,
+    Explainer,
     evaluation_out,
     prepared_ptbxl,
     refuse_compare,
@@ -53,6 +54,34 @@ def lead_subsets_section(data: Any, out: Path) -> None:
     print(f"  lead-subsets table: {files['markdown']}, {files['csv']}, plot {files['plot']}")
 
 
+def _explain_record(run: Any) -> Any:
+    from leadtune.trainables.diagnosis.delivery.explain import explain_record
+
+    return explain_record(run)
+
+
+def _explain_split(run: Any) -> Any:
+    from leadtune.trainables.diagnosis.delivery.explain import explain_split
+
+    return explain_split(run)
+
+
+def _keep_rows(dataset: Any, rows: Any) -> Any:
+    from leadtune.trainables.diagnosis.delivery.explain import labelled_rows
+
+    return labelled_rows(dataset, rows)
+
+
 DELIVERY = register_delivery(
-    Delivery("diagnosis", suites={"auroc": auroc_suite}, report_sections=(lead_subsets_section,))
+    Delivery(
+        "diagnosis",
+        suites={"auroc": auroc_suite},
+        report_sections=(lead_subsets_section,),
+        explainer=Explainer(
+            methods=("gradient_shap", "integrated_gradients", "saliency", "grad_cam"),
+            record=_explain_record,
+            split=_explain_split,
+            keep_rows=_keep_rows,
+        ),
+    )
 )

@@ -10,6 +10,7 @@ from typing import Any
 
 from leadtune.analysis.delivery import (
     Delivery,
+    Explainer,
     evaluation_out,
     prepared_ptbxl,
     register_delivery,
@@ -55,6 +56,26 @@ def labelling_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
     return 0
 
 
+def _explain_record(run: Any) -> Any:
+    from leadtune.trainables.lead_id.delivery.explain import explain_record
+
+    return explain_record(run)
+
+
+def _explain_split(run: Any) -> Any:
+    from leadtune.trainables.lead_id.delivery.explain import explain_split
+
+    return explain_split(run)
+
+
 DELIVERY = register_delivery(
-    Delivery("lead_id", suites={"paper": paper_suite, "labelling": labelling_suite})
+    Delivery(
+        "lead_id",
+        suites={"paper": paper_suite, "labelling": labelling_suite},
+        explainer=Explainer(
+            methods=("gradient_shap", "integrated_gradients", "saliency"),
+            record=_explain_record,
+            split=_explain_split,
+        ),
+    )
 )

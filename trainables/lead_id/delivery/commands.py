@@ -46,7 +46,7 @@ def run_label(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(objects if several else objects[0], indent=2))
     if explanations and not args.json:
-        from leadtune.analysis.explain import format_evidence
+        from leadtune.trainables.lead_id.delivery.explain import format_evidence
 
         for record, evidence in explanations.items():
             print(format_evidence(record, evidence))
@@ -58,9 +58,10 @@ def run_label(args: argparse.Namespace) -> int:
 def _explain_verdicts(results: list, loaded: Any, exclude: tuple) -> dict[str, Any]:
     """``label --explain``: for each record with a suspected swap, each channel's share of the
     verdict's margin (printed unless --json, where it joins the record's object)."""
-    from leadtune.analysis.explain import require_captum, verdict_evidence
+    from leadtune.analysis.explain import require_captum
     from leadtune.trainables.data.preprocess import PreprocessConfig
     from leadtune.trainables.data.records import read_record
+    from leadtune.trainables.lead_id.delivery.explain import verdict_evidence
 
     flagged = [r for r in results if r.verdict.status == "swap_suspected"]
     if not flagged:
