@@ -33,7 +33,7 @@ def _mlflow_errors_as_one_line(func):
 
 
 def _slug(text: str) -> str:
-    from leadtune.analysis.delivery import slug
+    from leadtune.analysis.suites import slug
 
     return slug(text)
 
@@ -176,7 +176,7 @@ def run_explain(args: argparse.Namespace) -> int:
             f"[leadtune] explaining {loaded.source} on the {args.split} split of {args.source}",
             file=sys.stderr,
         )
-        from leadtune.analysis.delivery import ptbxl_for_model
+        from leadtune.analysis.suites import ptbxl_for_model
 
         dataset = ptbxl_for_model(args.source, args.cache_dir, None, loaded)
         summary = explain_split(loaded, dataset, args.split, args.limit, settings, out, args.source)

@@ -12,8 +12,6 @@ without one gets :func:`task_suite`: its own evaluation, the one promotion runs.
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +57,11 @@ def register_delivery(delivery: Delivery) -> Delivery:
 
 def delivery_of(task: str) -> Delivery:
     """The task's registered delivery, or the default: its own evaluation and no sections."""
-    return DELIVERIES.get(task) or Delivery(task, suites={"task": task_suite})
+    if task in DELIVERIES:
+        return DELIVERIES[task]
+    from leadtune.analysis.task_evaluation import task_suite
+
+    return Delivery(task, suites={"task": task_suite})
 
 
 def choose_suite(task: str, asked: str | None) -> EvaluationSuite:
@@ -71,76 +73,3 @@ def choose_suite(task: str, asked: str | None) -> EvaluationSuite:
             "them or leave --suite out"
         )
     return suites[name]
-
-
-# -- what the suites share --------------------------------------------------------------------
-
-
-def slug(text: str) -> str:
-    """A folder name for a model argument (``models:/lead-id@champion`` -> ``lead-id@champion``)."""
-    return re.sub(r"[^A-Za-z0-9@._-]+", "_", text.replace("models:/", "")).strip("_") or "model"
-
-
-def evaluation_out(args: argparse.Namespace, default_name: str, suffix: str = "") -> Path:
-    """``--out``, else ``runs/evaluate/<model>-<split>[-suffix]``."""
-    if args.out:
-        return Path(args.out)
-    name = f"{slug(str(args.model or default_name))}-{args.split}"
-    return Path("runs/evaluate") / (f"{name}-{suffix}" if suffix else name)
-
-
-def prepared_ptbxl(args: argparse.Namespace, loaded: Any) -> Any:
-    """The PTB-XL folder a suite evaluates on (``--source``, else the model's training data when
-    it is here, else the bundled sample), read with the model's own preprocessing."""
-    from leadtune.trainables.commands import default_source
-    from leadtune.trainables.data.ptbxl import database_files
-
-    trained_on = loaded.card.get("data", {}).get("source") or ""
-    source = args.source or (
-        trained_on if trained_on and (Path(trained_on) / "ptbxl_database.csv").is_file()
-        else default_source()
-    )  # fmt: skip
-    database_files(Path(source))  # a wrong folder is one line, before any other output
-    print(
-        f"[leadtune] evaluating {loaded.source} on the {args.split} split of {source}",
-        file=sys.stderr,
-    )
-    return ptbxl_for_model(source, args.cache_dir, args.limit, loaded)
-
-
-def ptbxl_for_model(source: str, cache_dir: str | None, limit: int | None, loaded: Any) -> Any:
-    """A PTB-XL folder prepared (cached) with the model's own preprocessing."""
-    from leadtune.trainables.data.cache import prepare_dataset
-    from leadtune.trainables.data.preprocess import PreprocessConfig
-
-    return prepare_dataset(
-        Path(source),
-        cache_root=Path(cache_dir) if cache_dir else None,
-        preprocess=PreprocessConfig(**loaded.preprocess),
-        limit=limit,
-        progress=sys.stderr.isatty(),
-    )
-
-
-def refuse_compare(task: str, other: Any) -> None:
-    if other is not None:
-        raise ValueError(f"--compare is not a suite of {task} models; drop it")
-
-
-def task_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
-    """A task's own evaluation (``TaskSpec.evaluate``, the one promotion runs) on ``--source``."""
-    from leadtune.analysis.task_evaluation import evaluate_with_task, format_markdown, write
-    from leadtune.trainables.tasks import DataRequest
-
-    refuse_compare(loaded.task, other)
-    if args.source is None:
-        raise ValueError(f"a {loaded.task} model needs --source: the data its task reads")
-    request = DataRequest(
-        source=Path(args.source), cache_dir=args.cache_dir, limit=args.limit,
-        progress=sys.stderr.isatty(),
-    )  # fmt: skip
-    result = evaluate_with_task(loaded, request, args.split)
-    files = write(result, evaluation_out(args, "model"))
-    print(format_markdown(result))
-    print(f"written: {files['markdown']}, {files['json']}")
-    return 0

@@ -498,6 +498,17 @@ class SplitRequest:
     progress: Callable[[int], None]
 
 
+def save_arrays(path: Path, settings: Settings, fs: int, base: np.ndarray, axes: str,
+                **arrays: Any) -> Path:  # fmt: skip
+    """An explanation's arrays (``.npz``) with how they were computed: the settings, the
+    baselines, the sampling rate and what the axes are."""
+    np.savez_compressed(
+        path, **arrays, baselines=base, method=settings.method, n_samples=settings.n_samples,
+        steps=settings.steps, baseline=settings.baseline, seed=settings.seed, fs=fs, axes=axes,
+    )  # fmt: skip
+    return path
+
+
 def explainer_of(task: str) -> Any:
     """The task's :class:`leadtune.analysis.delivery.Explainer`; an error when it has none."""
     from leadtune.analysis.delivery import delivery_of

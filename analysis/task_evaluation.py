@@ -5,8 +5,9 @@ Written as ``evaluation.json`` and ``evaluation.md`` in ``--out``."""
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,24 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "evaluation.json", "markdown": out / "evaluation.md"}
-    files["json"].write_text(json.dumps(result, indent=2) + "\n")
-    files["markdown"].write_text(format_markdown(result))
-    return files
+    from leadtune.analysis.suites import write_result
+
+    return write_result(out, "evaluation", result, format_markdown(result))
+
+
+def task_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
+    """A task's own evaluation (``TaskSpec.evaluate``, the one promotion runs) on ``--source``."""
+    from leadtune.analysis.suites import evaluation_out, refuse_compare
+
+    refuse_compare(loaded.task, other)
+    if args.source is None:
+        raise ValueError(f"a {loaded.task} model needs --source: the data its task reads")
+    request = DataRequest(
+        source=Path(args.source), cache_dir=args.cache_dir, limit=args.limit,
+        progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    result = evaluate_with_task(loaded, request, args.split)
+    files = write(result, evaluation_out(args, "model"))
+    print(format_markdown(result))
+    print(f"written: {files['markdown']}, {files['json']}")
+    return 0

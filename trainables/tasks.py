@@ -123,6 +123,27 @@ def prepare_ptbxl(request: DataRequest) -> Any:
     )
 
 
+def ptbxl_loader(data_class: Any) -> Callable[[DataRequest], tuple[Any, Any]]:
+    """A task's ``load_data`` for PTB-XL: the prepared dataset, and what its trials hold in
+    memory (``data_class.from_prepared(dataset)``; torch-free, the driver builds it)."""
+
+    def load_data(request: DataRequest) -> tuple[Any, Any]:
+        dataset = prepare_ptbxl(request)
+        return data_class.from_prepared(dataset), dataset
+
+    return load_data
+
+
+def deferred(load: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    """A function whose implementation ``load()`` imports on first call: a task's spec names
+    its training module's functions without importing torch."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return load()(*args, **kwargs)
+
+    return call
+
+
 def ptbxl_source_check(request: DataRequest) -> None:
     """``check_data`` of a task that reads a PTB-XL folder (both built-in tasks): the folder
     and its tables exist (imported on use: the reader pulls in wfdb and pandas)."""

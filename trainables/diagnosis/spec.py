@@ -3,39 +3,27 @@ about it (see :class:`leadtune.trainables.tasks.TaskSpec`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from leadtune.trainables.diagnosis.config import DiagnosisConfig, resolve_leads
+from leadtune.trainables.diagnosis.data import DiagnosisData
 from leadtune.trainables.tasks import (
     Column,
-    DataRequest,
     TaskSpec,
-    prepare_ptbxl,
+    deferred,
+    ptbxl_loader,
     ptbxl_source_check,
     register_task,
 )
 
 
-def load_data(request: DataRequest) -> tuple[Any, Any]:
-    from leadtune.trainables.diagnosis.data import DiagnosisData
+def _train() -> Any:
+    """The training module (it imports torch), on first use."""
+    from leadtune.trainables.diagnosis import train
 
-    dataset = prepare_ptbxl(request)
-    return DiagnosisData.from_prepared(dataset), dataset
-
-
-def evaluate(checkpoint_dir: Path, dataset: Any, split: str = "test") -> dict[str, Any]:
-    from leadtune.trainables.diagnosis.train import evaluate_checkpoint
-
-    return evaluate_checkpoint(checkpoint_dir, dataset, split=split)
-
-
-def paired_test(checkpoint_a: Path, checkpoint_b: Path, dataset: Any, split: str) -> dict:
-    from leadtune.trainables.diagnosis.train import paired_test as test
-
-    return test(checkpoint_a, checkpoint_b, dataset, split)
+    return train
 
 
 def build_model(config: DiagnosisConfig) -> Any:
@@ -106,9 +94,9 @@ SPEC = register_task(
         description="multi-label PTB-XL diagnostic superclasses (NORM, MI, STTC, CD, HYP)",
         config_class=DiagnosisConfig,
         train=train,
-        load_data=load_data,
-        evaluate=evaluate,
-        paired_test=paired_test,
+        load_data=ptbxl_loader(DiagnosisData),
+        evaluate=deferred(lambda: _train().evaluate_checkpoint),
+        paired_test=deferred(lambda: _train().paired_test),
         build_model=build_model,
         example_input=example_input,
         predict=predict,

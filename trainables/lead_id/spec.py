@@ -3,39 +3,27 @@ need to know about it (see :class:`leadtune.trainables.tasks.TaskSpec`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from leadtune.trainables.lead_id.config import LeadIdConfig
+from leadtune.trainables.lead_id.data import LeadIdData
 from leadtune.trainables.tasks import (
     Column,
-    DataRequest,
     TaskSpec,
-    prepare_ptbxl,
+    deferred,
+    ptbxl_loader,
     ptbxl_source_check,
     register_task,
 )
 
 
-def load_data(request: DataRequest) -> tuple[Any, Any]:
-    from leadtune.trainables.lead_id.data import LeadIdData
+def _train() -> Any:
+    """The training module (it imports torch), on first use."""
+    from leadtune.trainables.lead_id import train
 
-    dataset = prepare_ptbxl(request)
-    return LeadIdData.from_prepared(dataset), dataset
-
-
-def evaluate(checkpoint_dir: Path, dataset: Any, split: str = "test") -> dict[str, Any]:
-    from leadtune.trainables.lead_id.train import evaluate_checkpoint
-
-    return evaluate_checkpoint(checkpoint_dir, dataset, split=split)
-
-
-def paired_test(checkpoint_a: Path, checkpoint_b: Path, dataset: Any, split: str) -> dict:
-    from leadtune.trainables.lead_id.train import paired_test as test
-
-    return test(checkpoint_a, checkpoint_b, dataset, split)
+    return train
 
 
 def build_model(config: LeadIdConfig) -> Any:
@@ -79,9 +67,9 @@ SPEC = register_task(
         description="ECG lead identification (per-lead encoder, set context, per-lead head)",
         config_class=LeadIdConfig,
         train=train,
-        load_data=load_data,
-        evaluate=evaluate,
-        paired_test=paired_test,
+        load_data=ptbxl_loader(LeadIdData),
+        evaluate=deferred(lambda: _train().evaluate_checkpoint),
+        paired_test=deferred(lambda: _train().paired_test),
         build_model=build_model,
         example_input=example_input,
         predict=predict,

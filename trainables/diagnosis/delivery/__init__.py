@@ -13,11 +13,10 @@ from typing import Any
 from leadtune.analysis.delivery import (
     Delivery,
     Explainer,
-    evaluation_out,
-    prepared_ptbxl,
-    refuse_compare,
     register_delivery,
 )
+from leadtune.analysis.suites import evaluation_out, prepared_ptbxl, refuse_compare
+from leadtune.trainables.tasks import deferred
 
 
 def auroc_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
@@ -54,22 +53,11 @@ def lead_subsets_section(data: Any, out: Path) -> None:
     print(f"  lead-subsets table: {files['markdown']}, {files['csv']}, plot {files['plot']}")
 
 
-def _explain_record(run: Any) -> Any:
-    from leadtune.trainables.diagnosis.delivery.explain import explain_record
+def _explain() -> Any:
+    """The explainer's module (Captum, figures), on first use."""
+    from leadtune.trainables.diagnosis.delivery import explain
 
-    return explain_record(run)
-
-
-def _explain_split(run: Any) -> Any:
-    from leadtune.trainables.diagnosis.delivery.explain import explain_split
-
-    return explain_split(run)
-
-
-def _keep_rows(dataset: Any, rows: Any) -> Any:
-    from leadtune.trainables.diagnosis.delivery.explain import labelled_rows
-
-    return labelled_rows(dataset, rows)
+    return explain
 
 
 DELIVERY = register_delivery(
@@ -79,9 +67,9 @@ DELIVERY = register_delivery(
         report_sections=(lead_subsets_section,),
         explainer=Explainer(
             methods=("gradient_shap", "integrated_gradients", "saliency", "grad_cam"),
-            record=_explain_record,
-            split=_explain_split,
-            keep_rows=_keep_rows,
+            record=deferred(lambda: _explain().explain_record),
+            split=deferred(lambda: _explain().explain_split),
+            keep_rows=deferred(lambda: _explain().labelled_rows),
         ),
     )
 )

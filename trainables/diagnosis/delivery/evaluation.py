@@ -7,7 +7,6 @@ or package); without them, 0.5, and the output says so.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +98,6 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "evaluation.json", "markdown": out / "evaluation.md"}
-    files["json"].write_text(json.dumps(result, indent=2) + "\n")
-    files["markdown"].write_text(format_markdown(result))
-    return files
+    from leadtune.analysis.suites import write_result
+
+    return write_result(out, "evaluation", result, format_markdown(result))

@@ -20,6 +20,7 @@ from leadtune.analysis.explain import (
     completeness,
     lead_importance,
     plot_traces,
+    save_arrays,
 )
 
 
@@ -123,13 +124,11 @@ def explain_record(run: RecordRun) -> list[Path]:
             name: dict(zip(names, np.round(importance[c], 4).tolist()))
             for c, name in enumerate(classes)
         }
-    np.savez_compressed(
-        out / "attributions.npz", attributions=attributions.astype(np.float32),
-        signal=signal, logits=found["logits"], probabilities=probabilities,
-        classes=np.array(classes), leads=np.array(names), baselines=run.base,
-        method=settings.method, n_samples=settings.n_samples, steps=settings.steps,
-        baseline=settings.baseline, seed=settings.seed, fs=fs,
-        axes="attributions: (class, lead, time); grad_cam: (class, time)",
+    save_arrays(
+        out / "attributions.npz", settings, fs, run.base,
+        "attributions: (class, lead, time); grad_cam: (class, time)",
+        attributions=attributions.astype(np.float32), signal=signal, logits=found["logits"],
+        probabilities=probabilities, classes=np.array(classes), leads=np.array(names),
     )  # fmt: skip
     if settings.method == "integrated_gradients":
         at_base = explain_diagnosis(loaded.model, run.base[0], Settings("saliency"))["logits"]
@@ -168,13 +167,12 @@ def explain_split(run: SplitRequest) -> list[Path]:
         }
         for c, name in enumerate(classes)
     }
-    np.savez_compressed(
-        out / "lead_importance.npz", importance=importance.astype(np.float32),
-        by_class=by_class.astype(np.float32), labels=labels, classes=np.array(classes),
-        leads=np.array(leads), records=np.array(run.names), baselines=run.base,
-        method=settings.method, n_samples=settings.n_samples, steps=settings.steps,
-        baseline=settings.baseline, seed=settings.seed, fs=loaded.fs,
-        axes="importance: (record, class, lead)",
+    save_arrays(
+        out / "lead_importance.npz", settings, loaded.fs, run.base,
+        "importance: (record, class, lead)",
+        importance=importance.astype(np.float32), by_class=by_class.astype(np.float32),
+        labels=labels, classes=np.array(classes), leads=np.array(leads),
+        records=np.array(run.names),
     )  # fmt: skip
     files.append(out / "lead_importance.npz")
     return files

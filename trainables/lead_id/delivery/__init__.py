@@ -11,10 +11,10 @@ from typing import Any
 from leadtune.analysis.delivery import (
     Delivery,
     Explainer,
-    evaluation_out,
-    prepared_ptbxl,
     register_delivery,
 )
+from leadtune.analysis.suites import evaluation_out, prepared_ptbxl
+from leadtune.trainables.tasks import deferred
 
 
 def paper_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
@@ -37,7 +37,7 @@ def paper_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
 
 def labelling_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
     """Accuracy by number of leads shown, reversal detection and false alarms, other recorders."""
-    from leadtune.analysis.delivery import refuse_compare
+    from leadtune.analysis.suites import refuse_compare
     from leadtune.trainables.lead_id.delivery.labelling_study import (
         format_markdown,
         run_labelling_study,
@@ -56,16 +56,11 @@ def labelling_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
     return 0
 
 
-def _explain_record(run: Any) -> Any:
-    from leadtune.trainables.lead_id.delivery.explain import explain_record
+def _explain() -> Any:
+    """The explainer's module (Captum, figures), on first use."""
+    from leadtune.trainables.lead_id.delivery import explain
 
-    return explain_record(run)
-
-
-def _explain_split(run: Any) -> Any:
-    from leadtune.trainables.lead_id.delivery.explain import explain_split
-
-    return explain_split(run)
+    return explain
 
 
 DELIVERY = register_delivery(
@@ -74,8 +69,8 @@ DELIVERY = register_delivery(
         suites={"paper": paper_suite, "labelling": labelling_suite},
         explainer=Explainer(
             methods=("gradient_shap", "integrated_gradients", "saliency"),
-            record=_explain_record,
-            split=_explain_split,
+            record=deferred(lambda: _explain().explain_record),
+            split=deferred(lambda: _explain().explain_split),
         ),
     )
 )

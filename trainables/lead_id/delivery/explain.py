@@ -29,6 +29,7 @@ from leadtune.analysis.explain import (
     plot_global_maps,
     plot_traces,
     region_shares,
+    save_arrays,
 )
 
 # Neighbours of each lead: adjacent precordial leads, and the limb leads 30 degrees apart on the
@@ -434,13 +435,11 @@ def explain_record(run: RecordRun) -> list[Path]:
                 credit=run.credit,
             )
         )  # fmt: skip
-    np.savez_compressed(
-        out / "attributions.npz", attributions=attributions.astype(np.float32),
-        signal=signal, logits=found["logits"], predicted=predicted,
-        channels=np.array(names), leads=np.array(leads), baselines=run.base,
-        method=settings.method, n_samples=settings.n_samples, steps=settings.steps,
-        baseline=settings.baseline, seed=settings.seed, fs=fs,
-        axes="attributions: (target channel, input channel, time)",
+    save_arrays(
+        out / "attributions.npz", settings, fs, run.base,
+        "attributions: (target channel, input channel, time)",
+        attributions=attributions.astype(np.float32), signal=signal, logits=found["logits"],
+        predicted=predicted, channels=np.array(names), leads=np.array(leads),
     )  # fmt: skip
     if settings.method == "integrated_gradients":
         at_base = lead_id_logits(loaded.model, run.base[0])
@@ -486,18 +485,17 @@ def explain_split(run: SplitRequest) -> list[Path]:
     ]  # fmt: skip
     if projected:
         files.append(plot_pca(projected, leads, out / "pca_blocks.png", credit))
-    np.savez_compressed(
-        out / "global_maps.npz", global_maps=global_maps.astype(np.float32),
-        local_maps=local_maps.astype(np.float32), mean_beat=mean_beat.astype(np.float32),
-        beats=split_run.beats, before=split_run.before, after=split_run.after,
-        leads=np.array(leads), records=np.array(split_run.records), baselines=run.base,
+    save_arrays(
+        out / "global_maps.npz", settings, fs, run.base,
+        "maps: (target lead, input lead, ms from R); trace_shares: (record, target, input); "
+        "pca: (stage, record, lead, 2)",
+        global_maps=global_maps.astype(np.float32), local_maps=local_maps.astype(np.float32),
+        mean_beat=mean_beat.astype(np.float32), beats=split_run.beats,
+        before=split_run.before, after=split_run.after, leads=np.array(leads),
+        records=np.array(split_run.records),
         trace_shares=np.stack(split_run.trace["attribution"]).astype(np.float32),
         local_trace_shares=np.stack(split_run.trace["local"]).astype(np.float32),
         pca=np.stack(projected) if projected else np.zeros(0),
-        method=settings.method, n_samples=settings.n_samples, steps=settings.steps,
-        baseline=settings.baseline, seed=settings.seed, fs=fs,
-        axes="maps: (target lead, input lead, ms from R); trace_shares: (record, target, "
-        "input); pca: (stage, record, lead, 2)",
     )  # fmt: skip
     files.append(out / "global_maps.npz")
     return files

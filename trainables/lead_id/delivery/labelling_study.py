@@ -18,7 +18,6 @@ channels shuffled and renamed, fewer than 12 leads, electrode reversals, other d
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -399,8 +398,6 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def write_study(result: dict[str, Any], out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "labelling.json", "markdown": out / "labelling.md"}
-    files["json"].write_text(json.dumps(result, indent=2) + "\n")
-    files["markdown"].write_text(format_markdown(result))
-    return files
+    from leadtune.analysis.suites import write_result
+
+    return write_result(out, "labelling", result, format_markdown(result))
