@@ -6,7 +6,6 @@ names below, so ``leadtune --help`` stays fast.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,8 +53,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     # Loading lead_identifier also imports the encoders and contexts, so the registries that
     # come back are filled with the built-in blocks.
-    importlib.import_module(f"{__name__}.lead_identifier")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    from leadtune.trainables.lead_id.models import lead_identifier, registry
+
+    return getattr(lead_identifier if _EXPORTS[name] == "lead_identifier" else registry, name)
 
 
 def __dir__() -> list[str]:

@@ -13,20 +13,15 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+# The built-in encoders and contexts register themselves when their modules are imported: both
+# are imported here, with the model (encoders above), as timm's models/__init__ imports its models.
+from leadtune.trainables.lead_id.models import context as _builtin_contexts  # noqa: F401
 from leadtune.trainables.lead_id.models.encoders import (
     PAPER_ENCODER_PARAMETERS,
     released_unused_encoder_parameters,
 )
 from leadtune.trainables.lead_id.models.head import LeadClassifierHead
-from leadtune.trainables.lead_id.models.registry import (
-    CONTEXTS,
-    ENCODERS,
-    ModelConfig,
-    load_builtin_models,
-)
-
-# The built-in encoders and contexts register themselves on import; load them with the model.
-load_builtin_models()
+from leadtune.trainables.lead_id.models.registry import CONTEXTS, ENCODERS, ModelConfig
 
 # Parameter counts of the released reference code (the reference paper's code; docs/lead-id.md), by D, for 12 classes.
 RELEASED_PARAMETERS: dict[int, int] = {128: 1_367_393, 64: 592_161}
@@ -124,7 +119,6 @@ def describe_models(d_model: int = 128, n_classes: int = 12) -> list[dict[str, o
     Encoders are counted alone (final Linear(-> D) included), contexts with the default depth,
     heads, FFN width and inducing points of :class:`ModelConfig`.
     """
-    load_builtin_models()
     base = ModelConfig(d_model=d_model, n_classes=n_classes).validate()
     rows: list[dict[str, object]] = []
     for name, builder in ENCODERS.items():

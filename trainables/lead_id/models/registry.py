@@ -8,7 +8,6 @@ search space or the CLI can validate a configuration cheaply.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,14 +22,10 @@ ModuleBuilder = Callable[["ModelConfig"], "nn.Module"]
 ENCODERS: dict[str, ModuleBuilder] = {}
 CONTEXTS: dict[str, ModuleBuilder] = {}
 
-# Modules whose import fills the registries with the built-in blocks.
-BUILTIN_MODULES = (
-    "leadtune.trainables.lead_id.models.encoders",
-    "leadtune.trainables.lead_id.models.context",
-)
-# The names those modules register, so that checking a configuration that names a built-in block
-# imports no torch (a search's driver checks every trial's configuration and never builds a
-# model). tests/test_models.py holds these equal to what the modules register.
+# The names the built-in modules (encoders, context: imported with the model by lead_identifier)
+# register, so that checking a configuration that names a built-in block imports no torch (a
+# search's driver checks every trial's configuration and never builds a model).
+# tests/test_models.py holds these equal to what the modules register.
 BUILTIN_ENCODERS = ("cnn", "inception", "gru", "cnn_gru", "inception_gru")
 BUILTIN_CONTEXTS = ("none", "deepsets", "sab", "isab")
 
@@ -55,12 +50,6 @@ def _register(
         return builder
 
     return decorator
-
-
-def load_builtin_models() -> None:
-    """Import the modules that register the built-in encoders and contexts (idempotent)."""
-    for module_name in BUILTIN_MODULES:
-        importlib.import_module(module_name)
 
 
 @dataclass(frozen=True)
