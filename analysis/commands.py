@@ -1,4 +1,5 @@
-"""`leadtune report`, `evaluate`, `export`, `label` and `explain`: reading what searches and training wrote.
+"""`leadtune report`, `evaluate`, `export` and `explain`: reading what searches and training wrote
+(each task's own parts come from its delivery package, :mod:`leadtune.analysis.delivery`).
 
 Only argparse at import time: torch, MLflow and Optuna load inside the commands, so
 ``leadtune --help`` stays fast.
@@ -32,15 +33,11 @@ def _mlflow_errors_as_one_line(func):
     return wrapped
 
 
-def _slug(text: str) -> str:
-    from leadtune.analysis.suites import slug
-
-    return slug(text)
-
-
 @_mlflow_errors_as_one_line
 def run_report(args: argparse.Namespace) -> int:
+    from leadtune.analysis.delivery import delivery_of
     from leadtune.analysis.report import collect, write_report
+    from leadtune.search.promote import task_of
     from leadtune.search.state import find_search
 
     search_dir = find_search(Path(args.storage_path), args.study, args.experiment)
@@ -54,9 +51,6 @@ def run_report(args: argparse.Namespace) -> int:
     print(f"  importances: {data.importance_note}")
     if "mlflow" in files:
         print(f"  attached to MLflow parent run {data.state['parent_run_id']}: {files['mlflow']}")
-    from leadtune.analysis.delivery import delivery_of
-    from leadtune.search.promote import task_of
-
     for section in delivery_of(task_of(data.state)).report_sections:
         section(data, out)
     return 0
@@ -163,11 +157,13 @@ def run_explain(args: argparse.Namespace) -> int:
         check_writable(Path(args.out), "--out")
     loaded = _load_for_explain(args)
     settings.check(loaded.task)
+    from leadtune.analysis.suites import slug
+
     where = Path(args.record).name if args.record else args.split
     out = (
         Path(args.out)
         if args.out
-        else Path("runs/explain") / f"{_slug(str(args.model or 'bundled'))}-{_slug(where)}"
+        else Path("runs/explain") / f"{slug(str(args.model or 'bundled'))}-{slug(where)}"
     )
     if args.record:
         summary = explain_record(loaded, args.record, settings, out, _exclusions(args.exclude))

@@ -1,5 +1,6 @@
-"""Diagnosis's part in the delivery commands: ``leadtune evaluate``'s AUROC suite and the
-lead-subsets table of ``leadtune report``. It sits on top of leadtune (it uses
+"""Diagnosis's part in the delivery commands: ``leadtune evaluate``'s AUROC suite, its
+``leadtune explain`` attributions (:mod:`.explain`, Grad-CAM included) and the lead-subsets table
+of ``leadtune report``. It sits on top of leadtune (it uses
 :mod:`leadtune.analysis` and the search's results), so only the ``leadtune`` command imports it
 (see :mod:`leadtune.analysis.delivery`)."""
 
@@ -10,11 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from leadtune.analysis.delivery import (
-    Delivery,
-    Explainer,
-    register_delivery,
-)
+from leadtune.analysis.delivery import Delivery, Explainer, register_delivery
 from leadtune.analysis.suites import evaluation_out, prepared_ptbxl, refuse_compare
 from leadtune.trainables.tasks import deferred
 

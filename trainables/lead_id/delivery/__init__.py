@@ -1,6 +1,6 @@
 """Lead identification's part in the delivery commands: ``leadtune evaluate``'s paper and
-labelling suites, ``leadtune label`` (:mod:`.commands`), and the bundled model's maker
-(:mod:`.bundle`). It sits on top of leadtune (it uses :mod:`leadtune.analysis`), so only the
+labelling suites, ``leadtune label`` (:mod:`.commands`), its ``leadtune explain`` attributions
+(:mod:`.explain`), and the bundled model's maker (:mod:`.bundle`). It sits on top of leadtune (it uses :mod:`leadtune.analysis`), so only the
 ``leadtune`` command imports it (see :mod:`leadtune.analysis.delivery`)."""
 
 from __future__ import annotations
@@ -8,12 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from leadtune.analysis.delivery import (
-    Delivery,
-    Explainer,
-    register_delivery,
-)
-from leadtune.analysis.suites import evaluation_out, prepared_ptbxl
+from leadtune.analysis.delivery import Delivery, Explainer, register_delivery
+from leadtune.analysis.suites import evaluation_out, prepared_ptbxl, refuse_compare
 from leadtune.trainables.tasks import deferred
 
 
@@ -37,7 +33,6 @@ def paper_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
 
 def labelling_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
     """Accuracy by number of leads shown, reversal detection and false alarms, other recorders."""
-    from leadtune.analysis.suites import refuse_compare
     from leadtune.trainables.lead_id.delivery.labelling_study import (
         format_markdown,
         run_labelling_study,
