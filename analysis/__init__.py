@@ -1,5 +1,7 @@
 """leadtune.analysis: what users do with finished searches and models: reports, evaluation,
-export and labelling records, reading what searches and training wrote."""
+export and explanations, reading what searches and training wrote. Each task's own parts (its
+evaluation suites, ``leadtune label``, its attributions) come from its delivery package
+(:mod:`leadtune.analysis.delivery`)."""
 
 if __name__ != "leadtune.analysis":  # imported as a bare top-level name: a second, unrelated copy
     raise ImportError(

@@ -95,7 +95,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         check_writable(Path(args.out), "--out")
     loaded = load_model(args.model, args.tracking_uri, args.cache_dir)
-    suite = choose_suite(loaded.task, args.suite)  # a suite the task lacks: one line, now
+    suite = choose_suite(loaded.task, args.suite, compare=bool(args.compare))  # before any data
     other = load_model(args.compare, args.tracking_uri, args.cache_dir) if args.compare else None
     return suite(args, loaded, other)
 

@@ -42,6 +42,7 @@ class Delivery:
     suites: dict[str, EvaluationSuite] = field(default_factory=dict)
     report_sections: tuple[ReportSection, ...] = ()
     explainer: Explainer | None = None  # leadtune explain (None: not offered)
+    compare: tuple[str, ...] = ()  # the suites that take a second model (--compare)
 
 
 DELIVERIES: dict[str, Delivery] = {}
@@ -64,12 +65,26 @@ def delivery_of(task: str) -> Delivery:
     return Delivery(task, suites={"task": task_suite})
 
 
-def choose_suite(task: str, asked: str | None) -> EvaluationSuite:
-    suites = delivery_of(task).suites
-    name = asked or next(iter(suites))
-    if name not in suites:
+NOT_REGISTERED = (
+    "no delivery is registered for {task} models here: the leadtune command registers the "
+    "built-in ones; from Python, import leadtune.cli (or the task's delivery package) first"
+)
+
+
+def choose_suite(task: str, asked: str | None, compare: bool = False) -> EvaluationSuite:
+    """The suite ``--suite`` names (default: the task's first); a one-line error, before any
+    model or data is read, for a suite the task lacks or a ``--compare`` it does not take."""
+    delivery = delivery_of(task)
+    name = asked or next(iter(delivery.suites))
+    if name not in delivery.suites:
+        hint = "" if task in DELIVERIES else f" ({NOT_REGISTERED.format(task=task)})"
         raise ValueError(
-            f"--suite {name}: a {task} model is evaluated by {', '.join(suites)}; pass one of "
-            "them or leave --suite out"
+            f"--suite {name}: a {task} model is evaluated by {', '.join(delivery.suites)}; "
+            f"pass one of them or leave --suite out{hint}"
         )
-    return suites[name]
+    if compare and name not in delivery.compare:
+        takes = f"only its {', '.join(delivery.compare)} suite" if delivery.compare else "none"
+        raise ValueError(
+            f"--compare: of a {task} model's suites, {takes} compares two models; drop it"
+        )
+    return delivery.suites[name]

@@ -511,10 +511,12 @@ def save_arrays(path: Path, settings: Settings, fs: int, base: np.ndarray, axes:
 
 def explainer_of(task: str) -> Any:
     """The task's :class:`leadtune.analysis.delivery.Explainer`; an error when it has none."""
-    from leadtune.analysis.delivery import delivery_of
+    from leadtune.analysis.delivery import DELIVERIES, NOT_REGISTERED, delivery_of
 
     explainer = delivery_of(task).explainer
     if explainer is None:
+        if task not in DELIVERIES:
+            raise ValueError(f"leadtune explain: {NOT_REGISTERED.format(task=task)}")
         raise ValueError(f"leadtune explain has no attributions for {task} models")
     return explainer
 

@@ -64,8 +64,3 @@ def write_result(out: Path, stem: str, result: dict[str, Any], markdown: str) ->
     files["json"].write_text(json.dumps(result, indent=2) + "\n")
     files["markdown"].write_text(markdown)
     return files
-
-
-def refuse_compare(task: str, other: Any) -> None:
-    if other is not None:
-        raise ValueError(f"--compare is not a suite of {task} models; drop it")

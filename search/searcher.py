@@ -77,27 +77,25 @@ class LeadtuneOptunaSearch(OptunaSearch):
     def _told_before(self, trial_id: str) -> bool:
         """Whether the study already holds the trial as finished: told by a run of this search
         that was killed before Tune saved it (resume). Asked of the storage once per trial and
-        process; after that only this searcher tells it, and it remembers (_completed_trials)."""
-        checked = self.__dict__.setdefault("_open_in_storage", set())
-        if trial_id in checked:
-            return False
-        if _finished_in_storage(self._ot_study, self._ot_trials[trial_id]):
-            return True
-        checked.add(trial_id)
-        return False
+        process (the answer is kept in ``_storage_finished``, which is never saved: a resume
+        asks again); after that only this searcher tells it, and it remembers that too."""
+        known = self.__dict__.setdefault("_storage_finished", {})
+        if trial_id not in known:
+            known[trial_id] = _finished_in_storage(self._ot_study, self._ot_trials[trial_id])
+        return known[trial_id]
 
     def save(self, checkpoint_path: str) -> None:
         # what this process saw in the storage is not saved: a resume asks again
-        seen = self.__dict__.pop("_open_in_storage", None)
+        seen = self.__dict__.pop("_storage_finished", None)
         try:
             super().save(checkpoint_path)
         finally:
             if seen is not None:
-                self._open_in_storage = seen
+                self._storage_finished = seen
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        self.__dict__.pop("_open_in_storage", None)
+        self.__dict__.pop("_storage_finished", None)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         import optuna

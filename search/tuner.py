@@ -561,7 +561,7 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
             f"{plan.settings.max_concurrent} at once; MLflow experiment {experiment_id}, parent "
             f"run {parent_run_id}"
         )
-        with _tune_signal_handlers():
+        with _tune_signal_handlers(), _own_result_loggers(plan):
             grid = tuner.fit()
     except BaseException as exc:
         from leadtune.search.faults import is_disk_full
@@ -688,11 +688,14 @@ def _start_ray(plan: SearchPlan) -> None:
     if not ray.is_initialized():
         if local and not os.environ.get("RAY_AUTH_MODE"):
             enable_ray_token_auth()
+        # without --address, ray.init still joins a Ray it finds (RAY_ADDRESS, or one `ray
+        # start` left on this machine): only a Ray it starts itself is started lean
+        own = local and not _finds_running_ray()
         if local:
             # Ray starts one idle worker per CPU for the driver's job; Tune never uses them (each
             # trial is an actor with its own worker), so on a laptop they only cost CPU to start.
             os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-        with _lean_local_node(local):
+        with _lean_local_node(own):
             ray.init(
                 address=settings.address,
                 include_dashboard=False,
@@ -702,9 +705,20 @@ def _start_ray(plan: SearchPlan) -> None:
                 runtime_env=ray_runtime_env(settings.gpus_per_trial),  # allocator env, GPU share
                 # a local Ray without a dashboard has nobody to read its metrics (their agents
                 # cost ~1 CPU s a minute); a cluster's are the cluster's to set
-                _system_config={"enable_metrics_collection": False} if local else None,
+                _system_config={"enable_metrics_collection": False} if own else None,
             )
     check_resources(settings, ray.cluster_resources())
+
+
+def _finds_running_ray() -> bool:
+    """Whether ``ray.init()`` without an address would join a running Ray instead of starting
+    one (Ray's own lookup: ``RAY_ADDRESS``, then the last ``ray start`` on this machine)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None) is not None
+    except Exception:  # Ray could not tell: ray.init will decide, and say so itself
+        return False
 
 
 @contextlib.contextmanager
@@ -783,9 +797,6 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     settings = plan.settings
     if account is not None:  # (a resumed search restores its callbacks, this one included)
         activate(account)
-    # Tune adds only the loggers its callbacks lack; our own are in _result_files (a resumed
-    # search restores them), so it must not add its TensorBoard logger either.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial_entry,
@@ -869,6 +880,27 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
             verbose=1,
         ),
     )
+
+
+@contextlib.contextmanager
+def _own_result_loggers(plan: SearchPlan) -> Iterator[None]:
+    """While Tune runs: no loggers of its own (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``): the
+    search's callbacks hold the CSV and JSON ones (:func:`_result_files`; a resumed search
+    restores them). A search started by an older leadtune has only Tune's automatic loggers
+    (its trial folders hold TensorBoard files): resumed, it keeps them. The variable is put
+    back afterwards."""
+    old_style = plan.resumed and any(plan.search_dir.glob("*/events.out.tfevents*"))
+    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    before = os.environ.get(name)
+    if not old_style:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _result_files() -> list[Any]:

@@ -98,6 +98,11 @@ def test_train_reads_a_yaml_config_and_flags_override_it(tmp_path):
         (["label", "/nonexistent/record"], "no such record"),
         (["report", "--storage-path", "/nonexistent/runs"], "no leadtune search under"),
         (["evaluate", "--source", "/nonexistent/ptbxl"], "PTB-XL folder not found"),
+        (["evaluate", "--suite", "nosuch"], "--suite nosuch: a lead_id model is evaluated by"),
+        (
+            ["evaluate", "--suite", "labelling", "--compare", "bundled"],
+            "only its paper suite compares two models",
+        ),
         (["bench", "--source", "/nonexistent/ptbxl"], "PTB-XL folder not found"),
     ],
 )

@@ -59,3 +59,22 @@ def test_a_local_ray_head_is_asked_for_no_log_monitor_and_no_autoscaler_monitor(
     assert (lean.include_log_monitor, lean.no_monitor) == (False, True)
     assert (plain.include_log_monitor, plain.no_monitor) == (None, False)
     assert (after.include_log_monitor, after.no_monitor) == (None, False)
+
+
+def test_tune_runs_without_its_own_loggers_only_while_it_runs(tmp_path, monkeypatch) -> None:
+    """The search's CSV/JSON loggers replace Tune's automatic ones (whose TensorBoard logger
+    imports torch into the driver); a search an older leadtune started keeps Tune's."""
+    import os
+    from types import SimpleNamespace
+
+    from leadtune.search.tuner import _own_result_loggers
+
+    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    monkeypatch.delenv(name, raising=False)
+    with _own_result_loggers(SimpleNamespace(resumed=False, search_dir=tmp_path)):
+        assert os.environ[name] == "1"
+    assert name not in os.environ  # put back
+    (tmp_path / "trial_1").mkdir()
+    (tmp_path / "trial_1" / "events.out.tfevents.1").write_text("")
+    with _own_result_loggers(SimpleNamespace(resumed=True, search_dir=tmp_path)):
+        assert name not in os.environ  # resumed old-style search: Tune's loggers as before

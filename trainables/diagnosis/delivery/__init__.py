@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from leadtune.analysis.delivery import Delivery, Explainer, register_delivery
-from leadtune.analysis.suites import evaluation_out, prepared_ptbxl, refuse_compare
+from leadtune.analysis.suites import evaluation_out, prepared_ptbxl
 from leadtune.trainables.tasks import deferred
 
 
@@ -24,7 +24,6 @@ def auroc_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
         write,
     )
 
-    refuse_compare(loaded.task, other)
     dataset = prepared_ptbxl(args, loaded)
     result = evaluate_diagnosis(loaded, dataset, args.split, min(args.n_boot, 2000), args.seed)
     files = write(result, evaluation_out(args, "model"))
@@ -66,7 +65,7 @@ DELIVERY = register_delivery(
             methods=("gradient_shap", "integrated_gradients", "saliency", "grad_cam"),
             record=deferred(lambda: _explain().explain_record),
             split=deferred(lambda: _explain().explain_split),
-            keep_rows=deferred(lambda: _explain().labelled_rows),
+            keep_rows=deferred(lambda: _explain().with_labels),
         ),
     )
 )

@@ -73,7 +73,7 @@ def plot_lead_importance(importance: np.ndarray, classes: Sequence[str], leads: 
     return path
 
 
-def labelled_rows(dataset: Any, rows: np.ndarray) -> np.ndarray:
+def with_labels(dataset: Any, rows: np.ndarray) -> np.ndarray:
     """The rows whose record has at least one superclass label."""
     return rows[dataset.superclasses[rows].any(axis=1)]
 

@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from leadtune.analysis.delivery import Delivery, Explainer, register_delivery
-from leadtune.analysis.suites import evaluation_out, prepared_ptbxl, refuse_compare
+from leadtune.analysis.suites import evaluation_out, prepared_ptbxl
 from leadtune.trainables.tasks import deferred
 
 
@@ -39,7 +39,6 @@ def labelling_suite(args: argparse.Namespace, loaded: Any, other: Any) -> int:
         write_study,
     )
 
-    refuse_compare(loaded.task, other)
     dataset = prepared_ptbxl(args, loaded)
     result = run_labelling_study(
         loaded, dataset, args.split, n_boot=min(args.n_boot, 2000), seed=args.seed,
@@ -62,6 +61,7 @@ DELIVERY = register_delivery(
     Delivery(
         "lead_id",
         suites={"paper": paper_suite, "labelling": labelling_suite},
+        compare=("paper",),
         explainer=Explainer(
             methods=("gradient_shap", "integrated_gradients", "saliency"),
             record=deferred(lambda: _explain().explain_record),
