@@ -90,11 +90,12 @@ class LocalReporter:
 class EpochRun:
     """The epoch loop every task's training shares. A task's run class (``LeadIdTraining``,
     ``DiagnosisTraining``) sets ``cfg`` (with ``epochs``), ``reporter``, ``device``, ``model``,
-    ``optimizer``, ``scheduler``, ``streams``, ``start_epoch`` and ``stale_epochs``, and gives
-    ``train_epoch(epoch, progress)``, ``validate(epoch, trained)`` (its metrics, with
-    ``early_stopped``), ``checkpoint(metrics)`` and ``resume(folder)`` (which calls
-    :meth:`restore` and then reads its own best-so-far fields)."""
+    ``optimizer``, ``scheduler``, ``streams``, ``start_epoch`` and ``stale_epochs``, names its
+    ``task``, and gives ``train_epoch(epoch, progress)``, ``validate(epoch, trained)`` (its
+    metrics, with ``early_stopped``), ``bookkeeping()`` (its best-so-far fields, kept in each
+    checkpoint) and ``resume(folder)`` (which calls :meth:`restore` and then reads them)."""
 
+    task: str
     cfg: Any
     reporter: Reporter
     device: torch.device
@@ -152,8 +153,20 @@ class EpochRun:
     def validate(self, epoch: int, trained: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def bookkeeping(self) -> dict[str, Any]:
+        """The task's own fields for the checkpoint (its best value so far, ...)."""
+        return {}
+
+    def reported(self, metrics_now: dict[str, Any]) -> dict[str, Any] | None:
+        """What the reporter (Tune) is told, where it differs from the checkpoint's metrics."""
+        return None
+
     def checkpoint(self, metrics_now: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Write this epoch's checkpoint (tensors and plain data) and report it."""
+        report_epoch(
+            self.reporter, self.task, self, metrics_now, reported=self.reported(metrics_now),
+            stale_epochs=self.stale_epochs, **self.bookkeeping(),
+        )  # fmt: skip
 
 
 class CheckpointError(ValueError):

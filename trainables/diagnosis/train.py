@@ -37,7 +37,6 @@ from leadtune.trainables.training import (
     TuneReporter,
     check_finite_outputs,
     iterate_batches,
-    report_epoch,
     resolve_device,
 )
 
@@ -89,6 +88,8 @@ def fit_standardisation(model: torch.nn.Module, train: np.ndarray, how: str) -> 
 
 class DiagnosisTraining(EpochRun):
     """One run's state; :func:`train_diagnosis` drives it epoch by epoch."""
+
+    task = TASK
 
     def __init__(self, cfg: DiagnosisConfig, data: DiagnosisData, reporter: Reporter) -> None:
         self.cfg, self.data, self.reporter = cfg, data, reporter
@@ -223,12 +224,12 @@ class DiagnosisTraining(EpochRun):
         found["early_stopped"] = self.patience_ran_out(improved)
         return found
 
-    def checkpoint(self, found: dict[str, Any]) -> None:
-        report_epoch(
-            self.reporter, TASK, self, found,
-            reported={k: v for k, v in found.items() if k != "val_thresholds"},
-            best_val_macro_auroc=self.best_auroc, stale_epochs=self.stale_epochs,
-        )  # fmt: skip
+    def bookkeeping(self) -> dict[str, Any]:
+        return {"best_val_macro_auroc": self.best_auroc}
+
+    def reported(self, metrics_now: dict[str, Any]) -> dict[str, Any] | None:
+        # the thresholds (a list) stay in the checkpoint for the single test evaluation
+        return {k: v for k, v in metrics_now.items() if k != "val_thresholds"}
 
 
 def train_diagnosis(

@@ -42,7 +42,6 @@ from leadtune.trainables.training import (
     device_batches,
     iterate_batches,
     load_checkpoint,
-    report_epoch,
     resolve_device,
 )
 
@@ -226,6 +225,8 @@ def validation_metrics(log_probs: np.ndarray, loss_weight: np.ndarray) -> dict[s
 class LeadIdTraining(EpochRun):
     """One training run's state: data views, model, optimiser, schedule, random streams, the
     step guard and early stopping. :func:`train_lead_id` drives it epoch by epoch."""
+
+    task = TASK
 
     def __init__(
         self,
@@ -438,13 +439,8 @@ class LeadIdTraining(EpochRun):
         metrics_now["early_stopped"] = self.patience_ran_out(improved)
         return metrics_now
 
-    def checkpoint(self, metrics_now: dict[str, Any]) -> None:
-        """Write this epoch's checkpoint (tensors and plain data) and report it."""
-        report_epoch(
-            self.reporter, TASK, self, metrics_now,
-            best_val_loss=self.best_val_loss, stale_epochs=self.stale_epochs,
-            start_val_loss=self.start_val_loss,
-        )  # fmt: skip
+    def bookkeeping(self) -> dict[str, Any]:
+        return {"best_val_loss": self.best_val_loss, "start_val_loss": self.start_val_loss}
 
 
 def train_lead_id(
