@@ -50,10 +50,9 @@ DELIVERIES: dict[str, Delivery] = {}
 
 def register_delivery(delivery: Delivery) -> Delivery:
     """Register a task's delivery (a second one for the same task is an error)."""
-    if delivery.task in DELIVERIES and DELIVERIES[delivery.task] is not delivery:
-        raise ValueError(f"a delivery for task {delivery.task!r} is already registered")
-    DELIVERIES[delivery.task] = delivery
-    return delivery
+    from leadtune.trainables.tasks import register_once
+
+    return register_once(DELIVERIES, delivery.task, delivery, "a delivery for task")
 
 
 def delivery_of(task: str) -> Delivery:

@@ -315,6 +315,19 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path, credit: str | None, layout: tuple | None = None,
+                credit_y: float = 0.005) -> Path:  # fmt: skip
+    """An explanation figure's last steps: the data's credit line (where the data asks for one),
+    the layout (``tight_layout``'s rect, when given), the file at 110 dpi; the figure is closed."""
+    if credit:
+        fig.text(0.01, credit_y, credit, fontsize=6, color="0.4")
+    if layout is not None:
+        fig.tight_layout(rect=layout)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_traces(
     signal: np.ndarray,
     colour: np.ndarray,
@@ -369,11 +382,7 @@ def plot_traces(
         colour_label += "\n(red raises the output,\nblue lowers it)"
     bar.set_label(colour_label, fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    if credit:
-        fig.text(0.01, 0.005, credit, fontsize=6, color="0.4")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, credit)
 
 
 def plot_global_maps(
@@ -408,12 +417,7 @@ def plot_global_maps(
         if i // cols == rows - 1:
             ax.set_xlabel("ms from R peak", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    if credit:
-        fig.text(0.01, 0.003, credit, fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.015, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, credit, layout=(0, 0.015, 1, 0.97), credit_y=0.003)
 
 
 # -- loading input -------------------------------------------------------------------------------

@@ -214,12 +214,18 @@ def _kind_problem(annotation: str, value: Any) -> str | None:
 TASKS: dict[str, TaskSpec] = {}
 
 
+def register_once(table: dict[str, Any], name: str, item: Any, what: str) -> Any:
+    """Add ``item`` under ``name``; another item under the same name is an error (the same one
+    again is not: a module imported twice registers twice)."""
+    if name in table and table[name] is not item:
+        raise ValueError(f"{what} {name!r} is already registered")
+    table[name] = item
+    return item
+
+
 def register_task(spec: TaskSpec) -> TaskSpec:
     """Add a task under its name (a second task of the same name is an error)."""
-    if spec.name in TASKS and TASKS[spec.name] is not spec:
-        raise ValueError(f"a task named {spec.name!r} is already registered")
-    TASKS[spec.name] = spec
-    return spec
+    return register_once(TASKS, spec.name, spec, "a task named")
 
 
 def load_builtin_tasks() -> None:

@@ -21,6 +21,7 @@ from leadtune.analysis.explain import (
     lead_importance,
     plot_traces,
     save_arrays,
+    save_figure,
 )
 
 
@@ -65,12 +66,7 @@ def plot_lead_importance(importance: np.ndarray, classes: Sequence[str], leads: 
         ax.set_title(classes[c], fontsize=9)
     axes[0, 0].set_ylabel("share of |attribution| (%)", fontsize=8)
     fig.suptitle(title + " (dashed: equal shares)", fontsize=10)
-    if credit:
-        fig.text(0.01, 0.005, credit, fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, credit, layout=(0, 0.03, 1, 0.93))
 
 
 def with_labels(dataset: Any, rows: np.ndarray) -> np.ndarray:

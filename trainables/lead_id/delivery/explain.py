@@ -30,6 +30,7 @@ from leadtune.analysis.explain import (
     plot_traces,
     region_shares,
     save_arrays,
+    save_figure,
 )
 
 # Neighbours of each lead: adjacent precordial leads, and the limb leads 30 degrees apart on the
@@ -401,12 +402,7 @@ def plot_pca(projected: list[np.ndarray], leads: Sequence[str], path: Path,
         ax.set_yticks([])
     axes[0, -1].legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle("PCA of the per-lead representations, coloured by true lead", fontsize=10)
-    if credit:
-        fig.text(0.01, 0.005, credit, fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, credit, layout=(0, 0.03, 1, 0.95))
 
 
 def explain_record(run: RecordRun) -> list[Path]:
