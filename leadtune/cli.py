@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         command = next((word for word in words if not word.startswith("-")), None)
         if runtime.should_reexec(command) and not {"-h", "--help"} & set(words):
             runtime.reexec_with_allocator_settings(words)
+        if command == "search":  # its driver runs for hours after a set-up of imports
+            runtime.defer_full_collections()
     quiet_third_party_output()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -100,6 +100,7 @@ class CpuAccount:
         # (pid, create time) -> [cpu seconds, role, command]
         self._seen: dict[tuple[int, float], list[Any]] = {}
         self._trial_pids: set[int] = set()
+        self._parents: dict[int, int] = {}  # pid -> parent pid, read once per process
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,12 +126,12 @@ class CpuAccount:
         import psutil
 
         try:
-            root = psutil.Process(self.root)
-            procs = [root, *root.children(recursive=True)]
+            pids = self._tree(psutil)
         except psutil.Error:
             return False
-        for proc in procs:
+        for pid in pids:
             try:
+                proc = psutil.Process(pid)
                 with proc.oneshot():
                     times = proc.cpu_times()
                     key = (proc.pid, proc.create_time())
@@ -150,6 +151,31 @@ class CpuAccount:
                     entry[2] = (" ".join(cmdline) or name)[:120]
                 entry[0] = max(entry[0], times.user + times.system)
         return True
+
+    def _tree(self, psutil: Any) -> list[int]:
+        """The root's PID and its descendants'. A process's parent is read once, when its PID
+        first appears (psutil's own ``children`` reads every process's parent at every
+        sample: a few ms each time on a machine with ~100 processes); the root must still
+        exist (``psutil.NoSuchProcess`` otherwise)."""
+        pids = set(psutil.pids())
+        if self.root not in pids:
+            raise psutil.NoSuchProcess(self.root)
+        for gone in self._parents.keys() - pids:
+            del self._parents[gone]
+        for pid in pids - self._parents.keys():
+            try:
+                self._parents[pid] = psutil.Process(pid).ppid()
+            except psutil.Error:  # ended between the listing and the read
+                continue
+        children: dict[int, list[int]] = {}
+        for pid, parent in self._parents.items():
+            children.setdefault(parent, []).append(pid)
+        tree, todo = [], [self.root]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo.extend(child for child in children.get(pid, ()) if child != pid)
+        return tree
 
     def close(self) -> None:
         """End the sampling without a last reading (error paths)."""

@@ -22,7 +22,13 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from leadtune.search.faults import StorageGuard, crash_point
-from leadtune.search.study import END_ATTR, OPTUNA_TRIAL_KEY, SEARCH_ATTR, TUNE_TRIAL_ATTR
+from leadtune.search.study import (
+    END_ATTR,
+    OPTUNA_TRIAL_KEY,
+    SEARCH_ATTR,
+    TUNE_TRIAL_ATTR,
+    optuna_storage,
+)
 
 PROGRESS_KEY = "schedule_pct"  # share of its own epochs a trial has run (SearchReporter)
 
@@ -154,5 +160,5 @@ def make_searcher(define: Callable, metric: str | list[str], mode: str | list[st
         mode=mode,
         sampler=optuna.samplers.TPESampler(seed=seed),
         study_name=study,
-        storage=optuna.storages.RDBStorage(storage),
+        storage=optuna_storage(storage),
     )

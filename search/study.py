@@ -93,6 +93,39 @@ def check_space(
         study.tell(trial, 0.0)
 
 
+# one Optuna storage per database and process: each new one costs the driver ~30-50 ms of CPU
+# (an engine and Optuna's schema check) and a search opened five
+_STORAGES: dict[str, tuple[Any, Any]] = {}
+
+
+def optuna_storage(url: str) -> Any:
+    """The Optuna storage for database ``url``, made once per process (and again when a SQLite
+    file was replaced by another, as between tests)."""
+    import optuna
+
+    cached = _STORAGES.get(url)
+    if cached is not None and cached[1] == _database_identity(url):
+        return cached[0]
+    storage = optuna.storages.RDBStorage(url)
+    _STORAGES[url] = (storage, _database_identity(url))
+    return storage
+
+
+def _database_identity(url: str) -> Any:
+    """A SQLite database's file (device, inode), or None where there is none yet; the URL for
+    a database server."""
+    import os
+
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return url
+    try:
+        found = os.stat(url[len(prefix) :])
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
 def open_study(storage: str, name: str, mode: str | list[str], initial_points: tuple, seed: int,
                objective: str | list[str] | None = None, budget: dict[str, Any] | None = None,
                warm_start: str | None = None, warm_trials: int = 3):  # fmt: skip
@@ -108,7 +141,10 @@ def open_study(storage: str, name: str, mode: str | list[str], initial_points: t
     modes = list(mode) if isinstance(mode, (list, tuple)) else [mode]
     wanted = ["minimize" if m == "min" else "maximize" for m in modes]
     study = optuna.create_study(
-        study_name=name, storage=storage, directions=wanted, load_if_exists=True
+        study_name=name,
+        storage=optuna_storage(storage),
+        directions=wanted,
+        load_if_exists=True,
     )
     found = [d.name.lower() for d in study.directions]
     if found != wanted:
@@ -151,7 +187,7 @@ def check_warm_start(storage: str, name: str, study: str) -> None:
     if name == study:
         raise ValueError(f"--warm-start {name}: that is this search's own study; name another")
     try:
-        source = optuna.load_study(study_name=name, storage=storage)
+        source = optuna.load_study(study_name=name, storage=optuna_storage(storage))
     except KeyError:
         known = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise ValueError(
@@ -161,7 +197,7 @@ def check_warm_start(storage: str, name: str, study: str) -> None:
     if not source.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise ValueError(f"--warm-start {name}: that study has no completed trial yet")
     try:
-        own = optuna.load_study(study_name=study, storage=storage)
+        own = optuna.load_study(study_name=study, storage=optuna_storage(storage))
     except KeyError:
         return
     if own.trials:
@@ -180,7 +216,7 @@ def warm_start_from(study: Any, storage: str, name: str, k: int) -> dict[str, An
     under this study's budget. Each trial keeps where it came from (``leadtune_warm_start``)."""
     import optuna
 
-    source = optuna.load_study(study_name=name, storage=storage)
+    source = optuna.load_study(study_name=name, storage=optuna_storage(storage))
     if source.directions[0] != study.directions[0]:
         raise ValueError(f"--warm-start {name}: that study optimises in the other direction")
     # ranked by the primary objective (the first); results are copied only where every
@@ -221,7 +257,7 @@ def tune_trial_numbers(storage: str, study: str, search: str) -> dict[str, int]:
     trial is found."""
     import optuna
 
-    loaded = optuna.load_study(study_name=study, storage=storage)
+    loaded = optuna.load_study(study_name=study, storage=optuna_storage(storage))
     return {
         trial.user_attrs[TUNE_TRIAL_ATTR]: trial.number
         for trial in loaded.get_trials(deepcopy=False)
@@ -235,7 +271,7 @@ def prune_budget_stopped(storage: str, study: str, numbers: list[int]) -> list[i
     does. Returns the numbers changed (only trials still RUNNING are)."""
     import optuna
 
-    loaded = optuna.load_study(study_name=study, storage=storage)
+    loaded = optuna.load_study(study_name=study, storage=optuna_storage(storage))
     running = {
         t.number: t
         for t in loaded.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -256,7 +292,7 @@ def fail_orphaned_trials(storage: str, study: str, search: str, alive: set[str])
     Tune trial id is not in ``alive``, the Tune trials a resume will run). Returns their numbers."""
     import optuna
 
-    loaded = optuna.load_study(study_name=study, storage=storage)
+    loaded = optuna.load_study(study_name=study, storage=optuna_storage(storage))
     failed = []
     for trial in loaded.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if (

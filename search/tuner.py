@@ -464,6 +464,41 @@ def _tune_signal_handlers() -> Iterator[None]:
             signal.signal(name, handler)
 
 
+# How long Tune's controller waits for the next event (a result, a trial starting or ending,
+# resources becoming free) before it runs its timed work anyway (time budget, progress table,
+# experiment-state save). Tune waits 0.1 s (hard-coded in TuneController.step).
+CONTROLLER_WAIT_S = 1.0
+
+
+@contextlib.contextmanager
+def patient_controller(wait_s: float = CONTROLLER_WAIT_S) -> Iterator[None]:
+    """While Tune runs, its controller waits up to ``wait_s`` for the next event instead of
+    0.1 s. Every event still wakes it at once (Ray's wait returns on the first ready result,
+    trial start or free resources), so only its timed work runs later: the time budget stops
+    the search up to ``wait_s`` later, the progress table and the state saves keep their own
+    periods. Each empty wake-up costs the driver about 1 ms of CPU (Ray's wait and the step's
+    bookkeeping): at 0.1 s that was ~1.2 CPU s of a 2.5-minute demo, a tenth of what the
+    search spent beyond its trials. Ray's actor manager (``ray.air.execution._internal``, Ray
+    pinned in pyproject.toml) has no setting for it, so its ``next`` gets a lower bound on the
+    wait for this run only; on a Ray without that method Tune runs as it is."""
+    from ray.air.execution._internal import actor_manager
+
+    manager = getattr(actor_manager, "RayActorManager", None)
+    original = getattr(manager, "next", None)
+    if manager is None or original is None:
+        yield
+        return
+
+    def next_event(self: Any, timeout: float | None = None) -> bool:
+        return original(self, None if timeout is None else max(timeout, wait_s))
+
+    manager.next = next_event
+    try:
+        yield
+    finally:
+        manager.next = original
+
+
 @contextlib.contextmanager
 def _quiet_sql_store() -> Iterator[None]:
     """MLflow's SQL store logs a failed write with its traceback before raising it; where the
@@ -561,7 +596,10 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
             f"{plan.settings.max_concurrent} at once; MLflow experiment {experiment_id}, parent "
             f"run {parent_run_id}"
         )
-        with _tune_signal_handlers(), _own_result_loggers(plan):
+        from leadtune.trainables.runtime import settle_heap
+
+        settle_heap()  # set up: what the driver holds now stays (see leadtune.cli)
+        with _tune_signal_handlers(), _own_result_loggers(plan), patient_controller():
             grid = tuner.fit()
     except BaseException as exc:
         from leadtune.search.faults import is_disk_full
@@ -723,17 +761,21 @@ def _finds_running_ray() -> bool:
 
 @contextlib.contextmanager
 def _lean_local_node(local: bool) -> Iterator[None]:
-    """While a local Ray starts, leave out two of its head's processes that such a search never
-    uses: the log monitor (it forwards workers' output to drivers that ask for it; ours passes
-    ``log_to_driver=False``) and the autoscaler monitor (a local Ray cannot grow). Together they
-    cost about 2 CPU s on the demo. ``ray.init`` has no switch for them, so the head's parameters
-    (``ray._private.parameter.RayParams``, Ray pinned in pyproject.toml) get them for this call
-    only; on a Ray without those fields the head starts as Ray's default. A cluster
-    (``--address``) is left as it is."""
-    from ray._private import parameter
+    """While a local Ray starts, leave out three of its head's processes that such a search
+    never uses: the log monitor (it forwards workers' output to drivers that ask for it; ours
+    passes ``log_to_driver=False``), the autoscaler monitor (a local Ray cannot grow) and the
+    dashboard head, which ``include_dashboard=False`` still starts for Ray's job and state APIs
+    (``ray job``, ``ray list``; Tune and leadtune use neither, and a Ray that a search started
+    ends with it). Together they cost about 3 CPU s on the demo. ``ray.init`` has no switch for
+    them, so the head's parameters (``ray._private.parameter.RayParams``) get the first two and
+    the node (``ray._private.node.Node``) does not start the third, for this call only (Ray
+    pinned in pyproject.toml); on a Ray without those names the head starts as Ray's default.
+    A cluster (``--address``) is left as it is."""
+    from ray._private import node, parameter
 
     original = parameter.RayParams
     fields = set(inspect.signature(original).parameters)
+    start_api_server = getattr(node.Node, "start_api_server", None)
     if not local or not {"include_log_monitor", "no_monitor"} <= fields:
         yield
         return
@@ -744,11 +786,19 @@ def _lean_local_node(local: bool) -> Iterator[None]:
             kwargs.setdefault("no_monitor", True)
             super().__init__(*args, **kwargs)
 
+    def no_api_server(self: Any, *, include_dashboard: bool | None, **_: Any) -> None:
+        if include_dashboard and start_api_server is not None:  # asked for: Ray's own
+            start_api_server(self, include_dashboard=include_dashboard, **_)
+
     parameter.RayParams = LeanRayParams
+    if start_api_server is not None:
+        node.Node.start_api_server = no_api_server  # type: ignore[method-assign]
     try:
         yield
     finally:
         parameter.RayParams = original
+        if start_api_server is not None:
+            node.Node.start_api_server = start_api_server  # type: ignore[method-assign]
 
 
 def enable_ray_token_auth() -> None:

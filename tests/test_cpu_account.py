@@ -44,18 +44,21 @@ def test_a_trial_process_is_counted_as_trial_work_and_the_rest_outside() -> None
     assert "CPU outside trials" in share.sentence()
 
 
-def test_a_local_ray_head_is_asked_for_no_log_monitor_and_no_autoscaler_monitor() -> None:
+def test_a_local_ray_head_is_asked_for_no_monitors_and_no_dashboard_head() -> None:
     """What _lean_local_node changes, and only while a local Ray starts (the demo's process
     listing shows neither process since; docs/figures.md)."""
-    from ray._private import parameter
+    from ray._private import node, parameter
 
     from leadtune.search.tuner import _lean_local_node
 
+    ray_api_server = node.Node.start_api_server
     with _lean_local_node(True):
         lean = parameter.RayParams()
+        assert node.Node.start_api_server is not ray_api_server
     with _lean_local_node(False):  # joining a cluster: Ray's own defaults
         plain = parameter.RayParams()
     after = parameter.RayParams()
+    assert node.Node.start_api_server is ray_api_server  # put back
     assert (lean.include_log_monitor, lean.no_monitor) == (False, True)
     assert (plain.include_log_monitor, plain.no_monitor) == (None, False)
     assert (after.include_log_monitor, after.no_monitor) == (None, False)
@@ -78,3 +81,78 @@ def test_tune_runs_without_its_own_loggers_only_while_it_runs(tmp_path, monkeypa
     (tmp_path / "trial_1" / "events.out.tfevents.1").write_text("")
     with _own_result_loggers(SimpleNamespace(resumed=True, search_dir=tmp_path)):
         assert name not in os.environ  # resumed old-style search: Tune's loggers as before
+
+
+LEAN_PROBE = """
+import json, time
+import psutil, ray
+from ray.air.execution import PlacementGroupResourceManager, ResourceRequest
+from ray.air.execution._internal.actor_manager import RayActorManager
+
+from leadtune.search.tuner import _lean_local_node, patient_controller
+
+with _lean_local_node(True):
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+commands = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+works = ray.get(ray.remote(lambda: 41 + 1).remote())
+resources = PlacementGroupResourceManager()
+resources.request_resources(ResourceRequest([{"CPU": 64}]))  # never ready: a future to wait on
+manager = RayActorManager(resource_manager=resources)
+waits = {}
+for name, context in (("tune", None), ("patient", patient_controller(1.0))):
+    if context is not None:
+        context.__enter__()
+    started = time.monotonic()
+    manager.next(timeout=0.1)  # what TuneController.step asks for
+    waits[name] = time.monotonic() - started
+    if context is not None:
+        context.__exit__(None, None, None)
+print(json.dumps({"commands": commands, "works": works, "waits": waits}))
+ray.shutdown()
+"""
+
+
+def test_a_lean_local_ray_runs_tasks_without_its_head_extras_and_tune_waits_longer() -> None:
+    """A real local Ray started lean: no dashboard head, log monitor or autoscaler monitor
+    among its processes, and it still runs work. Under patient_controller, Tune's controller
+    waits a second for the next event where Tune asks for 0.1 s (docs/figures.md: the demo's
+    CPU outside its trials)."""
+    import json
+    import os
+
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    done = subprocess.run([sys.executable, "-c", LEAN_PROBE], capture_output=True, text=True,
+                          timeout=180, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["works"] == 42
+    commands = " | ".join(found["commands"])
+    assert "raylet" in commands and "gcs_server" in commands, commands
+    for absent in ("dashboard/dashboard.py", "log_monitor.py", "/autoscaler/"):
+        assert absent not in commands, commands
+    assert found["waits"]["tune"] < 0.5, found["waits"]
+    assert 0.9 <= found["waits"]["patient"] < 3, found["waits"]
+
+
+def test_a_search_driver_defers_full_collections_until_its_set_up_is_done() -> None:
+    """leadtune.cli defers Python's full garbage collections while `leadtune search` imports
+    and sets up; the search settles the heap once before Tune starts. A search run from Python
+    (no deferral begun) leaves the collector alone."""
+    import gc
+
+    from leadtune.trainables import runtime
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    runtime.settle_heap()  # nothing begun: nothing changes
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+    runtime.defer_full_collections()
+    try:
+        assert gc.get_threshold()[:2] == before[:2]  # young objects collected as usual
+        assert gc.get_threshold()[2] == runtime.SETUP_FULL_COLLECTION_THRESHOLD
+        runtime.settle_heap()
+        assert gc.get_threshold() == before
+        assert gc.get_freeze_count() > frozen  # what the set-up left, frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        runtime._DEFERRED_THRESHOLDS.clear()
