@@ -215,10 +215,13 @@ class MlflowTrialCallback(Callback):
         now = time.monotonic()
         for run in [run_id] if run_id is not None else list(self.pending):
             since, metrics = self.pending.get(run, (now, []))
-            if metrics and now - since >= older_than:
-                for start in range(0, len(metrics), 1000):  # MLflow's limit per write
-                    self.client.log_batch(run, metrics=metrics[start : start + 1000])
-                self.pending.pop(run, None)
+            if not metrics or now - since < older_than:
+                continue
+            while metrics:  # MLflow takes 1,000 metrics per write; a failed write is kept
+                self.client.log_batch(run, metrics=metrics[:1000])
+                metrics = metrics[1000:]
+                self.pending[run] = (since, metrics)
+            self.pending.pop(run, None)
 
     def _write_missing_epochs(self, run_id: str, trial: Any) -> None:
         """A resumed trial's run gets the epochs its ``result.json`` holds and MLflow does not
@@ -241,6 +244,18 @@ class MlflowTrialCallback(Callback):
             self.flush(run_id=run_id)
 
     def on_experiment_end(self, trials: list, **info) -> None:
+        self.write_kept_back()
+
+    def write_kept_back(self) -> None:
+        """Write every run's waiting epochs, unless the storage path is full: each write would
+        fail there (a server's after minutes of retries), and a resume writes them from the
+        trials' ``result.json``."""
+        from leadtune.search.faults import StorageFull
+
+        try:
+            self.guard.check(force=True)
+        except StorageFull:
+            return
         self.flush()
 
     def _finish(self, trial: Any, state: str, status: str) -> None:

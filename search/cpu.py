@@ -126,7 +126,8 @@ class CpuAccount:
         import psutil
 
         try:
-            pids = self._tree(psutil)
+            with self._lock:  # (stop() may sample while a late sampler thread still runs)
+                pids = self._tree(psutil)
         except psutil.Error:
             return False
         for pid in pids:
@@ -171,10 +172,11 @@ class CpuAccount:
         for pid, parent in self._parents.items():
             children.setdefault(parent, []).append(pid)
         tree, todo = [], [self.root]
-        while todo:
+        while todo:  # (a PID reused between two samples keeps a stale parent: no loops)
             pid = todo.pop()
-            tree.append(pid)
-            todo.extend(child for child in children.get(pid, ()) if child != pid)
+            if pid not in tree:
+                tree.append(pid)
+                todo.extend(children.get(pid, ()))
         return tree
 
     def close(self) -> None:

@@ -120,7 +120,7 @@ def _database_identity(url: str) -> Any:
     if not url.startswith(prefix):
         return url
     try:
-        found = os.stat(url[len(prefix) :])
+        found = os.stat(url[len(prefix) :].split("?", 1)[0])
     except OSError:
         return None
     return (found.st_dev, found.st_ino)

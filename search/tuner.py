@@ -578,10 +578,11 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
     )
     started = time.perf_counter()
     monitor = _system_metrics(plan, parent_run_id, tracking_uri)
+    trial_callback = None
     try:
         _start_ray(plan)
         trial_input = dataset_input(dataset, source, "training")
-        tuner = _build_tuner(
+        tuner, trial_callback = _build_tuner(
             plan,
             data,
             tracking_uri,
@@ -606,6 +607,11 @@ def _execute(plan: SearchPlan, tracking_uri: str, account: Any) -> SearchOutcome
 
         if is_disk_full(exc):
             _stopped_on_full_disk(plan, client, parent_run_id, exc)
+        elif trial_callback is not None:
+            # Tune writes what its callbacks keep back when it winds down, unless a second
+            # Ctrl-C cut that short; a resume would also write it (from result.json)
+            with contextlib.suppress(Exception):
+                trial_callback.write_kept_back()
         # The search itself broke (not a trial): leave it resumable and say so in MLflow.
         client.set_terminated(parent_run_id, "FAILED")
         search_state.write_state(plan.search_dir, status=search_state.INTERRUPTED)
@@ -766,7 +772,8 @@ def _lean_local_node(local: bool) -> Iterator[None]:
     passes ``log_to_driver=False``), the autoscaler monitor (a local Ray cannot grow) and the
     dashboard head, which ``include_dashboard=False`` still starts for Ray's job and state APIs
     (``ray job``, ``ray list``; Tune and leadtune use neither, and a Ray that a search started
-    ends with it). Together they cost about 3 CPU s on the demo. ``ray.init`` has no switch for
+    ends with it), where Ray runs its minimal agents (no dashboard extras, as leadtune
+    installs it). Together they cost about 3 CPU s on the demo. ``ray.init`` has no switch for
     them, so the head's parameters (``ray._private.parameter.RayParams``) get the first two and
     the node (``ray._private.node.Node``) does not start the third, for this call only (Ray
     pinned in pyproject.toml); on a Ray without those names the head starts as Ray's default.
@@ -790,15 +797,29 @@ def _lean_local_node(local: bool) -> Iterator[None]:
         if include_dashboard and start_api_server is not None:  # asked for: Ray's own
             start_api_server(self, include_dashboard=include_dashboard, **_)
 
+    # With Ray's dashboard extras installed (ray[default]) its agents are the full ones, and
+    # one of them asks for the dashboard head's address every second until it finds it: the
+    # head stays then.
+    skip_head = start_api_server is not None and _minimal_ray()
     parameter.RayParams = LeanRayParams
-    if start_api_server is not None:
+    if skip_head:
         node.Node.start_api_server = no_api_server  # type: ignore[method-assign]
     try:
         yield
     finally:
         parameter.RayParams = original
-        if start_api_server is not None:
+        if skip_head:
             node.Node.start_api_server = start_api_server  # type: ignore[method-assign]
+
+
+def _minimal_ray() -> bool:
+    """Whether Ray runs its minimal agents here (its dashboard extras are not installed; the
+    test Ray itself uses when it starts them)."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+    except ImportError:
+        return False
+    return get_dashboard_dependency_error() is not None
 
 
 def enable_ray_token_auth() -> None:
@@ -835,7 +856,9 @@ def check_resources(settings: SearchSettings, available: dict[str, float]) -> No
 
 def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: str,
                  parent_run_id: str, trial_input: Any = None,
-                 fingerprint: str = "unknown", account: Any = None):  # fmt: skip
+                 fingerprint: str = "unknown", account: Any = None) -> tuple[Any, Any]:  # fmt: skip
+    """The Tuner (a new one, or the resumed search's) and the MLflow callback it will run (None
+    if a resumed search's could not be found)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -860,9 +883,14 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
     )
     if plan.resumed:
         _log(f"resuming {plan.search_dir}")
-        return tune.Tuner.restore(
+        restored = tune.Tuner.restore(
             str(plan.search_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
+        # the callback Tune runs is the one it restored (Tuner keeps it in its run config)
+        config = getattr(getattr(restored, "_local_tuner", None), "_run_config", None)
+        found = [c for c in getattr(config, "callbacks", None) or []
+                 if isinstance(c, MlflowTrialCallback)]  # fmt: skip
+        return restored, (found[0] if found else None)
     with search_state.file_lock(plan.root / f".{plan.study}.lock", f"study {plan.study}"):
         keys, modes = plan.optuna_objectives
         budget = {"data": fingerprint, "fixed": plan.fixed, "objective": plan.objective,
@@ -903,7 +931,7 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
         # tests/test_search.py::test_trials_the_time_budget_stops_are_pruned_not_failed)
         sort_by_metric=False,
     )
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space={**plan.defaults, **plan.fixed},
         tune_config=tune.TuneConfig(
@@ -930,6 +958,7 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
             verbose=1,
         ),
     )
+    return tuner, callback
 
 
 @contextlib.contextmanager

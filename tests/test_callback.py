@@ -109,3 +109,20 @@ def test_one_optuna_storage_per_database_until_the_file_is_replaced(tmp_path) ->
     second = optuna_storage(url)
     assert second is not first
     assert optuna_storage(f"sqlite:///{tmp_path}/other.db") is not second
+
+
+def test_a_search_stopping_on_a_full_storage_path_writes_nothing_more(tmp_path, monkeypatch):
+    """Each write would fail on a full disk (a server's after minutes of retries); the epochs
+    stay in result.json for the resume."""
+    from leadtune.search.faults import MIN_FREE_ENV
+
+    callback, client = _callback(tmp_path)
+    callback.FLUSH_S = 3600.0
+    trial = _trial(tmp_path)
+    callback.on_trial_result(0, [], trial, _result(1))
+    monkeypatch.setenv(MIN_FREE_ENV, str(2**40))  # the reserve above any free space: "full"
+    callback.on_experiment_end([trial])
+    assert _steps(client, callback.run_id_for(trial)) == []
+    monkeypatch.delenv(MIN_FREE_ENV)
+    callback.on_experiment_end([trial])
+    assert _steps(client, callback.run_id_for(trial)) == [1]
