@@ -192,8 +192,7 @@ class MlflowTrialCallback(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in sorted(self._values(result).items())]
         since, pending = self.pending.get(run_id, (time.monotonic(), []))
-        self.pending[run_id] = (since, pending + metrics)
-        self.flush(older_than=self.FLUSH_S)
+        self.pending[run_id] = (since, pending + metrics)  # written by on_step_end's flush
         if armed("trial_last_report"):
             from leadtune.search.searcher import ran_full_budget
 

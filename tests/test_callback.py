@@ -76,7 +76,8 @@ def test_a_resumed_trial_gets_the_epochs_a_killed_driver_kept_back_once_each(tmp
     trial = _trial(tmp_path)
     run_id = callback.run_id_for(trial)
     callback.FLUSH_S = 0.0
-    callback.on_trial_result(0, [], trial, _result(1))  # written
+    callback.on_trial_result(0, [], trial, _result(1))
+    callback.on_step_end(0, [])  # written
     callback.FLUSH_S = 3600.0
     callback.on_trial_result(0, [], trial, _result(2))  # kept back, then the driver dies
     # Tune's JSON logger had every result; epoch 3 was reported twice (rerun after a restore,

@@ -90,10 +90,10 @@ def defer_full_collections() -> None:
     usual; :func:`settle_heap` does the one full collection when the set-up is done."""
     import gc
 
-    young, middle, _ = gc.get_threshold()
     if _DEFERRED_THRESHOLDS:
         return
-    _DEFERRED_THRESHOLDS.append(gc.get_threshold())
+    young, middle, full = gc.get_threshold()
+    _DEFERRED_THRESHOLDS.append((young, middle, full))
     gc.set_threshold(young, middle, SETUP_FULL_COLLECTION_THRESHOLD)
 
 
