@@ -173,10 +173,29 @@ class MlflowTrialCallback(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         self.flush(older_than=self.FLUSH_S)
-        if armed("tune_checkpoint") and getattr(self, "_ended_at", None) is not None:
-            saved = [p.stat().st_mtime for p in self.search_dir.glob("experiment_state-*.json")]
-            if saved and max(saved) > self._ended_at:
+        ended = getattr(self, "_ended_at", None)
+        if armed("tune_checkpoint") and ended is not None and trials:
+            self._crash_when_saved(Path(trials[0].storage.experiment_driver_staging_path), ended)
+
+    def _crash_when_saved(self, staged: Path, ended: float, wait_s: float = 10.0) -> None:
+        """The ``tune_checkpoint`` crash point: in the step whose save of Tune's experiment state
+        follows a trial's end, once that save is in the storage path. Tune writes the state to a
+        local staging folder during its step and copies it to the storage path in a thread, so
+        the storage path alone can show a save a step late, after the searcher has asked Optuna
+        for a trial that the saved state does not hold (a resume then fails that trial as
+        orphaned). A save whose copy does not arrive (one was still running) is passed over."""
+        files = [f for f in staged.glob("*") if f.is_file()]
+        newest = max((f.stat().st_mtime for f in files), default=0.0)
+        if newest <= ended or newest == self.__dict__.get("_passed_over"):
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            stored = [self.search_dir / f.name for f in files]
+            if all(s.is_file() and s.read_bytes() == f.read_bytes() for s, f in zip(stored, files)):
                 crash_point("tune_checkpoint")
+                return
+            time.sleep(0.05)
+        self._passed_over = newest
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info):
         crash_point("trial_checkpoint")

@@ -40,7 +40,7 @@ CRASH_POINTS = (
     "trial_checkpoint",  # Tune has registered a trial's checkpoint
     "optuna_tell",  # Optuna has stored a trial's end; Tune and the state file do not know it
     "trial_end_recorded",  # the state file records a trial's end; its MLflow run is RUNNING
-    "tune_checkpoint",  # Tune's experiment state, saved after a trial's end
+    "tune_checkpoint",  # Tune's experiment state, saved after a trial's end and copied to storage
     "promote_model_logged",  # the model package is in the trial's run; nothing registered
     "promote_run_metrics",  # the test figures are on the trial's run
     "promote_version_created",  # the version exists with its tags; no alias yet

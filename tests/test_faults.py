@@ -134,9 +134,11 @@ def test_a_driver_killed_at_a_trial_end_step_resumes_to_a_whole_search(point, tm
     """SIGKILL at the named step of the first trial's end; ``--resume`` then ends with each
     trial once, nothing RUNNING anywhere, and a complete champion."""
     # Tune saves its experiment state every 10 s or more ("auto"); the second 1-epoch trial can
-    # end sooner than that, and then no save falls between the first trial's end and the search's
+    # end sooner than that, and then no save falls between the first trial's end and the search's.
+    # Every 0.1 s, the step that handles the trial's end usually saves too, and that save's copy
+    # to the storage path (a thread) can land after the searcher has asked for the next trial.
     first = _cli(_search(tmp_path, cache_dir), crash_at=point,
-                 env={"TUNE_GLOBAL_CHECKPOINT_S": "1"} if point == "tune_checkpoint" else None)  # fmt: skip
+                 env={"TUNE_GLOBAL_CHECKPOINT_S": "0.1"} if point == "tune_checkpoint" else None)  # fmt: skip
     assert first.returncode == KILLED, first.stdout[-3000:]
     assert f"crash point {point}" in first.stdout
     assert read_state(next((tmp_path / "ray" / "smoke").glob("search-*")))["status"] == "running"
