@@ -4,13 +4,20 @@ search's parent run) and records each trial's end in the search's state file."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from leadtune.search.faults import StorageGuard, armed, crash_point, text_says_disk_full
+from leadtune.search.faults import (
+    StorageGuard,
+    armed,
+    crash_point,
+    is_disk_full,
+    text_says_disk_full,
+)
 from leadtune.search.tracking import (
     OPTUNA_TAG,
     STATE_TAG,
@@ -95,7 +102,7 @@ class MlflowTrialCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None, "_runs": {}, "_guard": None, "_ended_at": None,
-                "_pending": {}}  # fmt: skip
+                "_pending": {}, "_kept_at": 0.0, "_passed_over": None}  # fmt: skip
 
     @property
     def guard(self) -> StorageGuard:
@@ -173,9 +180,31 @@ class MlflowTrialCallback(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         self.flush(older_than=self.FLUSH_S)
+        if not trials:
+            return
+        staged = Path(trials[0].storage.experiment_driver_staging_path)
         ended = getattr(self, "_ended_at", None)
-        if armed("tune_checkpoint") and ended is not None and trials:
-            self._crash_when_saved(Path(trials[0].storage.experiment_driver_staging_path), ended)
+        if armed("tune_checkpoint") and ended is not None:
+            self._crash_when_saved(staged, ended)
+        self._keep_whole_save(staged)
+
+    def _keep_whole_save(self, staged: Path) -> None:
+        """Keep Tune's last save that arrived whole in the search's folder (search.tune_state):
+        a resume after a kill that tore Tune's copy of its state starts from it."""
+        from leadtune.search.tune_state import keep_whole_save
+
+        try:
+            kept = keep_whole_save(staged, self.search_dir, self.__dict__.get("_kept_at", 0.0))
+        except OSError as error:
+            if is_disk_full(error):  # the search stops as interrupted, as on any full disk
+                raise self.guard.full_error("keeping Tune's saved state") from error
+            if not self.__dict__.get("_keep_warned"):
+                print(f"[leadtune] warning: Tune's saved state not kept: {error}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                self._keep_warned = True
+            return
+        if kept is not None:
+            self._kept_at = kept
 
     def _crash_when_saved(self, staged: Path, ended: float, wait_s: float = 10.0) -> None:
         """The ``tune_checkpoint`` crash point: in the step whose save of Tune's experiment state

@@ -230,7 +230,11 @@ def plan_search(settings: SearchSettings) -> SearchPlan:
         register_name=check_register_name(settings.register_name or spec.register_name),
     )
     if settings.resume:
+        from leadtune.search import tune_state
+
         plan.search_dir = _search_to_resume(plan)
+        if not search_state.is_running(plan.search_dir):  # (a live one: the run lock says so)
+            tune_state.check(plan.search_dir, study)  # a torn Tune state, no whole save kept
         plan.previous = search_state.read_state(plan.search_dir)
         plan.fixed = plan.previous["fixed"]  # a resumed search keeps its settings
         plan.metric, plan.mode = plan.previous["metric"], plan.previous["mode"]
@@ -882,7 +886,12 @@ def _build_tuner(plan: SearchPlan, data: Any, tracking_uri: str, experiment_id: 
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     if plan.resumed:
+        from leadtune.search.tune_state import repair
+
         _log(f"resuming {plan.search_dir}")
+        repaired = repair(plan.search_dir)
+        if repaired:
+            _log(repaired)
         restored = tune.Tuner.restore(
             str(plan.search_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
         )

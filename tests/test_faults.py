@@ -149,6 +149,26 @@ def test_a_driver_killed_at_a_trial_end_step_resumes_to_a_whole_search(point, tm
     assert_whole(tmp_path, trials=2)
 
 
+@pytest.mark.slow
+def test_a_tune_state_torn_by_the_kill_resumes_from_its_last_whole_save(tmp_path, cache_dir):
+    """A driver killed while Tune copied its state into the storage path leaves a torn file;
+    Tune alone would then start the search afresh beside the trials the study holds. The
+    resume puts back the last save that arrived whole (search/tune_state.py)."""
+    first = _cli(_search(tmp_path, cache_dir), crash_at="trial_end_recorded")
+    assert first.returncode == KILLED, first.stdout[-3000:]
+    search_dir = next((tmp_path / "ray" / "smoke").glob("search-*"))
+    assert list((search_dir / ".leadtune-tune-state").iterdir()), "no whole save was kept"
+    state = max(search_dir.glob("experiment_state-*.json"))
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # the copy cut part-way
+    time.sleep(1)
+    resumed = _cli(_search(tmp_path, cache_dir, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resuming from its last whole save" in resumed.stdout, resumed.stdout[-3000:]
+    assert "Traceback" not in resumed.stdout and "Failed to restore" not in resumed.stdout
+    assert (search_dir / f"{state.name}.set-aside").is_file()
+    assert_whole(tmp_path, trials=2)
+
+
 # -- the driver killed at each registry write of a promotion ---------------------------------------
 
 PROMOTE_POINTS = [p for p in CRASH_POINTS if p.startswith("promote_")]

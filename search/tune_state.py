@@ -1,0 +1,157 @@
+"""Tune's saved search state, kept whole for a resume after a kill that tore it.
+
+Tune saves a search's state (its trials, the searcher, the trial generator:
+``experiment_state-*.json``, ``searcher-state-*.pkl``, ``search_gen_state-*.json``,
+``tuner.pkl``) into a local staging folder during its loop, and a thread then copies the folder
+into the search's folder, writing each file in place. A driver killed during that copy (SIGKILL,
+the OOM killer, a lost node) leaves a torn file there, and Tune's resume then logs an error and
+starts the search afresh, beside the trials that Optuna, MLflow and the state file already hold.
+
+So the MLflow callback keeps the last save whose copy arrived whole, in ``.leadtune-tune-state/``
+inside the search's folder (:func:`keep_whole_save`: a compare and a copy of a few files per save,
+which Tune makes every 10 s or more), and a resume whose state files are torn puts that save back
+first (:func:`repair`; the files it replaces are kept beside as ``*.set-aside``). Rolling Tune back
+to an earlier save is a case the resume handles anyway (a driver killed between a trial's end and
+Tune's next save): a trial Optuna already holds as finished is not told again, an MLflow run is
+found again by its trial id. Without a kept save a torn state is a one-line refusal
+(:func:`check`), not a silent fresh start.
+
+Nothing here runs a pickle: a ``.pkl`` is read as a stream of opcodes only, to see that it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import pickletools
+import shutil
+from pathlib import Path
+
+KEPT_DIR = ".leadtune-tune-state"
+SET_ASIDE = ".set-aside"
+LOOP_PREFIXES = ("experiment_state-", "searcher-state-", "search_gen_state-")
+
+
+def state_files(folder: Path) -> list[Path]:
+    """The files Tune restores a search from: the folder's top-level ``.json`` and ``.pkl``."""
+    return sorted(
+        f for f in Path(folder).glob("*") if f.suffix in (".json", ".pkl") and f.is_file()
+    )
+
+
+def is_loop_file(name: str) -> bool:
+    """Whether Tune rewrites this file at each save (the rest, ``tuner.pkl``, is written once)."""
+    return name.startswith(LOOP_PREFIXES)
+
+
+def is_torn(path: Path) -> bool:
+    """Whether a state file stops part-way: JSON that does not parse, a pickle whose opcodes do
+    not reach its STOP (read with ``pickletools``, nothing is run). Which one it is comes from
+    its first byte, not its name (Tune's ``search_gen_state-*.json`` is a pickle)."""
+    data = Path(path).read_bytes()
+    if not data.startswith(b"\x80"):  # every pickle protocol from 2 on starts with PROTO
+        try:
+            json.loads(data)
+        except ValueError:
+            return True
+        return False
+    try:
+        last = None
+        for opcode, _, _ in pickletools.genops(data):
+            last = opcode.name
+    except Exception:  # a truncated or garbled stream, whatever the opcode reader says
+        return True
+    return last != "STOP"
+
+
+def keep_whole_save(staged: Path, stored: Path, since: float) -> float | None:
+    """If Tune's newest save in ``staged`` (newer than ``since``, a modification time) is in
+    ``stored`` byte for byte, keep a copy of it in ``stored/.leadtune-tune-state`` and return its
+    time; ``None`` while there is no newer save or its copy has not arrived yet."""
+    files = state_files(staged)
+    newest = max((f.stat().st_mtime for f in files), default=0.0)
+    if newest <= since:
+        return None
+    blobs = {}
+    for f in files:
+        data, copy = f.read_bytes(), Path(stored) / f.name
+        if not copy.is_file() or copy.read_bytes() != data:
+            return None
+        blobs[f.name] = data
+    kept = Path(stored) / KEPT_DIR
+    name = f"{int(newest * 1000):015d}"
+    part = kept / f"{name}.part"  # written whole, then renamed: a kill leaves no half save
+    if part.exists():
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    for file_name, data in blobs.items():
+        (part / file_name).write_bytes(data)
+    if (kept / name).exists():
+        shutil.rmtree(kept / name)
+    part.rename(kept / name)
+    for older in kept.iterdir():  # only the newest whole save is kept
+        if older.name != name:
+            shutil.rmtree(older, ignore_errors=True)
+    return newest
+
+
+def _latest_kept(search_dir: Path) -> Path | None:
+    kept = Path(search_dir) / KEPT_DIR
+    saves = [d for d in kept.glob("*") if d.is_dir() and d.name.isdigit()] if kept.is_dir() else []
+    return max(saves, key=lambda d: d.name, default=None)
+
+
+def torn_files(search_dir: Path) -> list[Path]:
+    return [f for f in state_files(search_dir) if is_torn(f)]
+
+
+def _beyond_repair(search_dir: Path) -> list[Path]:
+    """The torn files the kept save cannot stand in for (all of them when none is kept)."""
+    torn = torn_files(search_dir)
+    kept = _latest_kept(search_dir)
+    if kept is None:
+        return torn
+    names = {f.name for f in state_files(kept)}
+    return [f for f in torn if f.name not in names and not is_loop_file(f.name)]
+
+
+def check(search_dir: Path, study: str) -> None:
+    """Refuse a resume whose Tune state is torn where no whole save kept can replace it."""
+    lost = _beyond_repair(search_dir)
+    if lost:
+        raise ValueError(
+            f"cannot resume {search_dir}: Tune's saved state {lost[0].name} is incomplete (the "
+            f"search was killed while Tune wrote it) and no whole save of it was kept; start a "
+            f"new search of the study instead (leadtune search --study {study} ...), which "
+            "continues it"
+        )
+
+
+def repair(search_dir: Path) -> str | None:
+    """Put the kept whole save back where a state file is torn. What it replaces is renamed
+    ``*.set-aside``: every file of the kept save that differs from it, and the files Tune
+    rewrites at each save that are newer than it (a later session's). Returns a line saying
+    what was done, or ``None`` when nothing was torn."""
+    search_dir = Path(search_dir)
+    torn = torn_files(search_dir)
+    if not torn:
+        return None
+    lost, kept = _beyond_repair(search_dir), _latest_kept(search_dir)
+    if lost or kept is None:  # (check() refuses this before any work)
+        raise ValueError(f"cannot resume {search_dir}: {(lost or torn)[0].name} is incomplete")
+    whole = {f.name: f.read_bytes() for f in state_files(kept)}
+    for current in state_files(search_dir):
+        if current.name in whole:
+            replace = whole[current.name] != current.read_bytes()
+        else:
+            replace = is_loop_file(current.name)
+        if replace:
+            current.rename(current.with_name(current.name + SET_ASIDE))
+    for file_name, data in whole.items():
+        target = search_dir / file_name
+        if not target.exists():
+            target.write_bytes(data)
+    names = ", ".join(f.name for f in torn)
+    return (
+        f"Tune's saved state was torn by the kill ({names}); resuming from its last whole save "
+        f"(the replaced files are kept as *{SET_ASIDE})"
+    )
