@@ -102,7 +102,8 @@ class MlflowTrialCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None, "_runs": {}, "_guard": None, "_ended_at": None,
-                "_pending": {}, "_kept_at": 0.0, "_passed_over": None}  # fmt: skip
+                "_pending": {}, "_kept_at": 0.0, "_passed_over": None,
+                "_keep_memo": {}}  # fmt: skip
 
     @property
     def guard(self) -> StorageGuard:
@@ -180,25 +181,27 @@ class MlflowTrialCallback(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         self.flush(older_than=self.FLUSH_S)
-        if not trials:
+        staged = _staging_folder(trials)
+        if staged is None:
             return
-        staged = Path(trials[0].storage.experiment_driver_staging_path)
         ended = getattr(self, "_ended_at", None)
         if armed("tune_checkpoint") and ended is not None:
             self._crash_when_saved(staged, ended)
         self._keep_whole_save(staged)
 
-    def _keep_whole_save(self, staged: Path) -> None:
+    def _keep_whole_save(self, staged: Path, ending: bool = False) -> None:
         """Keep Tune's last save that arrived whole in the search's folder (search.tune_state):
         a resume after a kill that tore Tune's copy of its state starts from it."""
         from leadtune.search.tune_state import keep_whole_save
 
         try:
-            kept = keep_whole_save(staged, self.search_dir, self.__dict__.get("_kept_at", 0.0))
+            kept = keep_whole_save(staged, self.search_dir, self.__dict__.get("_kept_at", 0.0),
+                                   self.__dict__.setdefault("_keep_memo", {}))  # fmt: skip
         except OSError as error:
-            if is_disk_full(error):  # the search stops as interrupted, as on any full disk
+            if is_disk_full(error) and not ending:  # the search stops as interrupted, as on any
+                # full disk (at its end it is stopping anyway: its state file says how)
                 raise self.guard.full_error("keeping Tune's saved state") from error
-            if not self.__dict__.get("_keep_warned"):
+            if not self.__dict__.get("_keep_warned") and not is_disk_full(error):
                 print(f"[leadtune] warning: Tune's saved state not kept: {error}", file=sys.stderr,
                       flush=True)  # fmt: skip
                 self._keep_warned = True
@@ -291,7 +294,16 @@ class MlflowTrialCallback(Callback):
             self.flush(run_id=run_id)
 
     def on_experiment_end(self, trials: list, **info) -> None:
+        from leadtune.search.faults import StorageFull
+
         self.write_kept_back()
+        try:
+            self.guard.check(force=True)
+        except StorageFull:
+            return
+        staged = _staging_folder(trials)
+        if staged is not None:  # Tune's last save (made and copied before this) is kept too
+            self._keep_whole_save(staged, ending=True)
 
     def write_kept_back(self) -> None:
         """Write every run's waiting epochs, unless the storage path is full: each write would
@@ -349,6 +361,12 @@ def _error_lines(trial: Any) -> list[str]:
         return Path(error).read_text().strip().splitlines() if error else []
     except OSError:
         return []
+
+
+def _staging_folder(trials: list) -> Path | None:
+    """The local folder Tune saves the search's state into before copying it to storage."""
+    storage = getattr(trials[0], "storage", None) if trials else None
+    return None if storage is None else Path(storage.experiment_driver_staging_path)
 
 
 def _results(path: Path) -> list[dict[str, Any]]:

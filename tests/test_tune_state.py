@@ -107,23 +107,83 @@ def test_a_torn_state_is_replaced_by_the_kept_save_and_nothing_is_lost(tmp_path)
                                                  "searcher-state-s2.pkl")]  # fmt: skip
 
 
-def test_a_first_session_keeps_its_tuner_file_and_a_torn_one_is_refused(tmp_path):
-    """In a search's first session Tune writes ``tuner.pkl`` straight into the storage path
-    (not through the staging folder), so the kept save does not hold it: a repair leaves it be,
-    and a torn one cannot be repaired."""
+def test_a_first_session_keeps_the_tuner_file_it_wrote_straight_to_storage(tmp_path):
+    """In a search's first session Tune writes ``tuner.pkl`` straight into the storage path,
+    not through the staging folder: the kept save takes it from there, and a later session
+    that tears it (each of its copies rewrites every file) gets it back."""
     staged, search = tmp_path / "staged", tmp_path / "search"
     _save(staged, "s1", trials=1, mtime=1000.0)
     _copy(staged, search)
     (staged / "tuner.pkl").unlink()
     assert keep_whole_save(staged, search, since=0.0) == 1000.0
     tuner = (search / "tuner.pkl").read_bytes()
-    (search / "experiment_state-s1.json").write_bytes(b'{"trial')
+    (search / "tuner.pkl").write_bytes(tuner[:30])
+    tune_state.check(search, "smoke")
     assert repair(search) is not None
     assert (search / "tuner.pkl").read_bytes() == tuner
-    assert not list(search.glob(f"tuner.pkl{SET_ASIDE}"))
-    (search / "tuner.pkl").write_bytes(tuner[:30])
-    with pytest.raises(ValueError, match="tuner.pkl is incomplete"):
-        tune_state.check(search, "smoke")
+    assert (search / f"tuner.pkl{SET_ASIDE}").read_bytes() == tuner[:30]
+
+
+def test_a_torn_file_tune_does_not_read_changes_nothing(tmp_path):
+    """A later session's copies rewrite the earlier sessions' files too (Tune brings them into
+    its staging folder on resume); Tune reads only the newest of each kind, so a torn older one
+    is no reason to roll a whole newer state back."""
+    staged, search = tmp_path / "staged", tmp_path / "search"
+    _save(staged, "s1", trials=1, mtime=1000.0)
+    _copy(staged, search)
+    assert keep_whole_save(staged, search, since=0.0) == 1000.0
+    _save(staged, "s2", trials=2, mtime=1010.0)
+    _copy(staged, search)
+    (search / "experiment_state-s1.json").write_bytes(b'{"tri')
+    tune_state.check(search, "smoke")
+    assert repair(search) is None
+    assert json.loads((search / "experiment_state-s2.json").read_text())["trial_data"] == [0, 1]
+    assert not list(search.glob(f"*{SET_ASIDE}*"))
+
+
+def test_a_repair_cut_short_is_finished_by_the_next_resume(tmp_path, monkeypatch):
+    staged, search = tmp_path / "staged", tmp_path / "search"
+    _save(staged, "s1", trials=1, mtime=1000.0)
+    _copy(staged, search)
+    assert keep_whole_save(staged, search, since=0.0) == 1000.0
+    _save(staged, "s2", trials=2, mtime=1010.0)
+    _copy(staged, search)
+    (search / "searcher-state-s2.pkl").write_bytes(b"\x80\x05")  # torn
+    renamed = []
+    real_rename = Path.rename
+
+    def dies_on_second(self, target):  # the process dies during the repair's second step
+        if renamed:
+            raise KeyboardInterrupt
+        renamed.append(self.name)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        repair(search)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert renamed and "searcher-state-s2.pkl" not in renamed  # the torn file is dealt with last
+    assert tune_state.torn_files(search)  # so the next resume still sees it
+    assert repair(search) is not None
+    assert {f.name for f in tune_state.state_files(search)} == {
+        "experiment_state-s1.json", "searcher-state-s1.pkl", "search_gen_state-s1.json",
+        "tuner.pkl",
+    }  # fmt: skip
+    assert not tune_state.torn_files(search)
+
+
+def test_a_save_whose_copy_is_not_there_is_read_again_once_it_changes(tmp_path):
+    staged, stored, memo = tmp_path / "staged", tmp_path / "stored", {}
+    _save(staged, "s1", trials=1, mtime=1000.0)
+    _copy(staged, stored)
+    state = stored / "experiment_state-s1.json"
+    whole = state.read_bytes()
+    state.write_bytes(whole.replace(b"0", b"7"))  # same size, other bytes: an older save
+    assert keep_whole_save(staged, stored, 0.0, memo) is None and memo
+    assert keep_whole_save(staged, stored, 0.0, memo) is None  # nothing changed: not re-read
+    state.write_bytes(whole)
+    os.utime(state, ns=(state.stat().st_mtime_ns + 10**6,) * 2)
+    assert keep_whole_save(staged, stored, 0.0, memo) == 1000.0
 
 
 def test_a_torn_state_with_nothing_kept_is_refused_in_one_line(tmp_path):
