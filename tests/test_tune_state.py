@@ -39,6 +39,17 @@ def _copy(source: Path, target: Path) -> None:
         (target / f.name).write_bytes(f.read_bytes())
 
 
+def _two_sessions(tmp_path: Path) -> Path:
+    """A search folder after a resume: session 1's save kept, session 2's copied in whole."""
+    staged, search = tmp_path / "staged", tmp_path / "search"
+    _save(staged, "s1", trials=1, mtime=1000.0)
+    _copy(staged, search)
+    assert keep_whole_save(staged, search, since=0.0) == 1000.0
+    _save(staged, "s2", trials=2, mtime=1010.0)
+    _copy(staged, search)
+    return search
+
+
 class _Runs:
     """A pickle that would run code when loaded (it must never be)."""
 
@@ -128,12 +139,7 @@ def test_a_torn_file_tune_does_not_read_changes_nothing(tmp_path):
     """A later session's copies rewrite the earlier sessions' files too (Tune brings them into
     its staging folder on resume); Tune reads only the newest of each kind, so a torn older one
     is no reason to roll a whole newer state back."""
-    staged, search = tmp_path / "staged", tmp_path / "search"
-    _save(staged, "s1", trials=1, mtime=1000.0)
-    _copy(staged, search)
-    assert keep_whole_save(staged, search, since=0.0) == 1000.0
-    _save(staged, "s2", trials=2, mtime=1010.0)
-    _copy(staged, search)
+    search = _two_sessions(tmp_path)
     (search / "experiment_state-s1.json").write_bytes(b'{"tri')
     tune_state.check(search, "smoke")
     assert repair(search) is None
@@ -142,12 +148,7 @@ def test_a_torn_file_tune_does_not_read_changes_nothing(tmp_path):
 
 
 def test_a_repair_cut_short_is_finished_by_the_next_resume(tmp_path, monkeypatch):
-    staged, search = tmp_path / "staged", tmp_path / "search"
-    _save(staged, "s1", trials=1, mtime=1000.0)
-    _copy(staged, search)
-    assert keep_whole_save(staged, search, since=0.0) == 1000.0
-    _save(staged, "s2", trials=2, mtime=1010.0)
-    _copy(staged, search)
+    search = _two_sessions(tmp_path)
     (search / "searcher-state-s2.pkl").write_bytes(b"\x80\x05")  # torn
     renamed = []
     real_rename = Path.rename
