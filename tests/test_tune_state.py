@@ -195,3 +195,12 @@ def test_a_torn_state_with_nothing_kept_is_refused_in_one_line(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and "experiment_state-s1.json is incomplete" in message
     assert "leadtune search --study smoke" in message
+
+
+def test_the_bench_times_keeping_a_search_s_own_state_files(tmp_path):
+    from leadtune.bench.search import time_state_keeping
+
+    _save(tmp_path, "s1", trials=3)
+    timing = time_state_keeping(tmp_path, repeats=3)
+    assert timing["bytes"] == sum(f.stat().st_size for f in tune_state.state_files(tmp_path))
+    assert timing["save_ms"] > 0 and timing["step_ms"] >= 0

@@ -238,6 +238,12 @@ def print_search(results: list[dict[str, Any]]) -> None:
                 f"    CPU outside trials {100 * row['cpu_outside_share']:.1f} % "
                 f"(trials {row['cpu_seconds'].get('trials', 0):.1f} CPU s; outside {outside})"
             )
+        kept = row.get("state_keeping")
+        if kept:
+            print(
+                f"    keeping Tune's last whole save: {kept['save_ms']:.2f} ms CPU per save "
+                f"({kept['bytes'] / 1024:.0f} KB), {kept['step_ms']:.3f} ms per step without one"
+            )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

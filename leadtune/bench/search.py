@@ -116,9 +116,41 @@ def measure_search(settings: BenchSettings, log: Any) -> list[dict[str, Any]]:
                     # CPU seconds outside the trials (search.cpu), as the summary prints them
                     "cpu_outside_share": outcome.cpu.outside_share if outcome.cpu else None,
                     "cpu_seconds": outcome.cpu.seconds if outcome.cpu else {},
+                    "state_keeping": time_state_keeping(Path(outcome.experiment_path)),
                 }
             )
             import ray
 
             ray.shutdown()  # each search starts its own Ray, so both include the start-up
     return results
+
+
+def time_state_keeping(search_dir: Path, repeats: int = 31) -> dict[str, float]:
+    """Driver CPU the MLflow callback spends keeping Tune's last whole save (search.tune_state),
+    on this search's own state files: per save (compare with its copy, write the kept one) and
+    per Tune step without a new save (a look at the staging folder). Medians in ms."""
+    from leadtune.search.tune_state import keep_whole_save, state_files
+
+    files = state_files(search_dir)
+    with tempfile.TemporaryDirectory(prefix="leadtune-bench-state-") as tmp:
+        staged, stored = Path(tmp) / "staged", Path(tmp) / "stored"
+        for folder in (staged, stored):
+            folder.mkdir()
+            for f in files:
+                (folder / f.name).write_bytes(f.read_bytes())
+        per_save, per_step = [], []
+        for i in range(repeats):
+            stamp = 1e9 + i  # a new save in the staging folder
+            for f in state_files(staged):
+                os.utime(f, (stamp, stamp))
+            started = time.process_time()
+            keep_whole_save(staged, stored, stamp - 0.5, {})
+            per_save.append(time.process_time() - started)
+            started = time.process_time()
+            keep_whole_save(staged, stored, stamp, {})
+            per_step.append(time.process_time() - started)
+    return {
+        "bytes": float(sum(f.stat().st_size for f in files)),
+        "save_ms": 1000 * sorted(per_save)[repeats // 2],
+        "step_ms": 1000 * sorted(per_step)[repeats // 2],
+    }
