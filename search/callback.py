@@ -216,14 +216,14 @@ class MlflowTrialCallback(Callback):
         the storage path alone can show a save a step late, after the searcher has asked Optuna
         for a trial that the saved state does not hold (a resume then fails that trial as
         orphaned). A save whose copy does not arrive (one was still running) is passed over."""
-        files = [f for f in staged.glob("*") if f.is_file()]
-        newest = max((f.stat().st_mtime for f in files), default=0.0)
+        from leadtune.search.tune_state import newest_save, whole_copy
+
+        newest = newest_save(staged)
         if newest <= ended or newest == self.__dict__.get("_passed_over"):
             return
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            stored = [self.search_dir / f.name for f in files]
-            if all(s.is_file() and s.read_bytes() == f.read_bytes() for s, f in zip(stored, files)):
+            if whole_copy(staged, self.search_dir) is not None:
                 crash_point("tune_checkpoint")
                 return
             time.sleep(0.05)
@@ -294,28 +294,22 @@ class MlflowTrialCallback(Callback):
             self.flush(run_id=run_id)
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        from leadtune.search.faults import StorageFull
-
-        self.write_kept_back()
-        try:
-            self.guard.check(force=True)
-        except StorageFull:
-            return
         staged = _staging_folder(trials)
-        if staged is not None:  # Tune's last save (made and copied before this) is kept too
-            self._keep_whole_save(staged, ending=True)
+        if self.write_kept_back() and staged is not None:
+            self._keep_whole_save(staged, ending=True)  # Tune's last save, copied before this
 
-    def write_kept_back(self) -> None:
+    def write_kept_back(self) -> bool:
         """Write every run's waiting epochs, unless the storage path is full: each write would
         fail there (a server's after minutes of retries), and a resume writes them from the
-        trials' ``result.json``."""
+        trials' ``result.json``. Returns whether there was room to write."""
         from leadtune.search.faults import StorageFull
 
         try:
             self.guard.check(force=True)
         except StorageFull:
-            return
+            return False
         self.flush()
+        return True
 
     def _finish(self, trial: Any, state: str, status: str) -> None:
         from leadtune.search.state import record_trial_end

@@ -76,6 +76,27 @@ def is_torn(path: Path) -> bool:
     return last != "STOP"
 
 
+def _newest(files: list[Path]) -> float:
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def newest_save(staged: Path) -> float:
+    """When Tune last saved into its staging folder (0.0 before its first save)."""
+    return _newest(state_files(staged))
+
+
+def whole_copy(staged: Path, stored: Path) -> dict[str, bytes] | None:
+    """The staged save's files by name when each is in ``stored`` byte for byte; ``None`` while
+    its copy has not arrived whole."""
+    blobs = {}
+    for f in state_files(staged):
+        data, copy = f.read_bytes(), Path(stored) / f.name
+        if not copy.is_file() or copy.read_bytes() != data:
+            return None
+        blobs[f.name] = data
+    return blobs
+
+
 def keep_whole_save(
     staged: Path, stored: Path, since: float, memo: dict | None = None
 ) -> float | None:
@@ -84,7 +105,7 @@ def keep_whole_save(
     time; ``None`` while there is no newer save or its copy has not arrived yet. ``memo`` (a dict
     the caller keeps) spares re-reading files that have not changed since the last mismatch."""
     files = state_files(staged)
-    newest = max((f.stat().st_mtime for f in files), default=0.0)
+    newest = _newest(files)
     if newest <= since:
         return None
     copies = [Path(stored) / f.name for f in files]
@@ -97,14 +118,11 @@ def keep_whole_save(
         memo is not None and memo.get("seen") == (newest, seen)
     ):
         return None
-    blobs = {}
-    for f, copy in zip(files, copies):
-        data = f.read_bytes()
-        if copy.read_bytes() != data:
-            if memo is not None:
-                memo["seen"] = (newest, seen)
-            return None
-        blobs[f.name] = data
+    blobs = whole_copy(staged, stored)
+    if blobs is None:
+        if memo is not None:
+            memo["seen"] = (newest, seen)
+        return None
     tuner = Path(stored) / TUNER_FILE  # a first session writes it into the storage path only
     if TUNER_FILE not in blobs and tuner.is_file() and not is_torn(tuner):
         blobs[TUNER_FILE] = tuner.read_bytes()
@@ -136,9 +154,8 @@ def torn_files(search_dir: Path) -> list[Path]:
     return [f for f in read_files(search_dir) if is_torn(f)]
 
 
-def _beyond_repair(search_dir: Path) -> list[Path]:
+def _beyond_repair(search_dir: Path, torn: list[Path]) -> list[Path]:
     """The torn files the kept save cannot stand in for (all of them when none is kept)."""
-    torn = torn_files(search_dir)
     kept = _latest_kept(search_dir)
     if kept is None:
         return torn
@@ -148,7 +165,7 @@ def _beyond_repair(search_dir: Path) -> list[Path]:
 
 def check(search_dir: Path, study: str) -> None:
     """Refuse a resume whose Tune state is torn where no whole save kept can replace it."""
-    lost = _beyond_repair(search_dir)
+    lost = _beyond_repair(search_dir, torn_files(search_dir))
     if lost:
         raise ValueError(
             f"cannot resume {search_dir}: Tune's saved state {lost[0].name} is incomplete (the "
@@ -189,7 +206,7 @@ def repair(search_dir: Path) -> str | None:
     torn = torn_files(search_dir)
     if not torn:
         return None
-    lost, kept = _beyond_repair(search_dir), _latest_kept(search_dir)
+    lost, kept = _beyond_repair(search_dir, torn), _latest_kept(search_dir)
     if lost or kept is None:  # (check() refuses this before any work)
         raise ValueError(f"cannot resume {search_dir}: {(lost or torn)[0].name} is incomplete")
     whole = {f.name: f.read_bytes() for f in state_files(kept)}
